@@ -1,0 +1,182 @@
+"""The Twisted shells around the session: factory, live-session registry, reaper, service.
+
+``AnyTLSService`` is a ``MultiService`` holding one listener per ``--port`` and the idle-session
+reaper. Stopping it closes the listeners first (no new sessions), then the sessions, aborting
+any that have not closed within the shutdown grace.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Set
+
+from twisted.application import service, strports
+from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+
+from .address import Destination
+from .config import ServerConfig
+from .dialer import OriginDialer
+from .logs import get_logger
+from .session import SessionProtocol
+from .stream import TCPStream
+from .udp import UoTStream, uot_version
+
+_log = get_logger("anytls_twisted.service")
+
+
+class SessionRegistry:
+    """The live sessions of one process, for the reaper and for shutdown."""
+
+    def __init__(self, clock, config: ServerConfig) -> None:
+        self.clock = clock
+        self.config = config
+        self.sessions: Set[SessionProtocol] = set()
+        self.reaped = 0
+        self._emptied: List[defer.Deferred] = []
+
+    def add(self, session: SessionProtocol) -> None:
+        self.sessions.add(session)
+
+    def discard(self, session: SessionProtocol) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            waiting, self._emptied = self._emptied, []
+            for d in waiting:
+                d.callback(None)
+
+    def reap_idle(self) -> None:
+        """Close authenticated sessions with no streams and no frames for the idle timeout.
+
+        Errors are logged per session: a ``LoopingCall`` stops for good after an exception.
+        """
+        now = self.clock.seconds()
+        timeout = self.config.idle_session_timeout
+        for session in list(self.sessions):
+            try:
+                idle_for = now - session.last_activity
+                if session.user is not None and session.idle and idle_for >= timeout:
+                    self.reaped += 1
+                    session.close(f"idle for {idle_for:.0f}s with no streams")
+            except Exception:
+                _log.failure("reaping session {session_id}", session_id=session.session_id)
+
+    def close_all(self, grace: float) -> defer.Deferred:
+        """Close every session; abort those still open after ``grace`` seconds."""
+        if not self.sessions:
+            return defer.succeed(None)
+        done: defer.Deferred = defer.Deferred()
+        self._emptied.append(done)
+        for session in list(self.sessions):
+            session.close("server shutting down")
+
+        def abort() -> None:
+            for session in list(self.sessions):
+                session.transport.abortConnection()
+
+        timer = self.clock.callLater(grace, abort)
+        done.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return done
+
+
+class AnyTLSFactory(Factory):
+    """Builds sessions and gives them what they share: config, clock, dialer, UDP, registry."""
+
+    protocol = SessionProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        clock,
+        dialer: OriginDialer,
+        listen_udp: Callable,
+        registry: SessionRegistry,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.dialer = dialer
+        self.listen_udp = listen_udp
+        self.registry = registry
+
+    def open_stream(self, session: SessionProtocol, sid: int, destination: Destination):
+        """The stream for a destination: UDP-over-TCP for the magic names, else TCP."""
+        version = uot_version(destination)
+        if version is not None:
+            return UoTStream(session, sid, destination, version)
+        return TCPStream(session, sid, destination)
+
+
+class ReaperService(service.Service):
+    """Runs ``registry.reap_idle`` every check interval with a ``LoopingCall``."""
+
+    def __init__(self, registry: SessionRegistry, interval: float, clock) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.loop = task.LoopingCall(registry.reap_idle)
+        self.loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+
+
+class AnyTLSService(service.MultiService):
+    """Listeners plus reaper; shuts down listeners, then sessions, within a bounded time."""
+
+    def __init__(self, config: ServerConfig, registry: SessionRegistry) -> None:
+        super().__init__()
+        self.config = config
+        self.registry = registry
+        self.listeners: List[service.Service] = []
+
+    def add_listener(self, description: str, factory, reactor) -> service.Service:
+        listener = strports.service(description, factory, reactor=reactor)
+        listener.setServiceParent(self)
+        self.listeners.append(listener)
+        return listener
+
+    def startService(self) -> None:
+        """Start; a port that cannot be bound ends the process with one clear line."""
+        try:
+            super().startService()
+        except CannotListenError as e:
+            raise SystemExit(
+                f"twistd anytls: error: cannot listen on {e.interface or '*'}:{e.port}: "
+                f"{e.socketError}"
+            ) from None
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        yield defer.gatherResults(
+            [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
+        )
+        yield self.registry.close_all(self.config.shutdown_grace)
+        others = [s for s in self if s not in self.listeners]
+        yield defer.gatherResults([defer.maybeDeferred(s.stopService) for s in others])
+
+
+def build_service(
+    config: ServerConfig,
+    listeners: List[tuple],
+    reactor,
+    dialer: OriginDialer = None,
+) -> AnyTLSService:
+    """Assemble the service: ``listeners`` is a list of ``(endpoint string, wrap)`` where
+    ``wrap`` turns the session factory into the one that listens (TLS or identity)."""
+    registry = SessionRegistry(reactor, config)
+    if dialer is None:
+        dialer = OriginDialer(reactor, config.policy, config.connect_timeout)
+    factory = AnyTLSFactory(config, reactor, dialer, reactor.listenUDP, registry)
+    top = AnyTLSService(config, registry)
+    top.factory = factory
+    for description, wrap in listeners:
+        top.add_listener(description, wrap(factory), reactor)
+    ReaperService(registry, config.idle_session_check_interval, reactor).setServiceParent(top)
+    return top

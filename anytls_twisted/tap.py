@@ -1,0 +1,223 @@
+"""``twistd anytls``: command-line options and ``makeService``.
+
+Configuration errors end twistd with one clear line and a non-zero status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Tuple
+
+from twisted.python import usage
+
+from . import certs, config as defaults, logs, tls
+from ._version import __version__
+from .address import DestinationPolicy
+from .auth import UserTable
+from .config import ServerConfig
+from .padding import DEFAULT_SCHEME, PaddingScheme, PaddingSchemeError
+from .service import build_service
+
+_log = logs.get_logger("anytls_twisted.tap")
+
+DEFAULT_PORT = "ssl:8443"
+
+
+def _positive(kind):
+    def convert(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be positive, got {text}")
+        return value
+
+    convert.coerceDoc = "A positive number."
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run an AnyTLS proxy server. Clients (sing-box, mihomo, anytls-go) authenticate with a "
+        "password and relay TCP streams and UDP-over-TCP flows through it. With no certificate "
+        "files, a long-lived self-signed certificate is generated in the state directory and "
+        "its public-key pin is logged for the clients' certificate_public_key_sha256."
+    )
+
+    optParameters = [
+        ["password", None, None, "The password clients authenticate with. Visible in ps; prefer --password-file."],
+        ["password-file", None, None, "A file holding the password (first line; surrounding whitespace stripped)."],
+        ["state-dir", None, None, "Where the generated certificate is kept. [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/anytls-twisted, else ~/.local/state/anytls-twisted]"],
+        ["server-name", None, "localhost", "The name in the generated certificate (clients' tls.server_name)."],
+        ["cert", None, None, "Certificate file (PEM, chain after the leaf) for ssl: ports that name no certKey."],
+        ["key", None, None, "Private key file (PEM) for ssl: ports that name no privateKey."],
+        ["alpn", None, "", "ALPN protocols to select from, comma-separated (e.g. h2,http/1.1). Empty: negotiate none, like the reference servers; clients offering ALPN are accepted either way."],
+        ["padding-scheme", None, None, "A padding scheme file sent to clients whose scheme differs. [default: the protocol's default scheme]"],
+        ["auth-timeout", None, defaults.AUTH_TIMEOUT, "Seconds allowed for the TLS handshake plus the auth preamble.", _positive(float)],
+        ["connect-timeout", None, defaults.CONNECT_TIMEOUT, "Seconds allowed to resolve and connect to an origin.", _positive(float)],
+        ["synack-guard", None, defaults.SYNACK_GUARD, "Seconds after which a still-pending connect is acknowledged anyway, so sing-box's 3 s watchdog does not close reused sessions; a later failure ends the stream with FIN.", _positive(float)],
+        ["idle-session-timeout", None, defaults.IDLE_SESSION_TIMEOUT, "Close sessions with no streams and no frames for this many seconds. Longer than clients' own pools (sing-box: 30-60 s), so clients normally close first.", _positive(float)],
+        ["idle-session-check-interval", None, defaults.IDLE_SESSION_CHECK_INTERVAL, "Seconds between idle-session checks.", _positive(float)],
+        ["udp-timeout", None, defaults.UDP_TIMEOUT, "Close a UDP-over-TCP stream after this many seconds without datagrams.", _positive(float)],
+        ["max-streams-per-session", None, defaults.MAX_STREAMS_PER_SESSION, "Concurrent streams one session may open.", _positive(int)],
+        ["shutdown-grace", None, defaults.SHUTDOWN_GRACE, "Seconds sessions get to close at shutdown before they are aborted.", _positive(float)],
+        ["log-level", None, "info", "Lowest level logged: debug (per-stream events), info, warn or error."],
+    ]
+    optFlags = [
+        ["allow-private", None, "Allow destinations on loopback, private, link-local and other non-global addresses (off by default: a proxy reaching its own host's services is a hole)."],
+        ["version", None, "Print the version and exit."],
+    ]
+    compData = usage.Completions(
+        optActions={
+            "password-file": usage.CompleteFiles(),
+            "cert": usage.CompleteFiles(),
+            "key": usage.CompleteFiles(),
+            "padding-scheme": usage.CompleteFiles(),
+            "state-dir": usage.CompleteDirs(),
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["port"] = []
+
+    def opt_port(self, description: str) -> None:
+        """A Twisted endpoint to listen on; repeat for several. ssl:PORT gets our TLS (generated certificate unless privateKey/certKey or --cert/--key); tcp:, unix:, systemd: are plain, for use behind a TLS-terminating proxy. [default: ssl:8443]"""
+        self["port"].append(description)
+
+    def opt_version(self) -> None:
+        print(f"anytls-twisted {__version__}")
+        sys.exit(0)
+
+    def parseOptions(self, options=None) -> None:
+        """Under twistd, turn a usage error into one line on stderr and exit status 2."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            sys.stderr.write(f"twistd anytls: error: {e} (see twistd anytls --help)\n")
+            raise SystemExit(2)
+
+    parent = None
+
+    def postOptions(self) -> None:
+        if not self["port"]:
+            self["port"] = [DEFAULT_PORT]
+        self["password"] = _read_password(self["password"], self["password-file"])
+        if self["log-level"] not in logs.LEVELS:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(logs.LEVELS)}")
+        self["padding"] = _read_padding(self["padding-scheme"])
+        try:
+            self["alpn-list"] = tls.parse_alpn(self["alpn"])
+        except ValueError as e:
+            raise usage.UsageError(f"--alpn: {e}")
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        if self["state-dir"] is None:
+            self["state-dir"] = certs.default_state_dir()
+        specs = []
+        for description in self["port"]:
+            try:
+                specs.append(tls.parse_port(description))
+            except ValueError as e:
+                raise usage.UsageError(f"--port {description}: {e}")
+        self["port-specs"] = specs
+        self["tls-material"] = _load_material(self, specs)
+
+
+def _read_password(password: Optional[str], path: Optional[str]) -> str:
+    if (password is None) == (path is None):
+        raise usage.UsageError("give exactly one of --password or --password-file")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"cannot read password file {path}: {e}")
+    if not password:
+        raise usage.UsageError("the password is empty")
+    return password
+
+
+def _read_padding(path: Optional[str]) -> PaddingScheme:
+    if path is None:
+        return DEFAULT_SCHEME
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 17)
+        return PaddingScheme.parse(raw)
+    except OSError as e:
+        raise usage.UsageError(f"cannot read padding scheme {path}: {e}")
+    except PaddingSchemeError as e:
+        raise usage.UsageError(f"invalid padding scheme {path}: {e}")
+
+
+def _load_material(options: Options, specs) -> dict:
+    """Load (or generate) the certificate for every TLS port, keyed by (cert, key, chain)."""
+    material = {}
+    for spec in specs:
+        if not spec.tls:
+            continue
+        key = _files_for(options, spec)
+        if key in material:
+            continue
+        cert_path, key_path, chain = key
+        try:
+            if cert_path is None:
+                cert_path, key_path = certs.ensure_self_signed(options["state-dir"], options["server-name"])
+            material[key] = certs.load_certificate_files(cert_path, key_path, chain)
+        except certs.CertificateError as e:
+            raise usage.UsageError(str(e))
+    return material
+
+
+def _files_for(options: Options, spec) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    cert = spec.cert_key or options["cert"]
+    key = spec.private_key or options["key"]
+    return cert, key, spec.extra_cert_chain
+
+
+def _config_from(options: Options) -> ServerConfig:
+    return ServerConfig(
+        users=UserTable([("default", options["password"])]),
+        padding=options["padding"],
+        policy=DestinationPolicy(allow_private=bool(options["allow-private"])),
+        auth_timeout=options["auth-timeout"],
+        connect_timeout=options["connect-timeout"],
+        synack_guard=options["synack-guard"],
+        idle_session_timeout=options["idle-session-timeout"],
+        idle_session_check_interval=options["idle-session-check-interval"],
+        udp_timeout=options["udp-timeout"],
+        max_streams=options["max-streams-per-session"],
+        shutdown_grace=options["shutdown-grace"],
+    )
+
+
+def makeService(options: Options, reactor=None):
+    """Build the service; ``reactor`` is injectable for tests."""
+    if reactor is None:
+        from twisted.internet import reactor
+    logs.set_level(options["log-level"])
+    config = _config_from(options)
+    listeners: List[tuple] = []
+    for spec in options["port-specs"]:
+        if spec.tls:
+            material = options["tls-material"][_files_for(options, spec)]
+            creator = tls.server_tls_options(material, options["alpn-list"])
+            listeners.append((spec.endpoint, lambda f, c=creator: tls.wrap_tls(f, c)))
+            _log.info(
+                "listening on {port} with TLS; certificate_public_key_sha256={pin} "
+                "(expires {not_after})",
+                port=spec.description,
+                pin=material.pin,
+                not_after=str(material.not_after),
+            )
+        else:
+            listeners.append((spec.endpoint, lambda f: f))
+            _log.warn(
+                "listening on {port} WITHOUT TLS: only use this behind a TLS-terminating proxy",
+                port=spec.description,
+            )
+    if config.policy.allow_private:
+        _log.warn("--allow-private: clients may reach loopback and private addresses")
+    return build_service(config, listeners, reactor)
