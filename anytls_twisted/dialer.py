@@ -78,6 +78,8 @@ def allowed_addresses(
 
 
 def _reason(failure_value: BaseException) -> str:
+    if isinstance(failure_value, error.DNSLookupError):
+        return "no such host"
     if isinstance(failure_value, (error.TimeoutError, defer.CancelledError)):
         return "i/o timeout"
     if isinstance(failure_value, error.ConnectionRefusedError):

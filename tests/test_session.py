@@ -1,0 +1,335 @@
+"""Session behaviour on fake transports and a memory reactor: auth, settings, streams, bad input."""
+
+from hypothesis import given, settings, strategies as st
+from twisted.internet import error
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from anytls_twisted import codec
+from anytls_twisted.auth import encode_preamble
+from anytls_twisted.codec import Command, Frame
+from anytls_twisted.padding import PaddingScheme
+
+from .helpers import PASSWORD, SETTINGS_V2, Server, unhex
+from .test_codec import V5, V10_ERR, V10_OK, V12
+
+ADDR_V4 = b"\x01\x7f\x00\x00\x01\x1f\x90"  # 127.0.0.1:8080
+ADDR_PUBLIC = b"\x01\x08\x08\x08\x08\x00\x50"  # 8.8.8.8:80
+
+
+def open_stream(client, sid=1, address=ADDR_V4, data=b""):
+    client.frame(Command.SYN, sid)
+    client.frame(Command.PSH, sid, address + data)
+
+
+class AuthTests(SynchronousTestCase):
+    def test_preamble_split_then_settings(self):
+        """A preamble fed byte by byte, then Settings, gets exactly ServerSettings v=2 (V5)."""
+        server = Server()
+        client = server.connect()
+        wire = encode_preamble(PASSWORD, 30) + codec.encode_frame(Command.SETTINGS, 0, SETTINGS_V2)
+        for i in range(len(wire)):
+            client.send(wire[i : i + 1])
+        self.assertEqual(client.transport.value(), V5)
+        self.assertEqual(client.proto.user, "alice")
+
+    def test_nothing_sent_before_settings(self):
+        """After a good preamble the server stays silent until Settings arrives."""
+        client = Server().connect()
+        client.auth(settings=None)
+        self.assertEqual(client.transport.value(), b"")
+        self.assertFalse(client.closed)
+
+    def test_wrong_password_closed_silently(self):
+        """A wrong digest closes the connection without a single byte sent."""
+        server = Server()
+        client = server.connect()
+        client.send(encode_preamble("wrong", 30) + codec.encode_frame(Command.SETTINGS, 0, SETTINGS_V2))
+        self.assertTrue(client.closed)
+        self.assertEqual(client.transport.value(), b"")
+        self.assertIsNone(client.proto.user)
+
+    def test_second_user(self):
+        client = Server().connect()
+        client.auth(password="other")
+        self.assertEqual(client.proto.user, "bob")
+
+    def test_auth_timeout(self):
+        """A peer that has not finished auth within --auth-timeout is dropped."""
+        server = Server(auth_timeout=10)
+        client = server.connect()
+        client.send(encode_preamble(PASSWORD, 30)[:20])
+        server.reactor.advance(9.9)
+        self.assertFalse(client.closed)
+        server.reactor.advance(0.2)
+        self.assertTrue(client.transport.disconnected or client.transport.disconnecting)
+        self.assertEqual(client.transport.value(), b"")
+
+    def test_auth_in_time_cancels_timer(self):
+        server = Server(auth_timeout=10)
+        client = server.connect()
+        client.auth()
+        server.reactor.advance(60)
+        self.assertFalse(client.closed)
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_padding_update_when_md5_differs(self):
+        """A different padding-md5 gets UpdatePaddingScheme with our exact bytes, then v=2."""
+        scheme = PaddingScheme.parse(b"stop=2\n0=10-10\n1=50-60")
+        client = Server(padding=scheme).connect()
+        client.auth()
+        self.assertEqual(
+            client.received(),
+            [Frame(Command.UPDATE_PADDING_SCHEME, 0, scheme.raw), Frame(Command.SERVER_SETTINGS, 0, b"v=2")],
+        )
+
+    def test_v1_client_gets_no_v2_frames(self):
+        """A client without v>=2 gets no ServerSettings, no SYNACK, no heartbeat reply."""
+        server = Server()
+        client = server.connect()
+        client.auth(settings=b"client=old\npadding-md5=75cff2ad89aadf5e257059ee571ebe11")
+        open_stream(client)
+        client.frame(Command.HEART_REQUEST, 0)
+        server.origin_fail()
+        self.assertEqual(client.received(), [Frame(Command.FIN, 1)])
+
+    def test_empty_settings_do_not_count(self):
+        """An empty Settings frame is ignored, so a following SYN still gets the alert."""
+        client = Server().connect()
+        client.auth(settings=b"")
+        client.frame(Command.SYN, 1)
+        self.assertEqual(client.transport.value(), V12)
+        self.assertTrue(client.closed)
+
+    def test_syn_before_settings(self):
+        """SYN before Settings: Alert V12 exactly, then the session closes."""
+        client = Server().connect()
+        client.auth(settings=None)
+        client.frame(Command.SYN, 1)
+        client.frame(Command.HEART_REQUEST, 0)
+        self.assertEqual(client.transport.value(), V12)
+        self.assertTrue(client.closed)
+
+
+class StreamTests(SynchronousTestCase):
+    def setUp(self):
+        self.server = Server()
+        self.client = self.server.connect()
+        self.client.auth()
+        self.client.received()
+
+    def test_connect_relay_and_origin_close(self):
+        """Dial, SYNACK after connect (V10), data both ways, FIN on origin EOF; session stays."""
+        open_stream(self.client, data=b"hello")
+        host, port = self.server.reactor.tcpClients[0][:2]
+        self.assertEqual((host, port), ("127.0.0.1", 8080))
+        self.assertEqual(self.client.transport.value(), b"")  # no SYNACK before the connect
+        origin, transport = self.server.origin_connect()
+        self.assertEqual(self.client.transport.value(), V10_OK)
+        self.client.received()
+        self.assertEqual(transport.value(), b"hello")
+        self.client.frame(Command.PSH, 1, b" world")
+        self.assertEqual(transport.value(), b"hello world")
+        origin.dataReceived(b"response")
+        self.assertEqual(self.client.received(), [Frame(Command.PSH, 1, b"response")])
+        origin.connectionLost(error.ConnectionDone())
+        self.assertEqual(self.client.received(), [Frame(Command.FIN, 1)])
+        self.assertFalse(self.client.closed)
+        self.assertEqual(self.client.proto.streams, {})
+
+    def test_connect_failure(self):
+        """A refused connect gets SYNACK with Go's error text (V10), then FIN."""
+        open_stream(self.client)
+        self.server.origin_fail(error.ConnectionRefusedError())
+        self.assertEqual(self.client.transport.value(), V10_ERR + codec.encode_frame(Command.FIN, 1))
+        self.assertFalse(self.client.closed)
+
+    def test_synack_guard(self):
+        """A connect still pending after the guard gets an empty SYNACK; a later failure, FIN."""
+        open_stream(self.client, sid=2)
+        self.server.reactor.advance(1.9)
+        self.assertEqual(self.client.received(), [])
+        self.server.reactor.advance(0.2)
+        self.assertEqual(self.client.received(), [Frame(Command.SYNACK, 2)])
+        self.server.origin_fail()
+        self.assertEqual(self.client.received(), [Frame(Command.FIN, 2)])
+
+    def test_connect_timeout(self):
+        """A connect that never completes ends at --connect-timeout with FIN."""
+        open_stream(self.client)
+        self.server.reactor.advance(5.1)
+        self.assertEqual(
+            [f.cmd for f in self.client.received()], [Command.SYNACK, Command.FIN]
+        )
+
+    def test_client_fin_closes_origin_without_reply(self):
+        """A client FIN closes the origin fully and is never answered with FIN."""
+        open_stream(self.client)
+        origin, transport = self.server.origin_connect()
+        self.client.received()
+        self.client.frame(Command.FIN, 1)
+        self.assertTrue(transport.disconnecting)
+        origin.connectionLost(error.ConnectionDone())
+        self.assertEqual(self.client.received(), [])
+
+    def test_fin_and_psh_for_unknown_streams_ignored(self):
+        """FIN and PSH for unknown ids change nothing; the session goes on."""
+        self.client.frame(Command.FIN, 7)
+        self.client.frame(Command.PSH, 7, b"data")
+        self.client.frame(Command.HEART_REQUEST, 5)
+        self.assertEqual(self.client.received(), [Frame(Command.HEART_RESPONSE, 5)])
+
+    def test_duplicate_syn_ignored(self):
+        open_stream(self.client)
+        self.client.frame(Command.SYN, 1)
+        self.assertEqual(len(self.server.reactor.tcpClients), 1)
+
+    def test_large_origin_read_split(self):
+        """A 65536-byte origin read goes out as frames of at most 65535 bytes."""
+        open_stream(self.client)
+        origin, _ = self.server.origin_connect()
+        self.client.received()
+        origin.dataReceived(b"x" * 65536)
+        self.assertEqual([len(f.data) for f in self.client.received()], [65535, 1])
+
+    def test_private_destination_refused(self):
+        """Without --allow-private, loopback is refused with SYNACK error and FIN, no dial."""
+        server = Server(allow_private=False)
+        client = server.connect()
+        client.auth()
+        client.received()
+        open_stream(client)
+        frames = client.received()
+        self.assertEqual([f.cmd for f in frames], [Command.SYNACK, Command.FIN])
+        self.assertIn(b"not a public address", frames[0].data)
+        self.assertEqual(server.reactor.tcpClients, [])
+
+    def test_domain_checked_after_resolution(self):
+        """A name resolving to a private address is refused; a public one is dialled by IP."""
+        server = Server(allow_private=False, names={"evil.test": ["10.0.0.1"], "good.test": ["93.184.216.34"]})
+        client = server.connect()
+        client.auth()
+        client.received()
+        open_stream(client, 1, b"\x03\x09evil.test\x00\x50")
+        self.assertEqual([f.cmd for f in client.received()], [Command.SYNACK, Command.FIN])
+        open_stream(client, 2, b"\x03\x09good.test\x00\x50")
+        self.assertEqual(server.reactor.tcpClients[0][:2], ("93.184.216.34", 80))
+
+    def test_unknown_host(self):
+        open_stream(self.client, 1, b"\x03\x0cnowhere.test\x00\x50")
+        frames = self.client.received()
+        self.assertEqual(frames[0], Frame(Command.SYNACK, 1, b"lookup nowhere.test: no such host"))
+
+    def test_bad_address_type(self):
+        """An unknown address type fails only that stream (SYNACK error, FIN)."""
+        open_stream(self.client, address=b"\x09\x00\x00")
+        frames = self.client.received()
+        self.assertEqual([f.cmd for f in frames], [Command.SYNACK, Command.FIN])
+        self.assertIn(b"bad destination address", frames[0].data)
+        self.client.frame(Command.HEART_REQUEST, 0)
+        self.assertEqual(self.client.received(), [Frame(Command.HEART_RESPONSE, 0)])
+
+    def test_address_split_across_frames(self):
+        """A destination split over several PSH frames, followed by data, is assembled."""
+        self.client.frame(Command.SYN, 1)
+        wire = b"\x03\x0bexample.com\x00\x50GET"
+        server = self.server
+        server.resolver.names["example.com"] = ["93.184.216.34"]
+        for i in range(len(wire)):
+            self.client.frame(Command.PSH, 1, wire[i : i + 1])
+        self.assertEqual(server.reactor.tcpClients[0][:2], ("93.184.216.34", 80))
+        _, transport = server.origin_connect()
+        self.assertEqual(transport.value(), b"GET")
+
+    def test_session_close_closes_streams_without_fin(self):
+        open_stream(self.client)
+        _, transport = self.server.origin_connect()
+        self.client.received()
+        self.client.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.client.received(), [])
+
+    def test_stream_limit(self):
+        server = Server(max_streams=2)
+        client = server.connect()
+        client.auth()
+        client.received()
+        for sid in (1, 2, 3):
+            open_stream(client, sid)
+        frames = client.received()
+        self.assertEqual(
+            [(f.cmd, f.sid) for f in frames], [(Command.SYNACK, 3), (Command.FIN, 3)]
+        )
+        self.assertEqual(len(server.reactor.tcpClients), 2)
+
+
+class BadInputTests(SynchronousTestCase):
+    def setUp(self):
+        self.server = Server()
+        self.client = self.server.connect()
+        self.client.auth()
+        self.client.received()
+
+    def test_data_on_dataless_commands_skipped(self):
+        """Data on SYN/FIN/heartbeat and unknown commands is skipped without losing sync."""
+        for cmd in (Command.SYN, Command.FIN, Command.HEART_RESPONSE, 42, 255, Command.WASTE):
+            self.client.frame(cmd, 9, b"\x08\x00\x00\x00\x00\x00\x00")
+        self.client.frame(Command.HEART_REQUEST, 3, b"junk")
+        self.assertEqual(self.client.received(), [Frame(Command.HEART_RESPONSE, 3)])
+
+    def test_client_only_commands_ignored(self):
+        for cmd in (Command.SYNACK, Command.SERVER_SETTINGS, Command.UPDATE_PADDING_SCHEME):
+            self.client.frame(cmd, 0, b"v=9")
+        self.client.frame(Command.ALERT, 0, b"")
+        self.assertFalse(self.client.closed)
+        self.assertEqual(self.client.received(), [])
+
+    def test_alert_from_client_closes(self):
+        self.client.frame(Command.ALERT, 0, b"bye")
+        self.assertTrue(self.client.closed)
+
+    def test_garbage_never_raises(self):
+        """Arbitrary bytes after auth never raise out of dataReceived."""
+        import random
+
+        rng = random.Random(7)
+        for _ in range(50):
+            self.client.send(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+
+    def test_other_sessions_unaffected(self):
+        """A session killed for bad input leaves another session working."""
+        other = self.server.connect(("198.51.100.8", 1))
+        other.auth()
+        other.received()
+        self.client.frame(Command.ALERT, 0, b"x")
+        self.assertTrue(self.client.closed)
+        other.frame(Command.HEART_REQUEST, 1)
+        self.assertEqual(other.received(), [Frame(Command.HEART_RESPONSE, 1)])
+
+
+class SplitTests(SynchronousTestCase):
+    FLIGHT = (
+        encode_preamble(PASSWORD, 30)
+        + codec.encode_frame(Command.SETTINGS, 0, SETTINGS_V2)
+        + codec.encode_frame(Command.SYN, 1)
+        + codec.encode_frame(Command.PSH, 1, ADDR_V4)
+        + codec.encode_frame(Command.WASTE, 0, bytes(83))
+        + codec.encode_frame(Command.PSH, 1, b"request")
+        + codec.encode_frame(Command.HEART_REQUEST, 4)
+    )
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=len(FLIGHT) - 1), max_size=12))
+    def test_any_split_same_result(self, cuts):
+        """A stock first flight cut anywhere gives the same replies and origin bytes."""
+        server = Server()
+        client = server.connect()
+        points = sorted(set(cuts))
+        for start, stop in zip([0] + points, points + [len(self.FLIGHT)]):
+            client.send(self.FLIGHT[start:stop])
+        self.assertEqual(
+            client.received(), [Frame(Command.SERVER_SETTINGS, 0, b"v=2"), Frame(Command.HEART_RESPONSE, 4)]
+        )
+        _, transport = server.origin_connect()
+        self.assertEqual(transport.value(), b"request")
