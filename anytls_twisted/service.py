@@ -167,13 +167,17 @@ def build_service(
     listeners: List[tuple],
     reactor,
     dialer: OriginDialer = None,
+    listen_udp: Callable = None,
 ) -> AnyTLSService:
     """Assemble the service: ``listeners`` is a list of ``(endpoint string, wrap)`` where
-    ``wrap`` turns the session factory into the one that listens (TLS or identity)."""
+    ``wrap`` turns the session factory into the one that listens (TLS or identity).
+    ``dialer`` and ``listen_udp`` are injectable for tests."""
     registry = SessionRegistry(reactor, config)
     if dialer is None:
         dialer = OriginDialer(reactor, config.policy, config.connect_timeout)
-    factory = AnyTLSFactory(config, reactor, dialer, reactor.listenUDP, registry)
+    if listen_udp is None:
+        listen_udp = reactor.listenUDP
+    factory = AnyTLSFactory(config, reactor, dialer, listen_udp, registry)
     top = AnyTLSService(config, registry)
     top.factory = factory
     for description, wrap in listeners:
