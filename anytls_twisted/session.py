@@ -207,7 +207,7 @@ class SessionProtocol(Protocol):
                 stream.resume_reading()
 
     def stopProducing(self) -> None:
-        self.close("transport stopped")
+        """The transport is going away; ``connectionLost`` follows and cleans up."""
 
     # Frame handling.
     def _handle(self, frame: Frame) -> None:
