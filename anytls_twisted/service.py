@@ -7,6 +7,7 @@ any that have not closed within the shutdown grace.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List, Set
 
 from twisted.application import service, strports
@@ -126,6 +127,17 @@ class ReaperService(service.Service):
             self.loop.stop()
 
 
+@contextlib.contextmanager
+def _exit_on_listen_failure():
+    try:
+        yield
+    except CannotListenError as e:
+        raise SystemExit(
+            f"twistd anytls: error: cannot listen on {e.interface or '*'}:{e.port}: "
+            f"{e.socketError}"
+        ) from None
+
+
 class AnyTLSService(service.MultiService):
     """Listeners plus reaper; shuts down listeners, then sessions, within a bounded time."""
 
@@ -141,15 +153,14 @@ class AnyTLSService(service.MultiService):
         self.listeners.append(listener)
         return listener
 
+    def privilegedStartService(self) -> None:
+        """Bind the ports (twistd does this first); a busy port ends twistd with one line."""
+        with _exit_on_listen_failure():
+            super().privilegedStartService()
+
     def startService(self) -> None:
-        """Start; a port that cannot be bound ends the process with one clear line."""
-        try:
+        with _exit_on_listen_failure():
             super().startService()
-        except CannotListenError as e:
-            raise SystemExit(
-                f"twistd anytls: error: cannot listen on {e.interface or '*'}:{e.port}: "
-                f"{e.socketError}"
-            ) from None
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -176,7 +187,10 @@ def build_service(
     if dialer is None:
         dialer = OriginDialer(reactor, config.policy, config.connect_timeout)
     if listen_udp is None:
-        listen_udp = reactor.listenUDP
+
+        def listen_udp(port, protocol, interface=""):
+            return reactor.listenUDP(port, protocol, interface=interface)
+
     factory = AnyTLSFactory(config, reactor, dialer, listen_udp, registry)
     top = AnyTLSService(config, registry)
     top.factory = factory
