@@ -33,6 +33,8 @@ from .logs import get_logger
 _log = get_logger("anytls_twisted.session")
 
 ALERT_NO_SETTINGS = "client did not send its settings"
+#: Seconds a closing session waits for the peer's close_notify before aborting.
+CLOSE_GRACE = 5.0
 _session_ids = itertools.count(1)
 
 
@@ -98,6 +100,7 @@ class SessionProtocol(Protocol):
         self._preamble = PreambleReader()
         self._decoder = codec.FrameDecoder()
         self._auth_timer = None
+        self._close_timer = None
         self._close_reason: Optional[str] = None
         self.opened_at = 0.0
         self.last_activity = 0.0
@@ -155,9 +158,11 @@ class SessionProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         reason_text = self._close_reason or _describe(reason)
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
+        self.state = State.CLOSED
         self._cancel_auth_timer()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
         for stream in list(self.streams.values()):
             stream.close("session closed")
         self.factory.registry.discard(self)
@@ -182,16 +187,31 @@ class SessionProtocol(Protocol):
         )
 
     def close(self, reason: str, abort: bool = False) -> None:
-        """End the session (once): streams are closed without FIN, then the TLS connection."""
+        """End the session (once): streams are closed without FIN, then the TLS connection.
+
+        A polite close sends close_notify and waits for the peer's; a peer that never answers
+        is aborted after ``CLOSE_GRACE`` seconds.
+        """
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
         self._close_reason = reason
         self._cancel_auth_timer()
+        # TLS only shuts down once no producer is registered; and it must read to see the
+        # peer's close_notify.
+        self.transport.unregisterProducer()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
         if abort:
             self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+            return
+        self.transport.loseConnection()
+        self._close_timer = self.clock.callLater(CLOSE_GRACE, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        self.transport.abortConnection()
 
     # IPushProducer: our TLS transport's write buffer is full / drained.
     def pauseProducing(self) -> None:

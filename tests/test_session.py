@@ -49,6 +49,39 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(client.transport.value(), b"")
         self.assertIsNone(client.proto.user)
 
+    def test_close_unregisters_producer(self):
+        """Closing unregisters the session as producer: TLS only shuts down without one."""
+        client = Server().connect()
+        self.assertIs(client.transport.producer, client.proto)
+        client.send(encode_preamble("wrong", 30))
+        self.assertIsNone(client.transport.producer)
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_close_aborts_silent_peer(self):
+        """A peer that never completes the TLS close is aborted after the close grace."""
+        from anytls_twisted.session import CLOSE_GRACE
+
+        server = Server()
+        client = server.connect()
+        client.auth()
+        client.proto.close("test")
+        server.reactor.advance(CLOSE_GRACE - 0.1)
+        self.assertFalse(client.transport.disconnected)
+        server.reactor.advance(0.2)
+        self.assertTrue(client.transport.disconnected)
+
+    def test_close_resumes_paused_reading(self):
+        """A session closed while reading is paused reads again, to see the close_notify."""
+        server = Server()
+        client = server.connect()
+        client.auth()
+        open_stream(client)
+        _, origin = server.origin_connect()
+        origin.producer.pauseProducing()
+        self.assertEqual(client.transport.producerState, "paused")
+        client.proto.close("test")
+        self.assertEqual(client.transport.producerState, "producing")
+
     def test_second_user(self):
         client = Server().connect()
         client.auth(password="other")
