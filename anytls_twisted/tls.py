@@ -1,152 +1,201 @@
-"""TLS applied by the server itself, with our own ALPN rule, and ``--port`` parsing.
+"""TLS applied by the server itself, with an ALPN rule that never fails a handshake, and
+``--port`` parsing.
 
-ALPN decision: by default the server negotiates **no** ALPN, even when the client offers some.
-That is what the reference servers do (Go's TLS server with no ``NextProtos`` ignores the
-client's list), so we look like them on the wire. An operator may give a list (``--alpn
-h2,http/1.1``) to select from, as a web server would. In both cases a client whose list shares
-nothing with ours still completes the handshake, with no protocol selected.
+ALPN decision. By default (``ALPN_NONE``) the server negotiates no protocol, even when the
+client offers some: that is what Go's TLS server with no ``NextProtos`` does, i.e. the anytls-go
+and sing-box reference servers, so we look like them. An operator may give a list (``--alpn
+h2,http/1.1``) to select from as a web server would: our most preferred protocol that the client
+also offers (RFC 7301's rule, and Go's, nginx's and Twisted's). Either way a client whose list
+shares nothing with ours still completes the handshake, with no protocol selected; it never gets
+a fatal alert.
 
-Why not Twisted's ``ssl:`` endpoint: ``CertificateOptions`` (Twisted 26.10) always installs an
-ALPN select callback that answers "no overlap" with an empty selection, which OpenSSL turns into
-a fatal ``internal_error`` alert, so sing-box clients configured with ``tls.alpn`` cannot
-connect. We replace that callback. Applying TLS ourselves (``TLSMemoryBIOFactory`` over a plain
-listener) also lets TLS sit under ``haproxy:`` or ``systemd:`` ports later.
+Why this needs code: Twisted 26.10's ``CertificateOptions._makeContext`` always installs an ALPN
+select callback (``setupForALPN``) that answers "no overlap" with an empty selection, which
+OpenSSL turns into a fatal ``internal_error`` alert, so sing-box clients with ``tls.alpn`` set
+cannot connect to a plain ``ssl:`` endpoint. ``_ServerOptions`` replaces that callback with one
+that returns ``NO_OVERLAPPING_PROTOCOLS``. For the same reason ``ssl:`` ports are listened on as
+``tcp:`` and wrapped in ``TLSMemoryBIOFactory`` here, which also lets TLS sit under ``haproxy:``
+or ``systemd:`` ports later.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import attr
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .certs import TLSMaterial
 
+ALPN_NONE: Tuple[str, ...] = ()
+
 
 class _ServerOptions(CertificateOptions):
-    """``CertificateOptions`` whose ALPN callback never fails the handshake."""
+    """``CertificateOptions`` that installs the certificate itself and whose ALPN select
+    callback selects from ``alpn`` and otherwise selects nothing, instead of failing.
 
-    def __init__(self, alpn: Sequence[bytes], **kwargs) -> None:
+    The ALPN list is kept here rather than passed as ``acceptableProtocols``, so Twisted
+    neither applies its own rule nor advertises the list on connections. The certificate and
+    key go to OpenSSL as cryptography objects: pyOpenSSL 26 deprecates its own X509/PKey
+    types, which is what Twisted's ``privateKey``/``certificate`` arguments expect.
+    """
+
+    def __init__(self, material: TLSMaterial, alpn: Sequence[bytes], **kwargs) -> None:
         super().__init__(**kwargs)
+        self._material = material
         self._alpn = tuple(alpn)
 
-    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
-        context = super()._makeContext(skipCiphers)
-        context.set_alpn_select_callback(self._select)
+    def _makeContext(self, *args, **kwargs) -> SSL.Context:
+        context = super()._makeContext(*args, **kwargs)
+        context.use_certificate(self._material.certificate)
+        context.use_privatekey(self._material.private_key)
+        for extra in self._material.chain:
+            context.add_extra_chain_cert(extra)
+        context.check_privatekey()
+        context.set_alpn_select_callback(self._select)  # replaces Twisted's setupForALPN one
         return context
 
-    def _select(self, connection, offered: Sequence[bytes]):
+    def _select(self, connection: SSL.Connection, offered: List[bytes]):
         for protocol in self._alpn:
             if protocol in offered:
                 return protocol
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def _to_openssl(cert):
-    return crypto.X509.from_cryptography(cert)
-
-
-def server_tls_options(material: TLSMaterial, alpn: Sequence[str] = ()) -> CertificateOptions:
-    """Server TLS options (TLS 1.2 minimum) for ``material``, selecting from ``alpn``."""
+def server_tls_options(material: TLSMaterial, alpn: Sequence[str] = ALPN_NONE) -> CertificateOptions:
+    """Server-side TLS options (an ``IOpenSSLServerConnectionCreator``): TLS 1.2 minimum,
+    Twisted's default ciphers, ``material``'s certificate and chain, ALPN as described above."""
     return _ServerOptions(
-        [p.encode("ascii") for p in alpn],
-        privateKey=crypto.PKey.from_cryptography_key(material.private_key),
-        certificate=_to_openssl(material.certificate),
-        extraCertChain=[_to_openssl(c) for c in material.chain],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
+        material, [p.encode("ascii") for p in alpn], raiseMinimumTo=TLSVersion.TLSv1_2
     )
 
 
-def wrap_tls(factory, options) -> TLSMemoryBIOFactory:
-    """The listening factory: TLS (server side) around the session factory."""
-    return TLSMemoryBIOFactory(options, False, factory)
+def wrap_tls(factory, tls_options, clock: Optional[IReactorTime] = None) -> TLSMemoryBIOFactory:
+    """The listening factory: server-side TLS around ``factory``. ``clock`` (default: the
+    reactor) schedules the TLS layer's write aggregation; tests pass their own."""
+    return TLSMemoryBIOFactory(tls_options, False, factory, clock=clock)
 
 
 def parse_alpn(text: str) -> Tuple[str, ...]:
-    """``h2,http/1.1`` -> ``("h2", "http/1.1")``; empty -> no ALPN."""
-    protocols = tuple(p.strip() for p in text.split(",") if p.strip())
-    for p in protocols:
-        if not p.isascii() or len(p) > 255:
-            raise ValueError(f"ALPN protocol {p!r} must be 1 to 255 ASCII characters")
-    return protocols
+    """``"h2,http/1.1"`` -> ``("h2", "http/1.1")``, most preferred first; empty -> no ALPN.
+
+    Each protocol must be 1 to 255 printable ASCII characters (the wire limit is 255 bytes).
+    """
+    if not text.strip():
+        return ALPN_NONE
+    protocols: List[str] = []
+    for item in text.split(","):
+        protocol = item.strip()
+        if not protocol:
+            raise ValueError(f"empty protocol name in ALPN list {text!r}")
+        if len(protocol) > 255 or not re.fullmatch(r"[\x21-\x7e]+", protocol):
+            raise ValueError(
+                f"ALPN protocol {protocol!r} must be 1 to 255 printable ASCII characters"
+            )
+        if protocol not in protocols:
+            protocols.append(protocol)
+    return tuple(protocols)
 
 
-@attr.frozen
+@attr.frozen(kw_only=True)
 class PortSpec:
-    """A ``--port`` as we listen on it: a plain endpoint, and whether we add TLS to it."""
+    """A ``--port`` as we listen on it: a plain endpoint string, and whether we add TLS (with
+    which files; None means the ``--cert``/``--key`` or generated ones)."""
 
     endpoint: str
     tls: bool
-    description: str
     private_key: Optional[str] = None
     cert_key: Optional[str] = None
     extra_cert_chain: Optional[str] = None
+    description: str
 
 
-_SSL_LISTEN_KEYS = ("port", "interface", "backlog")
-_SSL_FILE_KEYS = {"privateKey": "private_key", "certKey": "cert_key", "extraCertChain": "extra_cert_chain"}
+_FILE_OPTIONS = {"privateKey": "private_key", "certKey": "cert_key", "extraCertChain": "extra_cert_chain"}
+_SUPPORTED = "port, interface, backlog, privateKey, certKey, extraCertChain"
 
 
-def _split(description: str) -> List[str]:
-    """Split an endpoint string at unescaped colons, keeping escapes (as Twisted's parser)."""
-    parts, current, escaped = [], [], False
-    for char in description:
-        if escaped:
-            current.append("\\" + char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
+def _split(description: str) -> List[Tuple[str, Optional[str]]]:
+    """Split an endpoint string as Twisted does: ``:`` separates arguments, the first ``=`` in
+    an argument separates key from value, and a backslash makes the next character literal.
+    Returns ``(text, None)`` for positional arguments and ``(key, value)`` for keywords."""
+    arguments: List[Tuple[str, Optional[str]]] = []
+    parts: List[str] = [""]
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError("the port description ends with a lone backslash")
+            parts[-1] += escaped
         elif char == ":":
-            parts.append("".join(current))
-            current = []
+            arguments.append((parts[0], parts[1]) if len(parts) == 2 else (parts[0], None))
+            parts = [""]
+        elif char == "=" and len(parts) == 1:
+            parts.append("")
         else:
-            current.append(char)
-    if escaped:
-        current.append("\\")
-    parts.append("".join(current))
-    return parts
+            parts[-1] += char
+    arguments.append((parts[0], parts[1]) if len(parts) == 2 else (parts[0], None))
+    return arguments
 
 
-def _unescape(text: str) -> str:
-    return text.replace("\\:", ":").replace("\\\\", "\\")
+def _escape(value: str) -> str:
+    return re.sub(r"([\\:=])", r"\\\1", value)
+
+
+def _number(name: str, text: str, low: int, high: int) -> str:
+    if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
+        raise ValueError(f"ssl port {name} must be a number from {low} to {high}, got {text!r}")
+    return str(int(text))
 
 
 def parse_port(description: str) -> PortSpec:
-    """``ssl:PORT[:k=v...]`` (or a bare number) -> a ``tcp:`` listener plus our TLS.
+    """``ssl:PORT[:interface=X][:backlog=N][:privateKey=K][:certKey=C][:extraCertChain=F]``
+    (or a bare ``PORT``) -> a ``tcp:`` endpoint that we wrap in TLS ourselves.
 
-    Any other endpoint type is listened on as it is, without TLS.
+    As in Twisted, ``certKey`` defaults to ``privateKey`` (and here also the other way round).
+    Other ``ssl:`` options are refused rather than ignored. Any other endpoint type is listened
+    on unchanged, without TLS.
     """
-    if description.isdigit():
-        description = f"ssl:{description}"
-    parts = _split(description)
-    if parts[0] != "ssl":
+    text = f"ssl:{description}" if re.fullmatch(r"[0-9]+", description) else description
+    try:
+        arguments = _split(text)
+    except ValueError:
+        if not text.startswith("ssl:"):
+            return PortSpec(endpoint=description, tls=False, description=description)
+        raise
+    if arguments[0] != ("ssl", None):
         return PortSpec(endpoint=description, tls=False, description=description)
-    listen: Dict[str, str] = {}
-    files: Dict[str, str] = {}
-    positional = []
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if not sep:
-            positional.append(part)
-        elif key in _SSL_LISTEN_KEYS:
-            listen[key] = value
-        elif key in _SSL_FILE_KEYS:
-            files[_SSL_FILE_KEYS[key]] = _unescape(value)
-        else:
+    options: Dict[str, str] = {}
+    for key, value in arguments[1:]:
+        if value is None:
+            key, value = "port", key  # Twisted's first positional ssl argument
+            if "port" in options:
+                raise ValueError(
+                    "an ssl port takes one positional argument, the port number; "
+                    f"give the others as key=value ({_SUPPORTED})"
+                )
+        if key not in ("port", "interface", "backlog") and key not in _FILE_OPTIONS:
             raise ValueError(
-                f"ssl port option {key} is not supported; use port, interface, backlog, "
-                "privateKey, certKey and extraCertChain"
+                f"ssl port option {key} is not supported; supported options: {_SUPPORTED}"
             )
-    if positional:
-        if len(positional) > 1 or "port" in listen:
-            raise ValueError("give the port once")
-        listen["port"] = positional[0]
-    if not listen.get("port", "").isdigit():
-        raise ValueError("an ssl port needs a port number")
+        if key in options:
+            raise ValueError(f"ssl port option {key} is given twice")
+        if not value and key in _FILE_OPTIONS:
+            raise ValueError(f"ssl port option {key} is empty")
+        options[key] = value
+    if "port" not in options:
+        raise ValueError("an ssl port needs a port number, e.g. ssl:8443")
+    endpoint = f"tcp:{_number('port', options['port'], 0, 65535)}"
+    if options.get("interface"):
+        endpoint += f":interface={_escape(options['interface'])}"
+    if "backlog" in options:
+        endpoint += f":backlog={_number('backlog', options['backlog'], 1, 65535)}"
+    files = {_FILE_OPTIONS[k]: v for k, v in options.items() if k in _FILE_OPTIONS}
     if "private_key" in files or "cert_key" in files:
         files.setdefault("cert_key", files.get("private_key"))
         files.setdefault("private_key", files.get("cert_key"))
-    endpoint = ":".join(["tcp", listen.pop("port")] + [f"{k}={v}" for k, v in listen.items()])
     return PortSpec(endpoint=endpoint, tls=True, description=description, **files)
