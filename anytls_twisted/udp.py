@@ -1,0 +1,396 @@
+"""UDP over TCP (sing "udp-over-tcp", anytls-protocol.md section 10).
+
+sing-box's anytls outbound carries all of its UDP this way: a stream to a magic domain name,
+whose bytes are a request header (v2 only) followed by length-prefixed datagrams. Each such
+stream gets its own unconnected UDP sockets, so replies are easy to attribute and vanish with
+the stream. UDP has no backpressure: datagrams that arrive while the client side is backed up
+are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import DatagramProtocol
+from twisted.python.failure import Failure
+
+from .address import (
+    AddressError,
+    Destination,
+    IPAddress,
+    encode_uot_address,
+    parse_ip,
+    parse_socks_address,
+    parse_uot_address,
+)
+from .logs import get_logger
+from .stream import BaseStream
+
+_log = get_logger("anytls_twisted.udp")
+
+MAGIC_V2 = "sp.v2.udp-over-tcp.arpa"
+MAGIC_V1 = "sp.udp-over-tcp.arpa"
+
+#: Names whose resolution a stream remembers, and for how long (getaddrinfo gives no TTL).
+NAME_CACHE_SIZE = 64
+NAME_CACHE_SECONDS = 60.0
+#: Datagrams held per name while it resolves.
+MAX_QUEUED_PER_NAME = 16
+#: Receive size for the UDP sockets: the largest datagram, not Twisted's 8192 default.
+MAX_DATAGRAM = 65535
+
+_LENGTH = struct.Struct(">H")
+
+
+def uot_version(dest: Destination) -> Optional[int]:
+    """2 or 1 for the magic destinations (exact, case-sensitive, any port), else ``None``."""
+    if dest.host == MAGIC_V2:
+        return 2
+    if dest.host == MAGIC_V1:
+        return 1
+    return None
+
+
+def _unmap(ip: IPAddress) -> IPAddress:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class _Socket(DatagramProtocol):
+    """One of a stream's UDP sockets: forwards what it receives to the stream."""
+
+    noisy = False
+
+    def __init__(self, stream: "UoTStream") -> None:
+        self.stream = stream
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.stream.datagram_received(data, addr)
+
+
+class _Name:
+    """A cached resolution: every address (for reply mapping) and the one we send to."""
+
+    def __init__(
+        self, addresses: List[IPAddress], target: Optional[IPAddress], error: str, expires: float
+    ) -> None:
+        self.addresses = addresses
+        self.target = target  # None: nothing the policy permits, ``error`` says why
+        self.error = error
+        self.expires = expires
+
+
+class UoTStream(BaseStream):
+    """A UoT stream: parses the client's packets, sends them as datagrams, frames the replies.
+
+    v2 starts with a request header (connect flag plus SOCKS address); connect-mode packets
+    are ``u16 length, payload`` to the header's destination, non-connect packets carry a UoT
+    address first. v1 has no header and is always non-connect.
+    """
+
+    kind = "udp"
+
+    def __init__(self, session, sid: int, destination: Destination, version: int) -> None:
+        super().__init__(session, sid, destination)
+        self.version = version
+        self.datagrams_in = 0  # client -> origin
+        self.datagrams_out = 0  # origin -> client
+        self.dropped = 0
+        self.connect = False
+        self.header: Optional[Destination] = None  # the v2 request destination
+        self._need_header = version == 2
+        self._buffer = bytearray()
+        self._ports: Dict[int, object] = {}  # IP version -> listening port
+        self._names: "OrderedDict[str, _Name]" = OrderedDict()
+        self._resolving: Dict[str, List[Tuple[int, bytes]]] = {}
+        self._paused = False
+        self._timer = None
+
+    # From the session.
+    def start(self, data: bytes = b"") -> None:
+        """Report success at once (protocol 10.6): the header only comes with the first datagram."""
+        self.report()
+        self._timer = self.session.clock.callLater(self.session.config.udp_timeout, self._idle)
+        if data:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.bytes_in += len(data)
+        self._buffer += data
+        try:
+            self._parse()
+        except AddressError as e:
+            _log.info(
+                "stream {session_id}/{stream_id}: bad UDP-over-TCP data: {error}",
+                session_id=self.session.session_id,
+                stream_id=self.sid,
+                error=str(e),
+            )
+            self.finish(f"bad udp-over-tcp data: {e}", str(e))
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+
+    def teardown(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for port in self._ports.values():
+            port.stopListening()
+        self._ports = {}
+        self._buffer = bytearray()
+        self._resolving = {}
+        self._names.clear()
+
+    # Client -> origin.
+    def _parse(self) -> None:
+        """Consume every complete header and packet; leave at most one partial packet."""
+        buf, pos = self._buffer, 0
+        while not self.closed:
+            if self._need_header:
+                if len(buf) - pos < 1:
+                    break
+                parsed = parse_socks_address(buf, pos + 1)
+                if parsed is None:
+                    break
+                self.connect = buf[pos] != 0
+                self.header, pos = parsed
+                self._need_header = False
+                self._got_header()
+                continue
+            if self.connect:
+                dest, start = self.header, pos
+            else:
+                parsed = parse_uot_address(buf, pos)
+                if parsed is None:
+                    break
+                dest, start = parsed
+            if len(buf) - start < 2:
+                break
+            (length,) = _LENGTH.unpack_from(buf, start)
+            end = start + 2 + length
+            if len(buf) < end:
+                break
+            payload = bytes(buf[start + 2 : end])
+            pos = end
+            self.datagrams_in += 1
+            self._touch()
+            self._send_to(dest, payload)
+        if not self.closed:
+            del buf[:pos]
+
+    def _got_header(self) -> None:
+        _log.debug(
+            "stream {session_id}/{stream_id}: udp {mode} to {destination}",
+            session_id=self.session.session_id,
+            stream_id=self.sid,
+            mode="connect" if self.connect else "packets",
+            destination=str(self.header),
+        )
+        # Resolve now: connect mode must vet its one destination, and non-connect mode maps
+        # replies from the header's name back to it.
+        if self.header.ip is None:
+            self._lookup(self.header.host, self.header.port)
+        elif self.connect:
+            self._check_connect_target()
+
+    def _send_to(self, dest: Destination, payload: bytes) -> None:
+        literal = dest.ip
+        if literal is not None:
+            self._send_ip(_unmap(literal), dest, payload)
+            return
+        name = self._cached(dest.host)
+        if name is not None:
+            self._send_name(name, dest, payload)
+        elif dest.host in self._resolving:
+            queue = self._resolving[dest.host]
+            if len(queue) < MAX_QUEUED_PER_NAME:
+                queue.append((dest.port, payload))
+            else:
+                self._drop(dest, "too many datagrams waiting for the name to resolve")
+        elif len(self._resolving) >= NAME_CACHE_SIZE:
+            self._drop(dest, "too many names resolving")
+        else:
+            self._lookup(dest.host, dest.port, [(dest.port, payload)])
+
+    def _send_ip(self, ip: IPAddress, dest: Destination, payload: bytes) -> None:
+        if not self.session.dialer.policy.permits(ip):
+            self._drop(dest, f"destination {ip} is not a public address (refused by server policy)")
+            return
+        port = self._port_for(ip.version)
+        if port is None:
+            return
+        try:
+            port.write(payload, (str(ip), dest.port))
+        except (OSError, error.MessageLengthError, error.InvalidAddressError) as e:
+            self._drop(dest, str(e) or e.__class__.__name__)
+
+    def _send_name(self, name: _Name, dest: Destination, payload: bytes) -> None:
+        if name.target is None:
+            self._drop(dest, name.error)
+        else:
+            self._send_ip(name.target, dest, payload)
+
+    def _drop(self, dest: Destination, why: str) -> None:
+        self.dropped += 1
+        _log.debug(
+            "stream {session_id}/{stream_id}: dropped datagram to {destination}: {why}",
+            session_id=self.session.session_id,
+            stream_id=self.sid,
+            destination=str(dest),
+            why=why,
+        )
+
+    def _port_for(self, version: int):
+        port = self._ports.get(version)
+        if port is None:
+            interface = "0.0.0.0" if version == 4 else "::"
+            try:
+                port = self.session.factory.listen_udp(0, _Socket(self), interface=interface)
+            except error.CannotListenError as e:
+                self.finish(f"cannot open a UDP socket on {interface}: {e.socketError}", str(e))
+                return None
+            port.maxPacketSize = MAX_DATAGRAM
+            self._ports[version] = port
+        return port
+
+    # Name resolution, cached per stream.
+    def _cached(self, host: str) -> Optional[_Name]:
+        """The known answer for ``host``; an expired one still serves while it is refreshed."""
+        name = self._names.get(host)
+        if name is not None:
+            self._names.move_to_end(host)
+            if name.expires <= self.session.clock.seconds():
+                self._lookup(host, 0)
+                name = self._names.get(host)
+        return name
+
+    def _lookup(
+        self, host: str, port: int, queued: Optional[List[Tuple[int, bytes]]] = None
+    ) -> None:
+        if host in self._resolving:
+            return
+        self._resolving[host] = queued or []
+        d = defer.maybeDeferred(self.session.dialer.resolver.resolve, host, port, udp=True)
+        d.addCallbacks(
+            self._resolved, self._resolve_failed, callbackArgs=(host,), errbackArgs=(host,)
+        )
+
+    def _resolved(self, addresses: List[IPAddress], host: str) -> None:
+        """Remember every address (for replies); send to the first permitted one, IPv4 first."""
+        addresses = [_unmap(ip) for ip in addresses]
+        permitted = [ip for ip in addresses if self.session.dialer.policy.permits(ip)]
+        permitted.sort(key=lambda ip: ip.version)
+        if permitted:
+            why = ""
+        elif addresses:
+            why = f"{host} resolves to {addresses[0]}: not a public address (server policy)"
+        else:
+            why = f"lookup {host}: no such host"
+        target = permitted[0] if permitted else None
+        expires = self.session.clock.seconds() + NAME_CACHE_SECONDS
+        self._store(host, _Name(addresses, target, why, expires))
+
+    def _resolve_failed(self, failure: Failure, host: str) -> None:
+        # Not cached: a failed lookup may be transient; the next datagram tries again. A failed
+        # refresh keeps the previous answer for another period.
+        text = f"lookup {host}: {failure.getErrorMessage()}"
+        queued = self._resolving.pop(host, [])
+        if self.closed:
+            return
+        stale = self._names.get(host)
+        if stale is not None:
+            stale.expires = self.session.clock.seconds() + NAME_CACHE_SECONDS
+            return
+        if self.connect and self.header is not None and host == self.header.host:
+            self.finish(f"udp destination failed: {text}")
+            return
+        for port, _ in queued:
+            self._drop(Destination(host, port), text)
+
+    def _store(self, host: str, name: _Name) -> None:
+        queued = self._resolving.pop(host, [])
+        if self.closed:
+            return
+        self._names[host] = name
+        self._names.move_to_end(host)
+        while len(self._names) > NAME_CACHE_SIZE:
+            oldest = next(iter(self._names))
+            if self.header is not None and oldest == self.header.host:
+                self._names.move_to_end(oldest)  # keep the header's name for reply mapping
+            else:
+                del self._names[oldest]
+        if self.connect and self.header is not None and host == self.header.host:
+            self._check_connect_target()
+        for port, payload in queued:
+            if self.closed:
+                break
+            self._send_name(name, Destination(host, port), payload)
+
+    def _connect_target(self) -> Optional[IPAddress]:
+        """Connect mode: the address the header's destination resolved to, once known."""
+        if self.header.ip is not None:
+            return _unmap(self.header.ip)
+        name = self._names.get(self.header.host)
+        return name.target if name is not None else None
+
+    def _check_connect_target(self) -> None:
+        """Connect mode has one destination; if the policy refuses it the stream is useless."""
+        literal = self.header.ip
+        if literal is not None:
+            if not self.session.dialer.policy.permits(_unmap(literal)):
+                self.finish(f"udp destination {self.header} refused by server policy")
+            return
+        name = self._names.get(self.header.host)
+        if name is not None and name.target is None:
+            self.finish(f"udp destination refused: {name.error}")
+
+    # Origin -> client.
+    def datagram_received(self, data: bytes, addr) -> None:
+        if self.closed:
+            return
+        ip = parse_ip(addr[0])
+        if ip is None or len(data) > 0xFFFF:
+            return
+        source = Destination(str(_unmap(ip)), addr[1])
+        if self.connect:
+            if self._connect_target() != source.ip or source.port != self.header.port:
+                return
+            frame = b""
+        else:
+            frame = encode_uot_address(self._reported_source(source))
+        self._touch()
+        if self._paused:
+            self.dropped += 1
+            return
+        self.datagrams_out += 1
+        self.send(frame + _LENGTH.pack(len(data)) + data)
+
+    def _reported_source(self, source: Destination) -> Destination:
+        """sing-box fidelity (protocol 10.5): replies from the header's name keep that name."""
+        header = self.header
+        if header is None or header.ip is not None or source.port != header.port:
+            return source
+        name = self._names.get(header.host)
+        if name is not None and source.ip in name.addresses:
+            return header
+        return source
+
+    # Idle timeout.
+    def _touch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.session.config.udp_timeout)
+
+    def _idle(self) -> None:
+        self._timer = None
+        self.finish("udp idle timeout")

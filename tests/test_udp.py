@@ -1,0 +1,603 @@
+"""UoT streams (anytls_twisted.udp) against a fake session, fake UDP ports and a fake resolver.
+
+Vectors V15-V17 come from anytls-protocol.md section 14; the behaviour checked is that of
+sections 10 and 15 (items 14-19).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import types
+
+from hypothesis import given, settings, strategies as st
+from twisted.internet import defer, error, task
+from twisted.internet.protocol import DatagramProtocol
+from twisted.trial.unittest import SynchronousTestCase
+
+from anytls_twisted import codec
+from anytls_twisted.address import Destination, DestinationPolicy
+from anytls_twisted.auth import UserTable
+from anytls_twisted.config import ServerConfig
+from anytls_twisted.udp import (
+    MAGIC_V1,
+    MAGIC_V2,
+    NAME_CACHE_SECONDS,
+    NAME_CACHE_SIZE,
+    UoTStream,
+    uot_version,
+)
+
+
+def unhex(text: str) -> bytes:
+    return bytes.fromhex(" ".join(text.split()))
+
+
+UDP_TIMEOUT = 60.0
+SID = 2
+
+# Stream bytes after the magic address (V16, V17 and the other AddrParser forms of V17).
+V16_HEADER = unhex("01 01 08 08 08 08 00 35")
+V17_HEADER = unhex("00 01 08 08 08 08 00 35")
+CONNECT_PING = unhex("00 04 70 69 6e 67")
+V4_PING = unhex("00 08 08 08 08 00 35 00 04 70 69 6e 67")
+V6_PING = unhex("01 20 01 48 60 48 60 00 00 00 00 00 00 00 00 88 88 00 35 00 04 70 69 6e 67")
+DOMAIN_PING = unhex("02 0a 64 6e 73 2e 67 6f 6f 67 6c 65 00 35 00 04 70 69 6e 67")
+CONNECT_PONG = unhex("00 04 70 6f 6e 67")
+V4_PONG = unhex("00 08 08 08 08 00 35 00 04 70 6f 6e 67")
+GOOGLE_V6 = "2001:4860:4860::8888"
+
+
+def ips(*texts):
+    return [ipaddress.ip_address(t) for t in texts]
+
+
+class FakeResolver:
+    """Answers from a dict of name -> list of ip_address; unknown names fail.
+
+    With ``manual`` set, lookups return unfired Deferreds kept in ``pending``.
+    """
+
+    def __init__(self, names=None, manual=False) -> None:
+        self.names = names or {}
+        self.manual = manual
+        self.queries = []
+        self.pending = {}
+
+    def resolve(self, host, port=0, udp=False):
+        self.queries.append((host, udp))
+        if self.manual:
+            self.pending[host] = defer.Deferred()
+            return self.pending[host]
+        if host not in self.names:
+            return defer.fail(error.DNSLookupError(host))
+        return defer.succeed(list(self.names[host]))
+
+
+class FakePort:
+    """Stands in for ``reactor.listenUDP``'s port: records writes and stopListening."""
+
+    def __init__(self, protocol, interface) -> None:
+        self.protocol = protocol
+        self.interface = interface
+        self.written = []
+        self.stopped = False
+
+    def write(self, data, addr):
+        self.written.append((data, addr))
+
+    def stopListening(self):
+        self.stopped = True
+
+    def reply(self, data, addr):
+        self.protocol.datagramReceived(data, addr)
+
+
+class FakeFactory:
+    def __init__(self) -> None:
+        self.ports = []
+        self.refuse = False
+
+    def listen_udp(self, port, protocol, interface=""):
+        assert port == 0 and isinstance(protocol, DatagramProtocol)
+        if self.refuse:
+            raise error.CannotListenError(interface, port, OSError("no sockets"))
+        fake = FakePort(protocol, interface)
+        protocol.makeConnection(fake)
+        self.ports.append(fake)
+        return fake
+
+
+class FakeSession:
+    """The attributes and callbacks a stream uses, recording what the stream does."""
+
+    def __init__(self, names=None, allow_private=False, manual=False) -> None:
+        self.session_id = 1
+        self.paused = False
+        self.clock = task.Clock()
+        self.config = ServerConfig(users=UserTable([("u", "p")]), udp_timeout=UDP_TIMEOUT)
+        self.resolver = FakeResolver(names, manual)
+        self.dialer = types.SimpleNamespace(
+            resolver=self.resolver, policy=DestinationPolicy(allow_private=allow_private)
+        )
+        self.factory = FakeFactory()
+        self.synacks = []
+        self.data = []
+        self.finished = []
+        self.blocked = []
+
+    def send_synack(self, sid, error=""):
+        self.synacks.append((sid, error))
+
+    def send_data(self, sid, data):
+        self.data.append((sid, data))
+
+    def stream_finished(self, stream, reason, send_fin):
+        self.finished.append((stream, reason, send_fin))
+
+    def set_stream_blocked(self, stream, blocked):
+        self.blocked.append((stream, blocked))
+
+    # Conveniences for the tests.
+    def port(self, interface):
+        [port] = [p for p in self.factory.ports if p.interface == interface]
+        return port
+
+    def written(self):
+        return [w for p in self.factory.ports for w in p.written]
+
+
+def open_stream(version=2, data=b"", **kwargs):
+    session = FakeSession(**kwargs)
+    magic = MAGIC_V2 if version == 2 else MAGIC_V1
+    stream = UoTStream(session, SID, Destination(magic, 0), version)
+    stream.start(data)
+    return session, stream
+
+
+class VersionTests(SynchronousTestCase):
+    def test_magic_names(self):
+        self.assertEqual(uot_version(Destination(MAGIC_V2, 0)), 2)
+        self.assertEqual(uot_version(Destination(MAGIC_V1, 0)), 1)
+        self.assertEqual(uot_version(Destination(MAGIC_V2, 443)), 2)
+        self.assertIsNone(uot_version(Destination("SP.V2.UDP-OVER-TCP.ARPA", 0)))
+        self.assertIsNone(uot_version(Destination("x.sp.v2.udp-over-tcp.arpa", 0)))
+        self.assertIsNone(uot_version(Destination("example.com", 0)))
+
+
+class StartTests(SynchronousTestCase):
+    def test_synack_before_header(self):
+        """SYNACK success goes out at start, before any header byte and before any socket."""
+        session, stream = open_stream()
+        self.assertEqual(session.synacks, [(SID, "")])
+        self.assertEqual(session.factory.ports, [])
+        self.assertEqual(stream.kind, "udp")
+        stream.data_received(V17_HEADER + V4_PING)
+        self.assertEqual(session.synacks, [(SID, "")])
+
+
+class ConnectModeTests(SynchronousTestCase):
+    def test_v16(self):
+        """V16: header plus first packet in one chunk; the reply is framed without an address."""
+        session, stream = open_stream(data=V16_HEADER + CONNECT_PING)
+        self.assertTrue(stream.connect)
+        port = session.port("0.0.0.0")
+        self.assertEqual(port.written, [(b"ping", ("8.8.8.8", 53))])
+        port.reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, CONNECT_PONG)])
+        self.assertEqual((stream.datagrams_in, stream.datagrams_out), (1, 1))
+        self.assertEqual(stream.bytes_in, len(V16_HEADER + CONNECT_PING))
+        self.assertEqual(stream.bytes_out, len(CONNECT_PONG))
+
+    def test_any_nonzero_connect_byte(self):
+        session, stream = open_stream(data=b"\x07" + V16_HEADER[1:] + CONNECT_PING)
+        self.assertTrue(stream.connect)
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))])
+
+    def test_replies_only_from_destination(self):
+        session, stream = open_stream(data=V16_HEADER + CONNECT_PING)
+        port = session.port("0.0.0.0")
+        port.reply(b"x", ("8.8.4.4", 53))
+        port.reply(b"y", ("8.8.8.8", 54))
+        self.assertEqual(session.data, [])
+        self.assertEqual(stream.datagrams_out, 0)
+
+    def test_domain_destination(self):
+        header = unhex("01 03 0a") + b"dns.google" + unhex("00 35")
+        session, stream = open_stream(
+            data=header + CONNECT_PING, names={"dns.google": ips(GOOGLE_V6, "8.8.8.8")}
+        )
+        self.assertEqual(session.resolver.queries, [("dns.google", True)])
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))])
+        session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, CONNECT_PONG)])
+
+    def test_private_destination_ends_stream(self):
+        session, stream = open_stream(data=unhex("01 01 7f 00 00 01 00 35") + CONNECT_PING)
+        self.assertEqual(session.written(), [])
+        [(finished, reason, send_fin)] = session.finished
+        self.assertIs(finished, stream)
+        self.assertTrue(send_fin)
+        self.assertIn("refused", reason)
+        self.assertEqual(session.synacks, [(SID, "")])
+
+    def test_domain_resolving_private_ends_stream(self):
+        header = unhex("01 03 09") + b"localhost" + unhex("00 35")
+        session, stream = open_stream(data=header, names={"localhost": ips("127.0.0.1")})
+        self.assertTrue(stream.closed)
+        self.assertTrue(session.finished[0][2])
+
+    def test_unresolvable_destination_ends_stream(self):
+        header = unhex("01 03 07") + b"nowhere" + unhex("00 35")
+        session, stream = open_stream(data=header + CONNECT_PING)
+        self.assertTrue(stream.closed)
+        self.assertIn("nowhere", session.finished[0][1])
+        self.assertEqual(session.written(), [])
+
+    def test_private_allowed(self):
+        session, stream = open_stream(
+            data=unhex("01 01 7f 00 00 01 00 35") + CONNECT_PING, allow_private=True
+        )
+        self.assertEqual(session.written(), [(b"ping", ("127.0.0.1", 53))])
+        self.assertFalse(stream.closed)
+
+
+class NonConnectModeTests(SynchronousTestCase):
+    def test_v17(self):
+        """V17 byte for byte: header plus an IPv4 packet; the reply carries its source."""
+        session, stream = open_stream(data=V17_HEADER + V4_PING)
+        self.assertFalse(stream.connect)
+        self.assertEqual(stream.header, Destination("8.8.8.8", 53))
+        port = session.port("0.0.0.0")
+        self.assertEqual(port.written, [(b"ping", ("8.8.8.8", 53))])
+        port.reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, V4_PONG)])
+
+    def test_ipv6_packet(self):
+        session, stream = open_stream(data=V17_HEADER + V6_PING)
+        port = session.port("::")
+        self.assertEqual(port.written, [(b"ping", (GOOGLE_V6, 53))])
+        port.reply(b"pong", (GOOGLE_V6, 53))
+        self.assertEqual(session.data, [(SID, V6_PING[:19] + unhex("00 04") + b"pong")])
+
+    def test_domain_packet(self):
+        session, stream = open_stream(
+            data=V17_HEADER + DOMAIN_PING, names={"dns.google": ips(GOOGLE_V6, "8.8.8.8")}
+        )
+        self.assertIn(("dns.google", True), session.resolver.queries)
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))])
+        # The header names an IP, so replies report the IP (sing-box, protocol 10.5).
+        session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, V4_PONG)])
+
+    def test_reply_mapped_to_header_domain(self):
+        header = unhex("00 03 0a") + b"dns.google" + unhex("00 35")
+        session, stream = open_stream(
+            data=header + V4_PING, names={"dns.google": ips("8.8.8.8", GOOGLE_V6)}
+        )
+        port = session.port("0.0.0.0")
+        self.assertEqual(port.written, [(b"ping", ("8.8.8.8", 53))])
+        port.reply(b"pong", ("8.8.8.8", 53))
+        port.reply(b"pong", ("8.8.4.4", 53))
+        port.reply(b"pong", ("8.8.8.8", 5353))
+        self.assertEqual(
+            [data for _, data in session.data],
+            [
+                DOMAIN_PING[:16] + b"pong",
+                unhex("00 08 08 04 04 00 35 00 04") + b"pong",
+                unhex("00 08 08 08 08 14 e9 00 04") + b"pong",
+            ],
+        )
+
+    def test_ipv4_mapped_source_reported_as_ipv4(self):
+        session, stream = open_stream(data=V17_HEADER + V6_PING)
+        session.port("::").reply(b"pong", ("::ffff:8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, V4_PONG)])
+
+    def test_ipv4_mapped_destination_uses_ipv4_socket(self):
+        packet = unhex("01") + ipaddress.ip_address("::ffff:8.8.8.8").packed + V4_PING[5:]
+        session, stream = open_stream(data=V17_HEADER + packet)
+        self.assertEqual(session.port("0.0.0.0").written, [(b"ping", ("8.8.8.8", 53))])
+
+    def test_several_packets_in_one_chunk(self):
+        session, stream = open_stream(
+            data=V17_HEADER + V4_PING + V6_PING + DOMAIN_PING + V4_PING,
+            names={"dns.google": ips("8.8.4.4")},
+        )
+        self.assertEqual(
+            session.port("0.0.0.0").written,
+            [(b"ping", ("8.8.8.8", 53)), (b"ping", ("8.8.4.4", 53)), (b"ping", ("8.8.8.8", 53))],
+        )
+        self.assertEqual(session.port("::").written, [(b"ping", (GOOGLE_V6, 53))])
+        self.assertEqual(len(session.factory.ports), 2)
+        self.assertEqual(stream.datagrams_in, 4)
+        self.assertEqual(len(stream._buffer), 0)
+
+    def test_partial_packet_is_all_that_is_buffered(self):
+        session, stream = open_stream(data=V17_HEADER + V4_PING * 3 + V4_PING[:7])
+        self.assertEqual(len(session.written()), 3)
+        self.assertEqual(bytes(stream._buffer), V4_PING[:7])
+        stream.data_received(V4_PING[7:])
+        self.assertEqual(len(session.written()), 4)
+        self.assertEqual(len(stream._buffer), 0)
+
+    def test_empty_and_large_payloads(self):
+        big = (bytes(range(256)) * 256)[:65535]  # the largest length a packet can carry
+        packet = V4_PING[:7] + unhex("ff ff") + big
+        session, stream = open_stream(data=V17_HEADER + V4_PING[:7] + unhex("00 00") + packet)
+        self.assertEqual(session.written(), [(b"", ("8.8.8.8", 53)), (big, ("8.8.8.8", 53))])
+
+    def test_private_destination_dropped(self):
+        packet = unhex("00 7f 00 00 01 00 35 00 04") + b"ping"
+        session, stream = open_stream(data=V17_HEADER + packet + V4_PING)
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))])
+        self.assertEqual(stream.dropped, 1)
+        self.assertFalse(stream.closed)
+
+    def test_private_domain_dropped(self):
+        packet = unhex("02 09") + b"localhost" + unhex("00 35 00 04") + b"ping"
+        session, stream = open_stream(data=V17_HEADER + packet, names={"localhost": ips("::1", "127.0.0.1")})
+        self.assertEqual(session.written(), [])
+        self.assertEqual(stream.dropped, 1)
+        self.assertFalse(stream.closed)
+
+    def test_private_allowed(self):
+        packet = unhex("00 7f 00 00 01 00 35 00 04") + b"ping"
+        session, stream = open_stream(data=V17_HEADER + packet, allow_private=True)
+        self.assertEqual(session.written(), [(b"ping", ("127.0.0.1", 53))])
+        self.assertEqual(stream.dropped, 0)
+
+    def test_unresolvable_name_dropped(self):
+        session, stream = open_stream(data=V17_HEADER + DOMAIN_PING + V4_PING)
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))])
+        self.assertEqual(stream.dropped, 1)
+        self.assertFalse(stream.closed)
+
+    def test_datagrams_wait_for_resolution_in_order(self):
+        session, stream = open_stream(manual=True)
+        other = unhex("02 0a") + b"dns.google" + unhex("00 36 00 04") + b"pang"
+        stream.data_received(V17_HEADER + DOMAIN_PING + V4_PING + other)
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))])
+        self.assertEqual([q for q, _ in session.resolver.queries], ["dns.google"])
+        session.resolver.pending["dns.google"].callback(ips("8.8.4.4"))
+        self.assertEqual(
+            session.written()[1:], [(b"ping", ("8.8.4.4", 53)), (b"pang", ("8.8.4.4", 54))]
+        )
+
+    def test_name_cache(self):
+        session, stream = open_stream(
+            data=V17_HEADER + DOMAIN_PING * 3, names={"dns.google": ips("8.8.8.8")}
+        )
+        self.assertEqual(len(session.resolver.queries), 1)
+        session.clock.advance(NAME_CACHE_SECONDS / 2)
+        stream.data_received(DOMAIN_PING)
+        self.assertEqual(len(session.resolver.queries), 1)
+        session.clock.advance(NAME_CACHE_SECONDS / 2)
+        session.resolver.names["dns.google"] = ips("8.8.4.4")
+        stream.data_received(DOMAIN_PING)
+        self.assertEqual(len(session.resolver.queries), 2)
+        self.assertEqual(session.written()[-2:], [(b"ping", ("8.8.8.8", 53)), (b"ping", ("8.8.4.4", 53))])
+
+    def test_failed_refresh_keeps_previous_answer(self):
+        session, stream = open_stream(
+            data=V17_HEADER + DOMAIN_PING, names={"dns.google": ips("8.8.8.8")}
+        )
+        session.clock.advance(NAME_CACHE_SECONDS / 2)
+        stream.data_received(DOMAIN_PING)
+        session.clock.advance(NAME_CACHE_SECONDS / 2)
+        del session.resolver.names["dns.google"]
+        stream.data_received(DOMAIN_PING)
+        stream.data_received(DOMAIN_PING)
+        self.assertEqual(len(session.resolver.queries), 2)
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))] * 4)
+        self.assertEqual(stream.dropped, 0)
+
+    def test_name_cache_bounded(self):
+        names = {f"h{i}.example": ips("8.8.8.8") for i in range(NAME_CACHE_SIZE + 10)}
+        session, stream = open_stream(data=V17_HEADER, names=names)
+        for name in names:
+            stream.data_received(bytes([2, len(name)]) + name.encode() + unhex("00 35 00 01 78"))
+        self.assertEqual(len(session.written()), len(names))
+        self.assertLessEqual(len(stream._names), NAME_CACHE_SIZE)
+
+    def test_header_name_survives_cache_eviction(self):
+        others = [f"h{i}.example" for i in range(NAME_CACHE_SIZE + 10)]
+        names = {"dns.google": ips("8.8.8.8"), **{name: ips("8.8.4.4") for name in others}}
+        header = unhex("00 03 0a") + b"dns.google" + unhex("00 35")
+        session, stream = open_stream(data=header, names=names)
+        for name in others:
+            stream.data_received(bytes([2, len(name)]) + name.encode() + unhex("00 35 00 01 78"))
+        self.assertIn("dns.google", stream._names)
+        session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, DOMAIN_PING[:16] + b"pong")])
+
+
+class SplitTests(SynchronousTestCase):
+    NAMES = {"dns.google": ips("8.8.4.4")}
+    STREAM = V17_HEADER + V4_PING + V6_PING + DOMAIN_PING + V4_PING[:7] + unhex("00 00")
+
+    def expected(self):
+        session, _ = open_stream(data=self.STREAM, names=self.NAMES)
+        return session.written()
+
+    def test_one_byte_at_a_time(self):
+        session, stream = open_stream(names=self.NAMES)
+        for i in range(len(self.STREAM)):
+            stream.data_received(self.STREAM[i : i + 1])
+        self.assertEqual(session.written(), self.expected())
+        self.assertEqual(len(session.written()), 4)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
+    def test_random_splits(self, cuts):
+        cuts = sorted(set(cuts) | {0, len(self.STREAM)})
+        session, stream = open_stream(names=self.NAMES)
+        for a, b in zip(cuts, cuts[1:]):
+            stream.data_received(self.STREAM[a:b])
+        self.assertEqual(session.written(), self.expected())
+
+    def test_connect_mode_one_byte_at_a_time(self):
+        data = V16_HEADER + CONNECT_PING * 3
+        session, stream = open_stream()
+        for i in range(len(data)):
+            stream.data_received(data[i : i + 1])
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))] * 3)
+
+
+class LegacyTests(SynchronousTestCase):
+    def test_v1_has_no_header(self):
+        session, stream = open_stream(version=1, data=V4_PING + V6_PING)
+        self.assertIsNone(stream.header)
+        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53)), (b"ping", (GOOGLE_V6, 53))])
+        session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, V4_PONG)])
+
+    def test_v1_first_byte_is_an_address(self):
+        """A v2 connect header would be misread as an IPv6 packet; it must not be skipped."""
+        session, stream = open_stream(version=1, data=V16_HEADER)
+        self.assertEqual(session.written(), [])
+        self.assertEqual(bytes(stream._buffer), V16_HEADER)
+
+
+class BadDataTests(SynchronousTestCase):
+    def assertFinishedWithFin(self, session, stream):
+        self.assertTrue(stream.closed)
+        [(finished, reason, send_fin)] = session.finished
+        self.assertIs(finished, stream)
+        self.assertTrue(send_fin)
+        self.assertIn("bad udp-over-tcp data", reason)
+        self.assertEqual(session.synacks, [(SID, "")])
+
+    def test_unknown_packet_address_type(self):
+        session, stream = open_stream(data=V17_HEADER + V4_PING)
+        stream.data_received(unhex("05 01 02 03 04 00 35 00 01 78"))
+        self.assertFinishedWithFin(session, stream)
+        self.assertTrue(session.port("0.0.0.0").stopped)
+        stream.data_received(V4_PING)
+        self.assertEqual(len(session.written()), 1)
+
+    def test_unknown_header_address_type(self):
+        """The header uses SOCKS types: 0x02 is not one."""
+        session, stream = open_stream(data=unhex("00 02 08 08 08 08 00 35"))
+        self.assertFinishedWithFin(session, stream)
+
+    def test_bad_domain(self):
+        session, stream = open_stream(data=V17_HEADER + unhex("02 00 00 35 00 00"))
+        self.assertFinishedWithFin(session, stream)
+
+    def test_cannot_listen(self):
+        session = FakeSession()
+        session.factory.refuse = True
+        stream = UoTStream(session, SID, Destination(MAGIC_V2, 0), 2)
+        stream.start(V17_HEADER + V4_PING)
+        self.assertTrue(stream.closed)
+        self.assertTrue(session.finished[0][2])
+
+
+class TimeoutTests(SynchronousTestCase):
+    def test_idle_timeout_sends_fin(self):
+        session, stream = open_stream(data=V17_HEADER + V4_PING)
+        session.clock.advance(UDP_TIMEOUT - 1)
+        self.assertFalse(stream.closed)
+        session.clock.advance(1)
+        self.assertTrue(stream.closed)
+        self.assertEqual(session.finished, [(stream, "udp idle timeout", True)])
+        self.assertTrue(session.port("0.0.0.0").stopped)
+
+    def test_timeout_without_any_datagram(self):
+        session, stream = open_stream()
+        session.clock.advance(UDP_TIMEOUT)
+        self.assertEqual(session.finished, [(stream, "udp idle timeout", True)])
+
+    def test_reset_by_traffic_both_ways(self):
+        session, stream = open_stream(data=V17_HEADER + V4_PING)
+        session.clock.advance(UDP_TIMEOUT - 1)
+        stream.data_received(V4_PING)
+        session.clock.advance(UDP_TIMEOUT - 1)
+        session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
+        session.clock.advance(UDP_TIMEOUT - 1)
+        self.assertFalse(stream.closed)
+        session.clock.advance(1)
+        self.assertTrue(stream.closed)
+
+    def test_partial_packet_is_not_traffic(self):
+        session, stream = open_stream(data=V17_HEADER)
+        session.clock.advance(UDP_TIMEOUT - 1)
+        stream.data_received(V4_PING[:5])
+        session.clock.advance(1)
+        self.assertTrue(stream.closed)
+
+
+class FlowTests(SynchronousTestCase):
+    def test_dropped_while_paused(self):
+        session, stream = open_stream(data=V17_HEADER + V4_PING)
+        port = session.port("0.0.0.0")
+        stream.pause_reading()
+        port.reply(b"pong", ("8.8.8.8", 53))
+        port.reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [])
+        self.assertEqual(stream.dropped, 2)
+        stream.resume_reading()
+        port.reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(session.data, [(SID, V4_PONG)])
+        self.assertEqual((stream.dropped, stream.datagrams_out), (2, 1))
+        self.assertEqual(session.blocked, [])
+
+    def test_sending_continues_while_paused(self):
+        session, stream = open_stream()
+        stream.pause_reading()
+        stream.data_received(V17_HEADER + V4_PING)
+        self.assertEqual(len(session.written()), 1)
+
+
+class TeardownTests(SynchronousTestCase):
+    def test_close_stops_ports_and_timer(self):
+        session, stream = open_stream(data=V17_HEADER + V4_PING + V6_PING)
+        stream.close("client closed the stream")
+        self.assertEqual(session.finished, [(stream, "client closed the stream", False)])
+        self.assertTrue(all(p.stopped for p in session.factory.ports))
+        self.assertEqual(len(session.factory.ports), 2)
+        self.assertEqual(session.clock.getDelayedCalls(), [])
+        session.factory.ports[0].reply(b"pong", ("8.8.8.8", 53))
+        stream.data_received(V4_PING)
+        self.assertEqual(session.data, [])
+        self.assertEqual(len(session.written()), 2)
+
+    def test_resolution_after_close_is_ignored(self):
+        session, stream = open_stream(manual=True)
+        stream.data_received(V17_HEADER + DOMAIN_PING)
+        stream.close("session closed")
+        session.resolver.pending["dns.google"].callback(ips("8.8.8.8"))
+        self.assertEqual(session.factory.ports, [])
+
+
+class SessionWiringTests(SynchronousTestCase):
+    """V15 to V17 as frames through the real session and factory."""
+
+    def test_v15_v17_frames(self):
+        from tests.helpers import Server
+
+        server = Server(allow_private=False)
+        client = server.connect()
+        client.auth()
+        client.received()
+        client.send(unhex("01 00 00 00 02 00 00"))  # V15: SYN for stream 2
+        client.send(
+            unhex(
+                "02 00 00 00 02 00 1b 03 17 73 70 2e 76 32 2e 75"
+                "64 70 2d 6f 76 65 72 2d 74 63 70 2e 61 72 70 61 00 00"
+            )
+        )
+        self.assertEqual(client.received(), [codec.Frame(codec.Command.SYNACK, 2, b"")])
+        client.send(
+            unhex(
+                "02 00 00 00 02 00 15 00 01 08 08 08 08 00 35 00"
+                "08 08 08 08 00 35 00 04 70 69 6e 67"
+            )
+        )
+        [port] = server.udp_ports
+        self.assertEqual(port.written, [(b"ping", ("8.8.8.8", 53))])
+        port.protocol.datagramReceived(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(
+            client.transport.value(),
+            unhex("02 00 00 00 02 00 0d 00 08 08 08 08 00 35 00 04 70 6f 6e 67"),
+        )
