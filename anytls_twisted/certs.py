@@ -209,11 +209,6 @@ def ensure_self_signed(state_dir: str, server_name: str = "localhost") -> Tuple[
     cert_pem, key_pem = _generate(name, names)
     _write_atomic(key_path, key_pem, 0o600)  # key first: a lone new key fails _reusable next time
     _write_atomic(cert_path, cert_pem, 0o644)
-    _log.info(
-        "generated a self-signed certificate for {server_name} in {cert_path}",
-        server_name=name,
-        cert_path=cert_path,
-    )
     return cert_path, key_path
 
 
