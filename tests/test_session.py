@@ -366,3 +366,31 @@ class SplitTests(SynchronousTestCase):
         )
         _, transport = server.origin_connect()
         self.assertEqual(transport.value(), b"request")
+
+
+class FirstFlightVectorTests(SynchronousTestCase):
+    """V3 + V14: a stock client's whole first flight, padded to 200 bytes or cut at 105."""
+
+    V14_PAYLOAD = unhex(
+        """04 00 00 00 00 00 4a 76 3d 32 0a 63 6c 69 65 6e 74 3d 73 69 6e 67 2d 61 6e 79 74 6c 73 2f
+        30 2e 30 2e 31 31 0a 70 61 64 64 69 6e 67 2d 6d 64 35 3d 37 35 63 66 66 32 61 64 38 39 61
+        61 64 66 35 65 32 35 37 30 35 39 65 65 35 37 31 65 62 65 31 31 01 00 00 00 01 00 00 02 00
+        00 00 01 00 0f 03 0b 65 78 61 6d 70 6c 65 2e 63 6f 6d 01 bb"""
+    )
+    V3 = encode_preamble(PASSWORD, 30)
+
+    def check(self, *writes):
+        server = Server(names={"example.com": ["93.184.216.34"]})
+        client = server.connect()
+        for data in writes:
+            client.send(data)
+        self.assertEqual(client.transport.value(), V5)
+        self.assertEqual(server.reactor.tcpClients[0][:2], ("93.184.216.34", 443))
+
+    def test_padded_to_200(self):
+        waste = unhex("00 00 00 00 00 00 53") + bytes(83)
+        self.assertEqual(len(self.V14_PAYLOAD) + len(waste), 200)
+        self.check(self.V3, self.V14_PAYLOAD + waste)
+
+    def test_cut_at_105(self):
+        self.check(self.V3, self.V14_PAYLOAD[:105], self.V14_PAYLOAD[105:])
