@@ -175,8 +175,9 @@ class SessionProtocol(Protocol):
             return
         _log.info(
             "session {session_id} closed: {reason} (user {user}, peer {peer}, {duration:.1f}s, "
-            "{bytes_in} bytes in, {bytes_out} bytes out, {streams} streams)",
+            "{bytes_in} bytes in, {bytes_out} bytes out, {streams} streams, client {client})",
             session_id=self.session_id,
+            client=self.client_name or "?",
             peer=self.peer,
             user=self.user,
             duration=self.clock.seconds() - self.opened_at,
@@ -360,9 +361,10 @@ class SessionProtocol(Protocol):
         if send_fin:
             self._write(Command.FIN, stream.sid)
         _log.debug(
-            "stream {session_id}/{stream_id} closed: {reason} ({destination}, {bytes_in} bytes in, "
-            "{bytes_out} bytes out)",
+            "stream {session_id}/{stream_id} closed: {reason} ({destination}, {duration:.1f}s, "
+            "{bytes_in} bytes in, {bytes_out} bytes out)",
             session_id=self.session_id,
+            duration=self.clock.seconds() - stream.opened_at,
             stream_id=stream.sid,
             destination=str(stream.destination),
             bytes_in=stream.bytes_in,

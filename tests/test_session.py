@@ -394,3 +394,46 @@ class FirstFlightVectorTests(SynchronousTestCase):
 
     def test_cut_at_105(self):
         self.check(self.V3, self.V14_PAYLOAD[:105], self.V14_PAYLOAD[105:])
+
+
+class LoggingTests(SynchronousTestCase):
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def texts(self):
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("log_namespace", "").startswith("anytls_twisted")]
+
+    def test_bad_peer_one_line_and_no_secrets(self):
+        """A misbehaving session is closed with one line carrying the fields; no secret is logged."""
+        from anytls_twisted.auth import password_digest
+
+        server = Server()
+        client = server.connect()
+        client.auth()
+        client.frame(Command.ALERT, 0, b"garbage")
+        client.proto.connectionLost(Failure(error.ConnectionDone()))
+        closing = [e for e in self.events if e.get("log_format", "").startswith("session {session_id} closed")]
+        self.assertEqual(len(closing), 1)
+        event = closing[0]
+        for field in ("session_id", "peer", "user", "duration", "bytes_in", "bytes_out", "streams", "reason"):
+            self.assertIn(field, event)
+        self.assertEqual(event["user"], "alice")
+        self.assertIn("alert from client", event["reason"])
+        everything = repr(self.events)
+        self.assertNotIn(PASSWORD, everything)
+        self.assertNotIn(password_digest(PASSWORD).hex(), everything)
+
+    def test_stream_events_quiet_by_default(self):
+        """Per-stream events are debug: filtered out at the default level."""
+        server = Server()
+        client = server.connect()
+        client.auth()
+        open_stream(client)
+        server.origin_fail()
+        self.assertFalse([t for t in self.texts() if t.startswith("stream ")])
