@@ -8,6 +8,22 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SINGBOX_112=${SINGBOX_112:-1.12.23}
 
+# System tools that some tests drive for real: HAProxy (PROXY protocol), promtool (metrics
+# format) and systemd-analyze (unit files), from Debian's packages. Without them those tests skip.
+need=()
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends "${need[@]}" >/dev/null; } \
+            || echo "warning: could not install ${need[*]}; tests that need them will skip" >&2
+    else
+        echo "note: ${need[*]} not installed (needs root and apt); tests that need them will skip" >&2
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
