@@ -1258,7 +1258,11 @@ class Harness:
         idle_session_check_interval: Optional[float] = None,
         log_level: Optional[str] = None,
         kind: Optional[str] = None,
+        extra_args: Iterable[str] = (),
+        password_args: Optional[List[str]] = None,
     ):
+        """Start the server under test. ``extra_args`` are appended to ``twistd anytls``;
+        ``password_args`` replaces ``--password PASSWORD`` (e.g. with ``--config FILE``)."""
         kind = kind or SERVER_KIND
         if kind == "singbox":
             if idle_session_timeout is not None or idle_session_check_interval is not None:
@@ -1266,7 +1270,8 @@ class Harness:
             server = yield self._start_singbox_server(allow_private, ipv6)
         else:
             server = yield self._start_twistd_server(
-                allow_private, ipv6, idle_session_timeout, idle_session_check_interval, log_level
+                allow_private, ipv6, idle_session_timeout, idle_session_check_interval, log_level,
+                list(extra_args), password_args,
             )
         owner = listening_pid_check(server.process.pid, server.port)
         if owner is False:
@@ -1274,7 +1279,9 @@ class Harness:
         return server
 
     @defer.inlineCallbacks
-    def _start_twistd_server(self, allow_private, ipv6, idle_timeout, idle_interval, log_level):
+    def _start_twistd_server(
+        self, allow_private, ipv6, idle_timeout, idle_interval, log_level, extra_args=(), password_args=None
+    ):
         state = os.path.join(self.base, "server-state")
         os.makedirs(state, exist_ok=True)
         server = TwistdServer()
@@ -1284,7 +1291,8 @@ class Harness:
             args = ["-n", "--pidfile=", "anytls", "--port", f"ssl:{server.port}:interface=127.0.0.1"]
             if ipv6:
                 args += ["--port", f"ssl:{server.port6}:interface=\\:\\:1"]
-            args += ["--password", PASSWORD, "--state-dir", state, "--server-name", "localhost"]
+            args += ["--password", PASSWORD] if password_args is None else list(password_args)
+            args += ["--state-dir", state, "--server-name", "localhost"]
             if allow_private:
                 args.append("--allow-private")
             if idle_timeout is not None:
@@ -1293,6 +1301,7 @@ class Harness:
                 args += ["--idle-session-check-interval", f"{idle_interval:g}"]
             if log_level:
                 args += ["--log-level", log_level]
+            args += list(extra_args)
             env = dict(os.environ)
             env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             env["PYTHONUNBUFFERED"] = "1"
