@@ -16,6 +16,7 @@ IDLE_SESSION_TIMEOUT = 300.0
 IDLE_SESSION_CHECK_INTERVAL = 30.0
 UDP_TIMEOUT = 300.0
 SHUTDOWN_GRACE = 5.0
+CERTIFICATE_CHECK_INTERVAL = 30.0
 MAX_STREAMS_PER_SESSION = 1024
 #: Bytes a stream may hold from the client before its origin is connected; past this the
 #: session stops reading its TLS connection until the connect finishes.

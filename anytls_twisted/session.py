@@ -100,6 +100,7 @@ class SessionProtocol(Protocol):
         self._preamble = PreambleReader()
         self._decoder = codec.FrameDecoder()
         self._auth_timer = None
+        self._digest = b""  # kept to re-check the user after a reload; never logged
         self._close_timer = None
         self._close_reason: Optional[str] = None
         self.opened_at = 0.0
@@ -141,6 +142,7 @@ class SessionProtocol(Protocol):
                 self.close("authentication failed")
                 return
             self._cancel_auth_timer()
+            self._digest = digest
             self.state = State.SETTINGS
             _log.info(
                 "session {session_id} open from {peer} user {user}",
@@ -406,6 +408,10 @@ class SessionProtocol(Protocol):
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self._auth_timer = None
+
+    def still_authorised(self, users) -> bool:
+        """Whether this session's password still maps to its user in ``users`` (reloads)."""
+        return users.lookup(self._digest) == self.user
 
     @property
     def idle(self) -> bool:

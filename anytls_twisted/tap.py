@@ -10,12 +10,13 @@ from typing import List, Optional, Tuple
 
 from twisted.python import usage
 
-from . import certs, config as defaults, logs, tls
+from . import certs, config as defaults, configfile, logs, tls
 from ._version import __version__
 from .address import DestinationPolicy
 from .auth import UserTable
 from .config import ServerConfig
 from .padding import DEFAULT_SCHEME, PaddingScheme, PaddingSchemeError
+from .reload import Reloaded, Reloader, SwappableTLS
 from .service import build_service
 
 _log = logs.get_logger("anytls_twisted.tap")
@@ -44,13 +45,14 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["password", None, None, "The password clients authenticate with. Visible in ps; prefer --password-file."],
+        ["config", None, None, "A JSON file in the shape of a sing-box anytls inbound (users, listen, listen_port, padding_scheme, tls), or a whole sing-box config whose first anytls inbound is used. Command-line options override it; SIGHUP reloads it."],
+        ["password", None, None, "The password clients authenticate with (user 'default'; replaces the config file's users). Visible in ps; prefer --password-file."],
         ["password-file", None, None, "A file holding the password (first line; surrounding whitespace stripped)."],
         ["state-dir", None, None, "Where the generated certificate is kept. [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/anytls-twisted, else ~/.local/state/anytls-twisted]"],
-        ["server-name", None, "localhost", "The name in the generated certificate (clients' tls.server_name)."],
+        ["server-name", None, None, "The name in the generated certificate (clients' tls.server_name). [default: the config file's tls.server_name, else localhost]"],
         ["cert", None, None, "Certificate file (PEM, chain after the leaf) for ssl: ports that name no certKey."],
         ["key", None, None, "Private key file (PEM) for ssl: ports that name no privateKey."],
-        ["alpn", None, "", "ALPN protocols to select from, comma-separated (e.g. h2,http/1.1). Empty: negotiate none, like the reference servers; clients offering ALPN are accepted either way."],
+        ["alpn", None, None, "ALPN protocols to select from, comma-separated (e.g. h2,http/1.1). [default: the config file's tls.alpn, else none: negotiate no ALPN, like the reference servers; clients offering ALPN are accepted either way]"],
         ["padding-scheme", None, None, "A padding scheme file sent to clients whose scheme differs. [default: the protocol's default scheme]"],
         ["auth-timeout", None, defaults.AUTH_TIMEOUT, "Seconds allowed for the TLS handshake plus the auth preamble.", _positive(float)],
         ["connect-timeout", None, defaults.CONNECT_TIMEOUT, "Seconds allowed to resolve and connect to an origin.", _positive(float)],
@@ -60,6 +62,7 @@ class Options(usage.Options):
         ["udp-timeout", None, defaults.UDP_TIMEOUT, "Close a UDP-over-TCP stream after this many seconds without datagrams.", _positive(float)],
         ["max-streams-per-session", None, defaults.MAX_STREAMS_PER_SESSION, "Concurrent streams one session may open.", _positive(int)],
         ["shutdown-grace", None, defaults.SHUTDOWN_GRACE, "Seconds sessions get to close at shutdown before they are aborted.", _positive(float)],
+        ["certificate-check-interval", None, defaults.CERTIFICATE_CHECK_INTERVAL, "Seconds between checks of the certificate and key files; a change reloads them (as SIGHUP does).", _positive(float)],
         ["log-level", None, "info", "Lowest level logged: debug (per-stream events), info, warn or error."],
     ]
     optFlags = [
@@ -90,6 +93,7 @@ class Options(usage.Options):
 
     def parseOptions(self, options=None) -> None:
         """Under twistd, turn a usage error into one line on stderr and exit status 2."""
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -101,12 +105,23 @@ class Options(usage.Options):
     parent = None
 
     def postOptions(self) -> None:
+        settings = _read_config_file(self["config"])
+        self["file-settings"] = settings
         if not self["port"]:
-            self["port"] = [DEFAULT_PORT]
-        self["password"] = _read_password(self["password"], self["password-file"])
+            from_file = settings.port_description() if settings else None
+            self["port"] = [from_file or DEFAULT_PORT]
+        self["users"] = _users(self["password"], self["password-file"], settings)
         if self["log-level"] not in logs.LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(logs.LEVELS)}")
         self["padding"] = _read_padding(self["padding-scheme"])
+        if self["padding-scheme"] is None and settings and settings.padding:
+            self["padding"] = settings.padding
+        if self["alpn"] is None:
+            self["alpn"] = ",".join(settings.alpn) if settings else ""
+        if self["server-name"] is None:
+            self["server-name"] = (settings and settings.server_name) or "localhost"
+        if self["cert"] is None and settings and settings.certificate_path:
+            self["cert"], self["key"] = settings.certificate_path, settings.key_path
         try:
             self["alpn-list"] = tls.parse_alpn(self["alpn"])
         except ValueError as e:
@@ -125,9 +140,28 @@ class Options(usage.Options):
         self["tls-material"] = _load_material(self, specs)
 
 
+def _read_config_file(path: Optional[str]):
+    if path is None:
+        return None
+    try:
+        settings = configfile.load(path)
+    except configfile.ConfigFileError as e:
+        raise usage.UsageError(str(e))
+    for warning in settings.warnings:
+        _log.warn("{warning}", warning=warning)
+    return settings
+
+
+def _users(password: Optional[str], path: Optional[str], settings) -> Tuple[Tuple[str, str], ...]:
+    """The command line's one password (user ``default``) wins over the config file's users."""
+    if password is None and path is None and settings and settings.users:
+        return settings.users
+    return (("default", _read_password(password, path)),)
+
+
 def _read_password(password: Optional[str], path: Optional[str]) -> str:
     if (password is None) == (path is None):
-        raise usage.UsageError("give exactly one of --password or --password-file")
+        raise usage.UsageError("give exactly one of --password or --password-file (or users in --config)")
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
@@ -179,7 +213,7 @@ def _files_for(options: Options, spec) -> Tuple[Optional[str], Optional[str], Op
 
 def _config_from(options: Options) -> ServerConfig:
     return ServerConfig(
-        users=UserTable([("default", options["password"])]),
+        users=UserTable(options["users"]),
         padding=options["padding"],
         policy=DestinationPolicy(allow_private=bool(options["allow-private"])),
         auth_timeout=options["auth-timeout"],
@@ -193,6 +227,34 @@ def _config_from(options: Options) -> ServerConfig:
     )
 
 
+def _tls_ports(options: Options) -> List[tuple]:
+    """``(spec, TLS options, material)`` for every TLS port, in order."""
+    out = []
+    for spec in options["port-specs"]:
+        if spec.tls:
+            material = options["tls-material"][_files_for(options, spec)]
+            out.append((spec, tls.server_tls_options(material, options["alpn-list"]), material))
+    return out
+
+
+def _watched_files(options: Options) -> Tuple[str, ...]:
+    return tuple(sorted({p for key in options["tls-material"] for p in key if p}))
+
+
+def _rebuild(argv: List[str]) -> Reloaded:
+    """Parse the same command line again, re-reading every file it names."""
+    fresh = Options()
+    fresh.parseOptions(argv)
+    ports = _tls_ports(fresh)
+    return Reloaded(
+        users=UserTable(fresh["users"]),
+        padding=fresh["padding"],
+        tls_options=tuple(creator for _, creator, _ in ports),
+        pins=tuple(material.pin for _, _, material in ports),
+        watched=_watched_files(fresh),
+    )
+
+
 def makeService(options: Options, reactor=None):
     """Build the service; ``reactor`` is injectable for tests."""
     if reactor is None:
@@ -200,11 +262,14 @@ def makeService(options: Options, reactor=None):
     logs.set_level(options["log-level"])
     config = _config_from(options)
     listeners: List[tuple] = []
+    slots: List[SwappableTLS] = []
+    tls_ports = {id(spec): (creator, material) for spec, creator, material in _tls_ports(options)}
     for spec in options["port-specs"]:
         if spec.tls:
-            material = options["tls-material"][_files_for(options, spec)]
-            creator = tls.server_tls_options(material, options["alpn-list"])
-            listeners.append((spec.endpoint, lambda f, c=creator: tls.wrap_tls(f, c)))
+            creator, material = tls_ports[id(spec)]
+            slot = SwappableTLS(creator)
+            slots.append(slot)
+            listeners.append((spec.endpoint, lambda f, c=slot: tls.wrap_tls(f, c)))
             _log.info(
                 "listening on {port} with TLS; certificate_public_key_sha256={pin} "
                 "(expires {not_after})",
@@ -220,4 +285,16 @@ def makeService(options: Options, reactor=None):
             )
     if config.policy.allow_private:
         _log.warn("--allow-private: clients may reach loopback and private addresses")
-    return build_service(config, listeners, reactor)
+    top = build_service(config, listeners, reactor)
+    argv = list(getattr(options, "argv", []))
+    reloader = Reloader(
+        reactor,
+        top.factory,
+        slots,
+        lambda: _rebuild(argv),
+        _watched_files(options),
+        options["certificate-check-interval"],
+    )
+    reloader.setServiceParent(top)
+    top.reloader = reloader
+    return top

@@ -29,7 +29,7 @@ class OptionsTests(SynchronousTestCase):
         """Every default matches the documented one."""
         options = self.parse("--password", "PASS")
         self.assertEqual(options["port"], ["ssl:8443"])
-        self.assertEqual(options["password"], "PASS")
+        self.assertEqual(options["users"], (("default", "PASS"),))
         self.assertEqual(options["auth-timeout"], defaults.AUTH_TIMEOUT)
         self.assertEqual(options["connect-timeout"], defaults.CONNECT_TIMEOUT)
         self.assertEqual(options["synack-guard"], defaults.SYNACK_GUARD)
@@ -49,10 +49,10 @@ class OptionsTests(SynchronousTestCase):
             "--key", "--alpn", "--padding-scheme", "--auth-timeout", "--connect-timeout",
             "--synack-guard", "--idle-session-timeout", "--idle-session-check-interval",
             "--udp-timeout", "--allow-private", "--log-level", "--shutdown-grace",
-            "--max-streams-per-session",
+            "--max-streams-per-session", "--config", "--certificate-check-interval",
         ]:
             self.assertIn(name, text)
-        for default in ["ssl:8443", "[default: 10.0]", "[default: 300.0]", "[default: 2.0]", "[default: localhost]"]:
+        for default in ["ssl:8443", "[default: 10.0]", "[default: 300.0]", "[default: 2.0]", "else localhost]"]:
             self.assertIn(default, text)
 
     def test_repeated_ports(self):
@@ -66,7 +66,7 @@ class OptionsTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("secret\n")
         self.assertRaises(usage.UsageError, self.parse, "--password", "a", "--password-file", path)
-        self.assertEqual(self.parse("--password-file", path)["password"], "secret")
+        self.assertEqual(self.parse("--password-file", path)["users"], (("default", "secret"),))
 
     def test_bad_values(self):
         """Bad padding schemes, unreadable files and non-positive numbers are usage errors."""

@@ -1,0 +1,220 @@
+"""``--config`` files in sing-box's inbound shape, and reloading without dropping sessions."""
+
+import json
+import os
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.address import IPv4Address
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from anytls_twisted import configfile
+from anytls_twisted.auth import encode_preamble
+from anytls_twisted.padding import DEFAULT_SCHEME
+from anytls_twisted.tap import Options, makeService
+
+INBOUND = {
+    "type": "anytls",
+    "tag": "anytls-in",
+    "listen": "::",
+    "listen_port": 8443,
+    "users": [{"name": "alice", "password": "a-pass"}, {"name": "bob", "password": "b-pass"}],
+    "padding_scheme": ["stop=2", "0=20-20", "1=100-200"],
+    "tls": {"enabled": True, "server_name": "proxy.example", "alpn": ["h2", "http/1.1"]},
+}
+
+
+class ConfigFileTests(SynchronousTestCase):
+    def write(self, document, name="config.json"):
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(document if isinstance(document, str) else json.dumps(document))
+        return path
+
+    def test_singbox_inbound(self):
+        """A pasted sing-box anytls inbound gives users, port, padding and TLS settings."""
+        settings = configfile.load(self.write(INBOUND))
+        self.assertEqual(settings.users, (("alice", "a-pass"), ("bob", "b-pass")))
+        self.assertEqual(settings.port_description(), "ssl:8443:interface=\\:\\:")
+        self.assertEqual(settings.padding.raw, b"stop=2\n0=20-20\n1=100-200")
+        self.assertEqual((settings.server_name, settings.alpn), ("proxy.example", ("h2", "http/1.1")))
+        self.assertEqual(settings.warnings, ())
+
+    def test_whole_singbox_config(self):
+        """A whole sing-box config: its first anytls inbound is used."""
+        path = self.write({"log": {}, "inbounds": [{"type": "mixed"}, INBOUND]})
+        self.assertEqual(len(configfile.load(path).users), 2)
+
+    def test_unknown_fields_warned(self):
+        """Fields we do not implement are named in warnings, not silently dropped."""
+        document = dict(INBOUND, sniff=True, tls=dict(INBOUND["tls"], acme={"domain": ["x"]}))
+        path = self.write(document)
+        warnings = configfile.load(path).warnings
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("'sniff'", warnings[0])
+        self.assertIn("'tls.acme'", warnings[1])
+        self.assertTrue(all(w.startswith(path) for w in warnings))
+
+    def test_no_tls_object_is_plain(self):
+        document = {k: v for k, v in INBOUND.items() if k != "tls"}
+        self.assertEqual(configfile.load(self.write(document)).port_description(), "tcp:8443:interface=\\:\\:")
+
+    def test_errors_name_file_field_reason(self):
+        cases = [
+            ("{not json", "not valid JSON"),
+            (dict(INBOUND, type="vless"), "type"),
+            (dict(INBOUND, users=[]), "users"),
+            (dict(INBOUND, users=[{"name": "x"}]), "users[0].password"),
+            (dict(INBOUND, listen_port=70000), "listen_port"),
+            (dict(INBOUND, listen_port="8443"), "listen_port"),
+            (dict(INBOUND, padding_scheme=["0=1-2"]), "padding_scheme"),
+            (dict(INBOUND, tls={"enabled": True, "certificate_path": "/c"}), "key_path"),
+            ({"inbounds": [{"type": "mixed"}]}, "no inbound of type anytls"),
+        ]
+        for document, field in cases:
+            path = self.write(document)
+            e = self.assertRaises(configfile.ConfigFileError, configfile.load, path)
+            self.assertIn(path, str(e))
+            self.assertIn(field, str(e))
+        e = self.assertRaises(configfile.ConfigFileError, configfile.load, "/nonexistent/c.json")
+        self.assertIn("/nonexistent/c.json", str(e))
+
+
+class OptionsWithConfigTests(SynchronousTestCase):
+    def parse(self, *args):
+        options = Options()
+        options.parseOptions(["--state-dir", self.mktemp()] + list(args))
+        return options
+
+    def config(self, document=INBOUND):
+        return ConfigFileTests.write(self, document)
+
+    def test_file_values_used(self):
+        options = self.parse("--config", self.config())
+        self.assertEqual(options["users"], (("alice", "a-pass"), ("bob", "b-pass")))
+        self.assertEqual(options["port"], ["ssl:8443:interface=\\:\\:"])
+        self.assertEqual(options["server-name"], "proxy.example")
+        self.assertEqual(options["alpn-list"], ("h2", "http/1.1"))
+        self.assertNotEqual(options["padding"], DEFAULT_SCHEME)
+
+    def test_command_line_overrides(self):
+        """--password, --port, --server-name, --alpn and --padding-scheme beat the file."""
+        scheme = self.mktemp()
+        with open(scheme, "wb") as f:
+            f.write(DEFAULT_SCHEME.raw)
+        options = self.parse(
+            "--config", self.config(), "--password", "cli", "--port", "ssl:9443",
+            "--server-name", "other", "--alpn", "", "--padding-scheme", scheme,
+        )
+        self.assertEqual(options["users"], (("default", "cli"),))
+        self.assertEqual(options["port"], ["ssl:9443"])
+        self.assertEqual(options["server-name"], "other")
+        self.assertEqual(options["alpn-list"], ())
+        self.assertEqual(options["padding"].raw, DEFAULT_SCHEME.raw)
+
+    def test_invalid_file_is_usage_error(self):
+        self.assertRaises(usage.UsageError, self.parse, "--config", self.config(dict(INBOUND, users="x")))
+
+    def test_no_users_anywhere(self):
+        document = {k: v for k, v in INBOUND.items() if k != "users"}
+        self.assertRaises(usage.UsageError, self.parse, "--config", self.config(document))
+
+
+class ReloadTests(SynchronousTestCase):
+    """Reload applied to a service built by makeService on a memory reactor."""
+
+    def setUp(self):
+        self.path = os.path.abspath(self.mktemp())
+        self.document = dict(INBOUND, listen="127.0.0.1", listen_port=0)
+        self.save()
+        options = Options()
+        options.parseOptions(["--config", self.path, "--state-dir", os.path.abspath(self.mktemp())])
+        self.reactor = MemoryReactorClock()
+        self.top = makeService(options, reactor=self.reactor)
+        self.factory = self.top.factory
+
+    def save(self):
+        with open(self.path, "w") as f:
+            json.dump(self.document, f)
+
+    def session(self, password):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(encode_preamble(password))
+        return proto, transport
+
+    def test_users_change(self):
+        """Removed users' sessions close; others keep running; new users can log in."""
+        alice, alice_transport = self.session("a-pass")
+        bob, bob_transport = self.session("b-pass")
+        self.assertEqual((alice.user, bob.user), ("alice", "bob"))
+        self.document["users"] = [{"name": "alice", "password": "a-pass"}, {"name": "carol", "password": "c-pass"}]
+        self.save()
+        self.assertTrue(self.top.reloader.reload("test"))
+        self.assertTrue(bob_transport.disconnecting)
+        self.assertFalse(alice_transport.disconnecting)
+        carol, _ = self.session("c-pass")
+        self.assertEqual(carol.user, "carol")
+        late_bob, late_transport = self.session("b-pass")
+        self.assertIsNone(late_bob.user)
+        self.assertTrue(late_transport.disconnecting)
+
+    def test_password_change_closes_session(self):
+        alice, transport = self.session("a-pass")
+        self.document["users"] = [{"name": "alice", "password": "new"}]
+        self.save()
+        self.top.reloader.reload("test")
+        self.assertTrue(transport.disconnecting)
+
+    def test_padding_change_applies_to_new_settings(self):
+        self.document["padding_scheme"] = ["stop=3", "0=10-10"]
+        self.save()
+        self.top.reloader.reload("test")
+        self.assertEqual(self.factory.config.padding.raw, b"stop=3\n0=10-10")
+
+    def test_invalid_file_keeps_old_configuration(self):
+        """A reload from a broken file fails, logs why, and changes nothing."""
+        alice, transport = self.session("a-pass")
+        before = self.factory.config
+        with open(self.path, "w") as f:
+            f.write("{broken")
+        self.assertFalse(self.top.reloader.reload("test"))
+        self.assertIs(self.factory.config, before)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.top.reloader.failures, 1)
+
+
+class CertificateReloadTests(SynchronousTestCase):
+    def test_changed_certificate_file_reloads(self):
+        """Replacing the certificate files is noticed at the next check; new handshakes use it."""
+        from anytls_twisted import certs
+
+        first = os.path.abspath(self.mktemp())
+        second = os.path.abspath(self.mktemp())
+        cert, key = certs.ensure_self_signed(first, "one.example")
+        cert2, key2 = certs.ensure_self_signed(second, "two.example")
+        live_cert, live_key = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        for src, dst in ((cert, live_cert), (key, live_key)):
+            with open(src, "rb") as a, open(dst, "wb") as b:
+                b.write(a.read())
+        options = Options()
+        options.parseOptions(
+            ["--password", "x", "--port", "ssl:0", "--cert", live_cert, "--key", live_key,
+             "--certificate-check-interval", "10"]
+        )
+        reactor = MemoryReactorClock()
+        top = makeService(options, reactor=reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        slot = top.reloader.slots[0]
+        old_options = slot.options
+        for src, dst in ((key2, live_key), (cert2, live_cert)):
+            with open(src, "rb") as a, open(dst, "wb") as b:
+                b.write(a.read())
+        os.utime(live_cert, (1, 1))  # make the change visible even within one mtime tick
+        reactor.advance(10)
+        self.assertIsNot(slot.options, old_options)
+        self.assertEqual(top.reloader.reloads, 1)
+        reactor.advance(10)
+        self.assertEqual(top.reloader.reloads, 1)  # no change, no reload
