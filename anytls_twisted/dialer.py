@@ -19,11 +19,23 @@ from .address import Destination, DestinationPolicy, IPAddress, parse_ip
 
 
 class DialError(Exception):
-    """A failed origin connect; ``str()`` is the text sent to the client in SYNACK."""
+    """A failed origin connect; ``str()`` is the text sent to the client in SYNACK.
+
+    ``reason`` classifies it for metrics: refused, timeout, no_such_host, policy or other.
+    """
+
+    reason = "other"
+
+    def __init__(self, text: str, reason: Optional[str] = None) -> None:
+        super().__init__(text)
+        if reason is not None:
+            self.reason = reason
 
 
 class DestinationRefused(DialError):
     """The destination resolved only to addresses the policy forbids."""
+
+    reason = "policy"
 
 
 @implementer(IResolutionReceiver)
@@ -67,7 +79,7 @@ def allowed_addresses(
 ) -> List[IPAddress]:
     """Filter resolved addresses through the policy, IPv4 first; raise if nothing is left."""
     if not addresses:
-        raise DialError(f"lookup {dest.host}: no such host")
+        raise DialError(f"lookup {dest.host}: no such host", "no_such_host")
     allowed = [ip for ip in addresses if policy.permits(ip)]
     if not allowed:
         raise DestinationRefused(
@@ -90,6 +102,17 @@ def _reason(failure_value: BaseException) -> str:
         return "connect: " + str(failure_value.osError)
     text = str(failure_value) or failure_value.__class__.__name__
     return text.splitlines()[0][:200]
+
+
+def _metric_reason(failure_value: Optional[BaseException]) -> str:
+    """The metrics label for a failed lookup or connect (docs/metrics.md)."""
+    if isinstance(failure_value, error.DNSLookupError):
+        return "no_such_host"
+    if isinstance(failure_value, (error.TimeoutError, defer.CancelledError)):
+        return "timeout"
+    if isinstance(failure_value, error.ConnectionRefusedError):
+        return "refused"
+    return "other"
 
 
 class OriginDialer:
@@ -129,7 +152,7 @@ class OriginDialer:
 
         def timed_out(failure):
             failure.trap(defer.CancelledError)
-            raise DialError(f"dial tcp {dest}: i/o timeout")
+            raise DialError(f"dial tcp {dest}: i/o timeout", "timeout")
 
         @defer.inlineCallbacks
         def run():
@@ -139,7 +162,7 @@ class OriginDialer:
             except defer.CancelledError:
                 raise
             except Exception as e:
-                raise DialError(f"lookup {dest.host}: {_reason(e)}")
+                raise DialError(f"lookup {dest.host}: {_reason(e)}", _metric_reason(e))
             candidates = allowed_addresses(dest, addresses, self.policy)
             last = None
             for ip in candidates:
@@ -149,13 +172,18 @@ class OriginDialer:
                 attempt[0] = endpoint.connect(factory)
                 try:
                     protocol = yield attempt[0]
-                except defer.CancelledError:
-                    raise
+                except (defer.CancelledError, error.ConnectingCancelledError):
+                    # A cancelled endpoint connect fails with ConnectingCancelledError: it is
+                    # our deadline (or the stream's teardown), not a connect error.
+                    raise defer.CancelledError()
                 except Exception as e:
                     last = e
                     continue
                 return protocol
-            raise DialError(f"dial tcp {Destination(str(candidates[-1]), dest.port)}: {_reason(last)}")
+            raise DialError(
+                f"dial tcp {Destination(str(candidates[-1]), dest.port)}: {_reason(last)}",
+                _metric_reason(last),
+            )
 
         run().chainDeferred(result)
         result.addBoth(done)

@@ -19,6 +19,7 @@ from .address import Destination
 from .config import ServerConfig
 from .dialer import OriginDialer
 from .logs import get_logger
+from .metrics import NULL_METRICS
 from .session import SessionProtocol
 from .stream import TCPStream
 from .udp import UoTStream, uot_version
@@ -29,9 +30,10 @@ _log = get_logger("anytls_twisted.service")
 class SessionRegistry:
     """The live sessions of one process, for the reaper and for shutdown."""
 
-    def __init__(self, clock, config: ServerConfig) -> None:
+    def __init__(self, clock, config: ServerConfig, metrics=NULL_METRICS) -> None:
         self.clock = clock
         self.config = config
+        self.metrics = metrics
         self.sessions: Set[SessionProtocol] = set()
         self.reaped = 0
         self._emptied: List[defer.Deferred] = []
@@ -58,6 +60,7 @@ class SessionRegistry:
                 idle_for = now - session.last_activity
                 if session.user is not None and session.idle and idle_for >= timeout:
                     self.reaped += 1
+                    self.metrics.session_reaped()
                     session.close(f"idle for {idle_for:.0f}s with no streams")
             except Exception:
                 _log.failure("reaping session {session_id}", session_id=session.session_id)
@@ -93,12 +96,14 @@ class AnyTLSFactory(Factory):
         dialer: OriginDialer,
         listen_udp: Callable,
         registry: SessionRegistry,
+        metrics=NULL_METRICS,
     ) -> None:
         self.config = config
         self.clock = clock
         self.dialer = dialer
         self.listen_udp = listen_udp
         self.registry = registry
+        self.metrics = metrics  # metrics.Metrics, or NullMetrics (does nothing)
 
     def open_stream(self, session: SessionProtocol, sid: int, destination: Destination):
         """The stream for a destination: UDP-over-TCP for the magic names, else TCP."""
@@ -179,11 +184,15 @@ def build_service(
     reactor,
     dialer: OriginDialer = None,
     listen_udp: Callable = None,
+    metrics=None,
 ) -> AnyTLSService:
     """Assemble the service: ``listeners`` is a list of ``(endpoint string, wrap)`` where
     ``wrap`` turns the session factory into the one that listens (TLS or identity).
-    ``dialer`` and ``listen_udp`` are injectable for tests."""
-    registry = SessionRegistry(reactor, config)
+    ``dialer`` and ``listen_udp`` are injectable for tests; ``metrics`` is a
+    :class:`~anytls_twisted.metrics.Metrics` (default: none kept)."""
+    if metrics is None:
+        metrics = NULL_METRICS
+    registry = SessionRegistry(reactor, config, metrics)
     if dialer is None:
         dialer = OriginDialer(reactor, config.policy, config.connect_timeout)
     if listen_udp is None:
@@ -191,7 +200,7 @@ def build_service(
         def listen_udp(port, protocol, interface=""):
             return reactor.listenUDP(port, protocol, interface=interface)
 
-    factory = AnyTLSFactory(config, reactor, dialer, listen_udp, registry)
+    factory = AnyTLSFactory(config, reactor, dialer, listen_udp, registry, metrics)
     top = AnyTLSService(config, registry)
     top.factory = factory
     for description, wrap in listeners:

@@ -119,10 +119,20 @@ class SessionProtocol(Protocol):
     def dialer(self):
         return self.factory.dialer
 
+    @property
+    def metrics(self):
+        return self.factory.metrics
+
     # Protocol.
-    def connectionMade(self) -> None:
+    def _note_peer(self) -> None:
+        """Read the client's address. Called again once data arrives (and at a close before
+        authentication): behind ``haproxy:`` ports, ``getPeer()`` gives the address from the
+        PROXY header only after the header has been read, which is after ``connectionMade``."""
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+
+    def connectionMade(self) -> None:
+        self._note_peer()
         self.opened_at = self.last_activity = self.clock.seconds()
         self._auth_timer = self.clock.callLater(self.config.auth_timeout, self._auth_timed_out)
         self.transport.registerProducer(self, True)
@@ -133,17 +143,20 @@ class SessionProtocol(Protocol):
             return
         self.bytes_in += len(data)
         if self.state is State.AUTH:
+            self._note_peer()
             result = self._preamble.feed(data)
             if result is None:
                 return
             digest, data = result
             self.user = self.factory.config.users.lookup(digest)
             if self.user is None:
+                self.metrics.auth_failed("wrong_password")
                 self.close("authentication failed")
                 return
             self._cancel_auth_timer()
             self._digest = digest
             self.state = State.SETTINGS
+            self.metrics.session_opened(self)
             _log.info(
                 "session {session_id} open from {peer} user {user}",
                 session_id=self.session_id,
@@ -168,7 +181,9 @@ class SessionProtocol(Protocol):
         for stream in list(self.streams.values()):
             stream.close("session closed")
         self.factory.registry.discard(self)
+        self.metrics.session_closed(self)
         if self.user is None:
+            self._note_peer()
             _log.info(
                 "connection from {peer} closed before authentication: {reason}",
                 peer=self.peer,
@@ -324,6 +339,7 @@ class SessionProtocol(Protocol):
         rest = pending.buffer[end:]
         stream = self.factory.open_stream(self, pending.sid, destination)
         self.streams[pending.sid] = stream
+        self.metrics.stream_opened(stream)
         _log.debug(
             "stream {session_id}/{stream_id} open to {destination} ({kind})",
             session_id=self.session_id,
@@ -357,6 +373,7 @@ class SessionProtocol(Protocol):
         """A stream ended; drop it from the table and tell the client if we ended it."""
         if self.streams.get(stream.sid) is stream:
             del self.streams[stream.sid]
+        self.metrics.stream_closed(stream)
         self._blocked.discard(stream)
         self._update_reading()
         self.last_activity = self.clock.seconds()
@@ -402,6 +419,7 @@ class SessionProtocol(Protocol):
 
     def _auth_timed_out(self) -> None:
         self._auth_timer = None
+        self.metrics.auth_failed("timeout")
         self.close("handshake and authentication not finished in time", abort=True)
 
     def _cancel_auth_timer(self) -> None:

@@ -47,6 +47,7 @@ class BaseStream:
         if not self.reported:
             self.reported = True
             self.session.send_synack(self.sid, error)
+            self.session.metrics.synack_sent(self, error)
 
     def send(self, data: bytes) -> None:
         """Relay origin bytes to the client."""
@@ -226,6 +227,7 @@ class TCPStream(BaseStream):
         if self.closed:
             return
         text = str(failure.value) if failure.check(DialError) else f"dial tcp {self.destination}: {failure.getErrorMessage()}"
+        self.session.metrics.connect_failed(failure.value.reason if failure.check(DialError) else "other")
         self.finish("connect failed: " + text, text)
 
     def origin_lost(self, reason: Failure) -> None:

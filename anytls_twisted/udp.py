@@ -225,6 +225,7 @@ class UoTStream(BaseStream):
 
     def _send_ip(self, ip: IPAddress, dest: Destination, payload: bytes) -> None:
         if not self.session.dialer.policy.permits(ip):
+            self.session.metrics.destination_refused("udp")
             self._drop(dest, f"destination {ip} is not a public address (refused by server policy)")
             return
         port = self._port_for(ip.version)
@@ -237,6 +238,8 @@ class UoTStream(BaseStream):
 
     def _send_name(self, name: _Name, dest: Destination, payload: bytes) -> None:
         if name.target is None:
+            if name.addresses:  # resolved, but only to addresses the policy refuses
+                self.session.metrics.destination_refused("udp")
             self._drop(dest, name.error)
         else:
             self._send_ip(name.target, dest, payload)
@@ -349,10 +352,13 @@ class UoTStream(BaseStream):
         literal = self.header.ip
         if literal is not None:
             if not self.session.dialer.policy.permits(_unmap(literal)):
+                self.session.metrics.destination_refused("udp")
                 self.finish(f"udp destination {self.header} refused by server policy")
             return
         name = self._names.get(self.header.host)
         if name is not None and name.target is None:
+            if name.addresses:
+                self.session.metrics.destination_refused("udp")
             self.finish(f"udp destination refused: {name.error}")
 
     # Origin -> client.

@@ -18,6 +18,7 @@ from anytls_twisted import codec
 from anytls_twisted.address import Destination, DestinationPolicy
 from anytls_twisted.auth import UserTable
 from anytls_twisted.config import ServerConfig
+from anytls_twisted.metrics import NULL_METRICS
 from anytls_twisted.udp import (
     MAGIC_V1,
     MAGIC_V2,
@@ -120,6 +121,7 @@ class FakeSession:
             resolver=self.resolver, policy=DestinationPolicy(allow_private=allow_private)
         )
         self.factory = FakeFactory()
+        self.metrics = NULL_METRICS
         self.synacks = []
         self.data = []
         self.finished = []
