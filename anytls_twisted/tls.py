@@ -14,13 +14,17 @@ select callback (``setupForALPN``) that answers "no overlap" with an empty selec
 OpenSSL turns into a fatal ``internal_error`` alert, so sing-box clients with ``tls.alpn`` set
 cannot connect to a plain ``ssl:`` endpoint. ``_ServerOptions`` replaces that callback with one
 that returns ``NO_OVERLAPPING_PROTOCOLS``. For the same reason ``ssl:`` ports are listened on as
-``tcp:`` and wrapped in ``TLSMemoryBIOFactory`` here, which also lets TLS sit under ``haproxy:``
-or ``systemd:`` ports later.
+``tcp:`` and wrapped in ``TLSMemoryBIOFactory`` here. The same wrapping puts TLS on any other
+endpoint (``tls:systemd:...``, ``tls:unix:...``) and after the PROXY header of Twisted's
+``haproxy:`` wrapper (``haproxy:ssl:...``): that wrapper works on the protocol level, so it wraps
+our TLS factory and strips the header before TLS sees the ClientHello.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import attr
@@ -118,11 +122,13 @@ _FILE_OPTIONS = {"privateKey": "private_key", "certKey": "cert_key", "extraCertC
 _SUPPORTED = "port, interface, backlog, privateKey, certKey, extraCertChain"
 
 
-def _split(description: str) -> List[Tuple[str, Optional[str]]]:
+def _pieces(description: str) -> List[Tuple[str, Tuple[str, Optional[str]]]]:
     """Split an endpoint string as Twisted does: ``:`` separates arguments, the first ``=`` in
     an argument separates key from value, and a backslash makes the next character literal.
-    Returns ``(text, None)`` for positional arguments and ``(key, value)`` for keywords."""
-    arguments: List[Tuple[str, Optional[str]]] = []
+    Returns, per argument, its raw text (escapes kept, so it can be joined back unchanged) and
+    ``(text, None)`` for a positional argument or ``(key, value)`` for a keyword one."""
+    pieces: List[Tuple[str, Tuple[str, Optional[str]]]] = []
+    raw = ""
     parts: List[str] = [""]
     chars = iter(description)
     for char in chars:
@@ -131,15 +137,19 @@ def _split(description: str) -> List[Tuple[str, Optional[str]]]:
             if escaped is None:
                 raise ValueError("the port description ends with a lone backslash")
             parts[-1] += escaped
-        elif char == ":":
-            arguments.append((parts[0], parts[1]) if len(parts) == 2 else (parts[0], None))
-            parts = [""]
-        elif char == "=" and len(parts) == 1:
+            raw += char + escaped
+            continue
+        if char == ":":
+            pieces.append((raw, (parts[0], parts[1]) if len(parts) == 2 else (parts[0], None)))
+            raw, parts = "", [""]
+            continue
+        raw += char
+        if char == "=" and len(parts) == 1:
             parts.append("")
         else:
             parts[-1] += char
-    arguments.append((parts[0], parts[1]) if len(parts) == 2 else (parts[0], None))
-    return arguments
+    pieces.append((raw, (parts[0], parts[1]) if len(parts) == 2 else (parts[0], None)))
+    return pieces
 
 
 def _escape(value: str) -> str:
@@ -153,24 +163,42 @@ def _number(name: str, text: str, low: int, high: int) -> str:
 
 
 def parse_port(description: str) -> PortSpec:
-    """``ssl:PORT[:interface=X][:backlog=N][:privateKey=K][:certKey=C][:extraCertChain=F]``
-    (or a bare ``PORT``) -> a ``tcp:`` endpoint that we wrap in TLS ourselves.
+    """A ``--port`` string -> what we listen on, and whether we add TLS ourselves:
+
+    * ``ssl:PORT[:interface=X][:backlog=N][:privateKey=K][:certKey=C][:extraCertChain=F]`` (or a
+      bare ``PORT``): the matching ``tcp:`` endpoint, wrapped in our TLS.
+    * ``tls:ENDPOINT``: any other Twisted endpoint (``systemd:``, ``unix:``, ``tcp6:``, ...),
+      wrapped in our TLS. ``privateKey``/``certKey``/``extraCertChain`` keywords anywhere in it
+      are ours (they name certificate files, as for ``ssl:``) and are removed from the endpoint.
+    * ``haproxy:ssl:...`` and ``haproxy:tls:...``: the same inside Twisted's ``haproxy:``
+      wrapper, which reads the PROXY header from the socket before our TLS sees a byte (the
+      order HAProxy's ``send-proxy``/``send-proxy-v2`` use).
 
     As in Twisted, ``certKey`` defaults to ``privateKey`` (and here also the other way round).
-    Other ``ssl:`` options are refused rather than ignored. Any other endpoint type is listened
-    on unchanged, without TLS.
+    Other ``ssl:`` options are refused rather than ignored; so is TLS twice (``tls:ssl:...``).
+    Any other endpoint string is listened on unchanged, without TLS.
     """
     text = f"ssl:{description}" if re.fullmatch(r"[0-9]+", description) else description
     try:
-        arguments = _split(text)
+        pieces = _pieces(text)
     except ValueError:
-        if not text.startswith("ssl:"):
-            return PortSpec(endpoint=description, tls=False, description=description)
-        raise
-    if arguments[0] != ("ssl", None):
+        if text.startswith(("ssl:", "tls:", "haproxy:ssl:", "haproxy:tls:")):
+            raise
         return PortSpec(endpoint=description, tls=False, description=description)
+    kind = pieces[0][0]
+    if kind == "ssl":
+        return _parse_ssl(description, [parsed for _, parsed in pieces[1:]])
+    if kind == "tls":
+        return _parse_tls(description, pieces[1:])
+    if kind == "haproxy" and len(pieces) > 1 and pieces[1][0] in ("ssl", "tls"):
+        inner = parse_port(text[len("haproxy:") :])
+        return attr.evolve(inner, endpoint=f"haproxy:{inner.endpoint}", description=description)
+    return PortSpec(endpoint=description, tls=False, description=description)
+
+
+def _parse_ssl(description: str, arguments: List[Tuple[str, Optional[str]]]) -> PortSpec:
     options: Dict[str, str] = {}
-    for key, value in arguments[1:]:
+    for key, value in arguments:
         if value is None:
             key, value = "port", key  # Twisted's first positional ssl argument
             if "port" in options:
@@ -195,7 +223,83 @@ def parse_port(description: str) -> PortSpec:
     if "backlog" in options:
         endpoint += f":backlog={_number('backlog', options['backlog'], 1, 65535)}"
     files = {_FILE_OPTIONS[k]: v for k, v in options.items() if k in _FILE_OPTIONS}
+    return PortSpec(endpoint=endpoint, tls=True, description=description, **_paired(files))
+
+
+def _parse_tls(description: str, pieces: List[Tuple[str, Tuple[str, Optional[str]]]]) -> PortSpec:
+    files: Dict[str, str] = {}
+    kept: List[str] = []
+    for raw, (key, value) in pieces:
+        if value is None or key not in _FILE_OPTIONS:
+            kept.append(raw)
+            continue
+        if _FILE_OPTIONS[key] in files:
+            raise ValueError(f"tls port option {key} is given twice")
+        if not value:
+            raise ValueError(f"tls port option {key} is empty")
+        files[_FILE_OPTIONS[key]] = value
+    kinds = list(kept)
+    while kinds and kinds[0] == "haproxy":
+        kinds.pop(0)
+    if not kinds or not kinds[0]:
+        raise ValueError(
+            "tls: needs an endpoint to put TLS on, e.g. tls:tcp:8443 or "
+            "tls:systemd:domain=INET:name=anytls"
+        )
+    if kinds[0] in ("ssl", "tls"):
+        raise ValueError(
+            f"tls: on an {kinds[0]}: endpoint would apply TLS twice; use ssl:PORT, or tls: with a plain "
+            "endpoint such as tls:tcp:PORT"
+        )
+    return PortSpec(endpoint=":".join(kept), tls=True, description=description, **_paired(files))
+
+
+def _paired(files: Dict[str, str]) -> Dict[str, str]:
     if "private_key" in files or "cert_key" in files:
         files.setdefault("cert_key", files.get("private_key"))
         files.setdefault("private_key", files.get("cert_key"))
-    return PortSpec(endpoint=endpoint, tls=True, description=description, **files)
+    return files
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Parse ``endpoint`` as Twisted will when listening, without listening, so that an unknown
+    endpoint type, a bad argument or a socket that systemd did not pass fails at start with
+    one line (``ValueError``) instead of a traceback. A socket passed by systemd must also be
+    of the ``domain=`` family: Twisted adopts an IPv6 socket declared ``INET`` without
+    complaint, then reports every client's address as nonsense."""
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+
+    try:
+        parsed = serverFromString(None, endpoint)  # parsers only store the reactor
+    except Exception as e:
+        if endpoint.startswith(("systemd:", "haproxy:systemd:")) and isinstance(e, (IndexError, KeyError)):
+            hint = ""
+            if "LISTEN_FDNAMES" not in os.environ:
+                hint = (
+                    " (no LISTEN_FDNAMES: Twisted ignores sockets passed without names; "
+                    "systemd-socket-activate needs --fdname=NAME)"
+                )
+            raise ValueError(
+                f"systemd passed no socket matching {endpoint}; start the service through its "
+                f".socket unit (FileDescriptorName= there is the name= here){hint}"
+            ) from None
+        raise ValueError(f"Twisted cannot use endpoint {endpoint}: {type(e).__name__}: {e}") from None
+    while hasattr(parsed, "_wrappedEndpoint"):  # haproxy:
+        parsed = parsed._wrappedEndpoint
+    if isinstance(parsed, AdoptedStreamServerEndpoint):
+        duplicate = None
+        try:
+            duplicate = os.dup(parsed.fileno)
+            with socket.socket(fileno=duplicate) as inherited:  # closes the duplicate only
+                family = inherited.family
+        except OSError as e:
+            if duplicate is not None:
+                os.close(duplicate)
+            raise ValueError(f"the socket for {endpoint} (fd {parsed.fileno}) is unusable: {e}") from None
+        if family != parsed.addressFamily:
+            expected = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+            raise ValueError(
+                f"the socket systemd passed for {endpoint} is {family.name}: say "
+                f"domain={expected.get(family, family.name[3:])} (ListenStream=PORT alone and "
+                "[::]:PORT are INET6, 0.0.0.0:PORT is INET)"
+            )

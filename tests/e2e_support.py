@@ -1260,9 +1260,15 @@ class Harness:
         kind: Optional[str] = None,
         extra_args: Iterable[str] = (),
         password_args: Optional[List[str]] = None,
+        ports: Optional[List[str]] = None,
+        launcher: Optional[List[str]] = None,
     ):
         """Start the server under test. ``extra_args`` are appended to ``twistd anytls``;
-        ``password_args`` replaces ``--password PASSWORD`` (e.g. with ``--config FILE``)."""
+        ``password_args`` replaces ``--password PASSWORD`` (e.g. with ``--config FILE``).
+        ``ports`` replaces the ``--port ssl:{port}:interface=127.0.0.1`` list (each item is
+        formatted with ``port``/``port6``, the free ports picked; ``server.port`` must accept
+        connections once the server runs); ``launcher`` is a command prefix, formatted the same
+        way, that runs twistd (e.g. ``systemd-socket-activate -l 127.0.0.1:{port}``)."""
         kind = kind or SERVER_KIND
         if kind == "singbox":
             if idle_session_timeout is not None or idle_session_check_interval is not None:
@@ -1271,7 +1277,7 @@ class Harness:
         else:
             server = yield self._start_twistd_server(
                 allow_private, ipv6, idle_session_timeout, idle_session_check_interval, log_level,
-                list(extra_args), password_args,
+                list(extra_args), password_args, ports, launcher,
             )
         owner = listening_pid_check(server.process.pid, server.port)
         if owner is False:
@@ -1280,7 +1286,8 @@ class Harness:
 
     @defer.inlineCallbacks
     def _start_twistd_server(
-        self, allow_private, ipv6, idle_timeout, idle_interval, log_level, extra_args=(), password_args=None
+        self, allow_private, ipv6, idle_timeout, idle_interval, log_level, extra_args=(), password_args=None,
+        ports=None, launcher=None,
     ):
         state = os.path.join(self.base, "server-state")
         os.makedirs(state, exist_ok=True)
@@ -1288,9 +1295,14 @@ class Harness:
         for attempt in range(3):
             server.port = free_port("127.0.0.1")
             server.port6 = free_port("::1") if ipv6 else None
-            args = ["-n", "--pidfile=", "anytls", "--port", f"ssl:{server.port}:interface=127.0.0.1"]
-            if ipv6:
-                args += ["--port", f"ssl:{server.port6}:interface=\\:\\:1"]
+            args = ["-n", "--pidfile=", "anytls"]
+            if ports is None:
+                args += ["--port", f"ssl:{server.port}:interface=127.0.0.1"]
+                if ipv6:
+                    args += ["--port", f"ssl:{server.port6}:interface=\\:\\:1"]
+            else:
+                for description in ports:
+                    args += ["--port", description.format(port=server.port, port6=server.port6)]
             args += ["--password", PASSWORD] if password_args is None else list(password_args)
             args += ["--state-dir", state, "--server-name", "localhost"]
             if allow_private:
@@ -1306,6 +1318,8 @@ class Harness:
             env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             env["PYTHONUNBUFFERED"] = "1"
             command = twistd_executable()
+            if launcher:
+                command = [part.format(port=server.port, port6=server.port6) for part in launcher] + command
             server.process = self.spawn("server", command[0], command[1:] + args, env=env, cwd=REPO_ROOT)
             try:
                 yield wait_for_port("127.0.0.1", server.port, 60.0, server.process)
@@ -1366,11 +1380,15 @@ class Harness:
         idle_session_timeout: Optional[float] = None,
         idle_session_check_interval: Optional[float] = None,
         log_level: str = "warn",
+        server_port: Optional[int] = None,
     ):
+        """A sing-box client for ``server``; ``server_port`` (default: the server's own port)
+        points it elsewhere, e.g. at a proxy in front of the server."""
         binary = singbox_binary(version)
         if use_pin and version == "1.12":
             raise ValueError("sing-box 1.12 has no tls.certificate_public_key_sha256")
-        server_port = server.port6 if server_host == "::1" else server.port
+        if server_port is None:
+            server_port = server.port6 if server_host == "::1" else server.port
         name = self._unique(f"client-{version}")
         for attempt in range(3):
             socks_port = free_port("127.0.0.1")

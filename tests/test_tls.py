@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+import socket
+import struct
+from typing import List, Optional, Tuple
 
 from OpenSSL import SSL
 from twisted.internet import protocol
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import _SystemdParser, serverFromString
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.test.iosim import connectedServerAndClient
+from twisted.python.systemd import ListenFDs
+from twisted.test.iosim import FakeTransport, connect, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from anytls_twisted import certs, tls
+from anytls_twisted import certs, codec, tls
+from anytls_twisted.auth import encode_preamble
 from anytls_twisted.tls import PortSpec, parse_alpn, parse_port
 
+from .helpers import PASSWORD, SETTINGS_V2, Server
 from .test_certs import cert_pem, key_pem, make_cert, make_key
 
 ALPN_OFFER = [b"h2", b"http/1.1"]
@@ -250,7 +258,43 @@ class ParsePortTests(SynchronousTestCase):
             ("unix:/run/anytls.sock:mode=660", plain("unix:/run/anytls.sock:mode=660")),
             ("systemd:domain=INET6:index=0", plain("systemd:domain=INET6:index=0")),
             ("haproxy:tcp:8443", plain("haproxy:tcp:8443")),
+            ("haproxy:unix:/run/a.sock", plain("haproxy:unix:/run/a.sock")),
             ("unix:/tmp/odd\\", plain("unix:/tmp/odd\\")),
+            ("tlsx:8443", plain("tlsx:8443")),
+            # tls:ENDPOINT: our TLS on any endpoint, the endpoint string kept byte for byte.
+            ("tls:systemd:domain=INET:index=0", ssl("systemd:domain=INET:index=0", "tls:systemd:domain=INET:index=0")),
+            ("tls:systemd:domain=INET6:name=anytls", ssl("systemd:domain=INET6:name=anytls", "tls:systemd:domain=INET6:name=anytls")),
+            ("tls:unix:/run/anytls.sock", ssl("unix:/run/anytls.sock", "tls:unix:/run/anytls.sock")),
+            ("tls:tcp:8443", ssl("tcp:8443", "tls:tcp:8443")),
+            (r"tls:tcp6:443:interface=\:\:1", ssl(r"tcp6:443:interface=\:\:1", r"tls:tcp6:443:interface=\:\:1")),
+            (
+                "tls:unix:/run/a.sock:mode=660:privateKey=/k.pem",
+                ssl("unix:/run/a.sock:mode=660", "tls:unix:/run/a.sock:mode=660:privateKey=/k.pem", private_key="/k.pem", cert_key="/k.pem"),
+            ),
+            (
+                r"tls:certKey=C\:\\c.pem:extraCertChain=/x.pem:unix:/a\:b.sock",
+                ssl(
+                    r"unix:/a\:b.sock",
+                    r"tls:certKey=C\:\\c.pem:extraCertChain=/x.pem:unix:/a\:b.sock",
+                    private_key="C:\\c.pem",
+                    cert_key="C:\\c.pem",
+                    extra_cert_chain="/x.pem",
+                ),
+            ),
+            ("tls:haproxy:tcp:443", ssl("haproxy:tcp:443", "tls:haproxy:tcp:443")),
+            # haproxy:ssl: / haproxy:tls: -> PROXY header first (Twisted's wrapper), then our TLS.
+            ("haproxy:ssl:8443", ssl("haproxy:tcp:8443", "haproxy:ssl:8443")),
+            (
+                "haproxy:ssl:8443:interface=127.0.0.1:backlog=9",
+                ssl("haproxy:tcp:8443:interface=127.0.0.1:backlog=9", "haproxy:ssl:8443:interface=127.0.0.1:backlog=9"),
+            ),
+            (r"haproxy:ssl:443:interface=\:\:1", ssl(r"haproxy:tcp:443:interface=\:\:1", r"haproxy:ssl:443:interface=\:\:1")),
+            (
+                "haproxy:ssl:443:privateKey=/k.pem:certKey=/c.pem",
+                ssl("haproxy:tcp:443", "haproxy:ssl:443:privateKey=/k.pem:certKey=/c.pem", private_key="/k.pem", cert_key="/c.pem"),
+            ),
+            ("haproxy:tls:systemd:domain=INET:index=0", ssl("haproxy:systemd:domain=INET:index=0", "haproxy:tls:systemd:domain=INET:index=0")),
+            ("haproxy:tls:unix:/run/a.sock", ssl("haproxy:unix:/run/a.sock", "haproxy:tls:unix:/run/a.sock")),
         ]:
             self.assertEqual(parse_port(description), expected, description)
 
@@ -269,6 +313,20 @@ class ParsePortTests(SynchronousTestCase):
             ("ssl:443:backlog=0", "backlog must be a number"),
             ("ssl:443:privateKey=", "privateKey is empty"),
             ("ssl:443\\", "backslash"),
+            ("tls", "needs an endpoint"),
+            ("tls:", "needs an endpoint"),
+            ("tls:privateKey=/k.pem", "needs an endpoint"),
+            ("tls:haproxy", "needs an endpoint"),
+            ("tls:ssl:443", "TLS twice"),
+            ("tls:tls:tcp:443", "TLS twice"),
+            ("tls:haproxy:ssl:443", "TLS twice"),
+            ("haproxy:tls:ssl:443", "TLS twice"),
+            ("tls:tcp:1:privateKey=", "privateKey is empty"),
+            ("tls:tcp:1:certKey=a:certKey=b", "given twice"),
+            ("tls:unix:/x\\", "backslash"),
+            ("haproxy:ssl:443:sslmethod=TLSv1_2_METHOD", "sslmethod is not supported"),
+            ("haproxy:ssl:65536", "port must be a number"),
+            ("haproxy:ssl:443\\", "backslash"),
         ]:
             e = self.assertRaises(ValueError, parse_port, description)
             self.assertIn(fragment, str(e), description)
@@ -285,3 +343,149 @@ class ParsePortTests(SynchronousTestCase):
             factory = protocol.Factory()
             serverFromString(reactor, parse_port(description).endpoint).listen(factory)
             self.assertEqual(reactor.tcpServers, [(port, factory, backlog, interface)], description)
+
+    def test_haproxy_endpoint_is_twisteds(self) -> None:
+        """haproxy:ssl: listens where the ssl: port would, with Twisted's PROXY wrapper around
+        the factory it is given (our TLS factory): the header is read before TLS."""
+        for description, port, backlog, interface in [
+            ("haproxy:ssl:8443", 8443, 50, ""),
+            ("haproxy:ssl:8443:interface=127.0.0.1:backlog=7", 8443, 7, "127.0.0.1"),
+            (r"haproxy:ssl:8443:interface=\:\:1", 8443, 50, "::1"),
+            ("haproxy:tls:tcp:9:interface=127.0.0.1", 9, 50, "127.0.0.1"),
+            ("tls:haproxy:tcp:9", 9, 50, ""),
+        ]:
+            reactor = MemoryReactor()
+            factory = protocol.Factory()
+            serverFromString(reactor, parse_port(description).endpoint).listen(factory)
+            [(got_port, wrapper, got_backlog, got_interface)] = reactor.tcpServers
+            self.assertEqual((got_port, got_backlog, got_interface), (port, backlog, interface), description)
+            self.assertIsInstance(wrapper, HAProxyWrappingFactory, description)
+            self.assertIs(wrapper.wrappedFactory, factory, description)
+
+    def test_unix_endpoint_is_twisteds(self) -> None:
+        reactor = MemoryReactor()
+        factory = protocol.Factory()
+        spec = parse_port("tls:unix:/run/anytls.sock:mode=660:privateKey=/k.pem")
+        serverFromString(reactor, spec.endpoint).listen(factory)
+        self.assertEqual(len(reactor.unixServers), 1)
+        self.assertEqual(reactor.unixServers[0][:2], ("/run/anytls.sock", factory))
+        self.assertEqual(reactor.unixServers[0][3], 0o660)
+
+    def test_check_endpoint(self) -> None:
+        """Endpoints Twisted cannot use fail at start with one line, not a traceback later."""
+        for endpoint in ["tcp:8443", "haproxy:tcp:8443:interface=127.0.0.1", "unix:/run/a.sock"]:
+            tls.check_endpoint(endpoint)
+        for endpoint, fragment in [
+            ("nosuch:1", "Unknown endpoint type"),
+            ("tcp:1:colour=blue", "colour"),
+            ("tcp:https", "invalid literal"),
+            # No LISTEN_FDS in the test's environment: nothing was passed.
+            ("systemd:domain=INET:index=0", "start the service through its .socket unit"),
+            ("systemd:domain=INET:name=anytls", "start the service through its .socket unit"),
+            ("haproxy:systemd:domain=INET:index=0", "start the service through its .socket unit"),
+        ]:
+            e = self.assertRaises(ValueError, tls.check_endpoint, endpoint)
+            self.assertIn(fragment, str(e), endpoint)
+            self.assertNotIn("\n", str(e))
+
+    def test_check_endpoint_systemd_family(self) -> None:
+        """A socket passed by systemd must be of the declared domain: ListenStream=8443 gives
+        an IPv6 socket, which Twisted would adopt as INET and then misreport every peer."""
+        sockets = {}
+        for family, bind in [(socket.AF_INET, ("127.0.0.1", 0)), (socket.AF_INET6, ("::1", 0)), (socket.AF_UNIX, None)]:
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError:
+                continue
+            self.addCleanup(sock.close)
+            if bind is not None:
+                try:
+                    sock.bind(bind)
+                except OSError:
+                    continue
+            sockets[family] = sock
+        names = {socket.AF_INET: "v4", socket.AF_INET6: "v6", socket.AF_UNIX: "unix"}
+        fds = [s.fileno() for s in sockets.values()]
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs(fds, tuple(names[f] for f in sockets)))
+        domains = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+        for family in sockets:
+            for domain in domains.values():
+                endpoint = f"systemd:domain={domain}:name={names[family]}"
+                if domain == domains[family]:
+                    tls.check_endpoint(endpoint)
+                    tls.check_endpoint("haproxy:" + endpoint)
+                else:
+                    e = self.assertRaises(ValueError, tls.check_endpoint, endpoint)
+                    self.assertIn(f"say domain={domains[family]}", str(e))
+                    e = self.assertRaises(ValueError, tls.check_endpoint, "haproxy:" + endpoint)
+                    self.assertIn(f"say domain={domains[family]}", str(e))
+        for sock in sockets.values():  # checking leaves the inherited sockets open
+            sock.getsockname()
+
+
+def proxy_v2_header(source: Tuple[str, int], destination: Tuple[str, int]) -> bytes:
+    """A PROXY protocol v2 header (PROXY command, TCP over IPv4), as HAProxy's send-proxy-v2."""
+    body = socket.inet_aton(source[0]) + socket.inet_aton(destination[0])
+    body += struct.pack(">HH", source[1], destination[1])
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack(">H", len(body)) + body
+
+
+class _Authenticator(protocol.Protocol):
+    """A client that sends the AnyTLS preamble and Settings as soon as it is connected."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            encode_preamble(PASSWORD, 30) + codec.encode_frame(codec.Command.SETTINGS, 0, SETTINGS_V2)
+        )
+
+
+class ProxyHeaderTests(SynchronousTestCase):
+    """Behind a haproxy: port the session logs the client's address from the PROXY header, not
+    the proxy's: Twisted's wrapper only knows it once the header is read, after connectionMade."""
+
+    HAPROXY_SIDE = IPv4Address("TCP", "127.0.0.2", 40001)  # the proxy's own connection to us
+
+    def test_plain(self) -> None:
+        """haproxy:tcp: (no TLS): the peer comes from the v1 header read with the first data."""
+        server = Server()
+        wrapper = HAProxyWrappingFactory(server.factory).buildProtocol(self.HAPROXY_SIDE)
+        wrapper.makeConnection(StringTransport(peerAddress=self.HAPROXY_SIDE))
+        [session] = server.registry.sessions
+        self.assertEqual(session.peer, "127.0.0.2:40001")  # nothing read yet
+        wrapper.dataReceived(b"PROXY TCP4 198.51.100.20 192.0.2.1 51234 8443\r\n" + encode_preamble(PASSWORD, 30))
+        self.assertEqual((session.user, session.peer), ("alice", "198.51.100.20:51234"))
+
+    def test_header_then_close_before_auth(self) -> None:
+        """A connection that sent the header but never authenticated is logged with the client's
+        address too."""
+        server = Server()
+        wrapper = HAProxyWrappingFactory(server.factory).buildProtocol(self.HAPROXY_SIDE)
+        wrapper.makeConnection(StringTransport(peerAddress=self.HAPROXY_SIDE))
+        [session] = server.registry.sessions
+        wrapper.dataReceived(proxy_v2_header(("198.51.100.21", 50000), ("192.0.2.1", 8443)))
+        wrapper.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((session.user, session.peer), (None, "198.51.100.21:50000"))
+
+    def test_tls_after_header(self) -> None:
+        """The real stack in memory: PROXY v2 header, then a TLS handshake with our options,
+        then auth: getPeer() on the TLS transport reaches the header's source address."""
+        cert_path, key_path = certs.ensure_self_signed(self.mktemp(), "localhost")
+        material = certs.load_certificate_files(cert_path, key_path)
+        with open(cert_path, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        server = Server()
+        clock = Clock()
+        listening = HAProxyWrappingFactory(tls.wrap_tls(server.factory, tls.server_tls_options(material), clock=clock))
+        client_app = protocol.Factory.forProtocol(_Authenticator)
+        client_factory = TLSMemoryBIOFactory(optionsForClientTLS("localhost", trustRoot=trust), True, client_app, clock=clock)
+        server_proto = listening.buildProtocol(self.HAPROXY_SIDE)
+        client_proto = client_factory.buildProtocol(None)
+        server_transport = FakeTransport(server_proto, True, peerAddress=self.HAPROXY_SIDE)
+        client_transport = FakeTransport(client_proto, False)
+        client_transport.write(proxy_v2_header(("203.0.113.9", 4242), ("192.0.2.1", 8443)))  # before TLS
+        connect(server_proto, server_transport, client_proto, client_transport, clock=clock).flush()
+        [session] = server.registry.sessions
+        self.assertEqual(session.user, "alice")
+        self.assertEqual(session.peer, "203.0.113.9:4242")
+        self.assertEqual(server_proto.getPeer(), IPv4Address("TCP", "203.0.113.9", 4242))
+        self.assertEqual(server_transport.getPeer(), self.HAPROXY_SIDE)  # the socket's own peer
