@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 
 from twisted.python import usage
 
-from . import certs, config as defaults, configfile, logs, tls
+from . import banner, certs, config as defaults, configfile, logs, metrics as metrics_, tls
 from ._version import __version__
 from .address import DestinationPolicy
 from .auth import UserTable
@@ -64,10 +64,15 @@ class Options(usage.Options):
         ["shutdown-grace", None, defaults.SHUTDOWN_GRACE, "Seconds sessions get to close at shutdown before they are aborted.", _positive(float)],
         ["certificate-check-interval", None, defaults.CERTIFICATE_CHECK_INTERVAL, "Seconds between checks of the certificate and key files; a change reloads them (as SIGHUP does).", _positive(float)],
         ["log-level", None, "info", "Lowest level logged: debug (per-stream events), info, warn or error."],
+        ["log-format", None, "text", "text (twistd's lines) or json: one JSON object per line on stdout (for journald and log shippers; use with -n, without --logfile)."],
+        ["public-address", None, None, "HOST or HOST:PORT clients dial ([IPV6]:PORT), for the client config logged at start. [default: the listening interface if specific, else a placeholder]"],
+        ["metrics", None, None, "A Twisted endpoint serving Prometheus metrics at /metrics and a health check at /healthz, e.g. tcp:9095:interface=127.0.0.1. [default: off]"],
     ]
     optFlags = [
         ["allow-private", None, "Allow destinations on loopback, private, link-local and other non-global addresses (off by default: a proxy reaching its own host's services is a hole)."],
         ["version", None, "Print the version and exit."],
+        ["show-password", None, "Put the real password (the first user's) in the client config logged at start or printed, instead of <password>."],
+        ["print-client-config", None, "Print a sing-box outbound and an anytls:// URI for every port to stdout and exit, without listening."],
     ]
     compData = usage.Completions(
         optActions={
@@ -84,7 +89,7 @@ class Options(usage.Options):
         self["port"] = []
 
     def opt_port(self, description: str) -> None:
-        """A Twisted endpoint to listen on; repeat for several. ssl:PORT gets our TLS (generated certificate unless privateKey/certKey or --cert/--key); tcp:, unix:, systemd: are plain, for use behind a TLS-terminating proxy. [default: ssl:8443]"""
+        """A Twisted endpoint to listen on; repeat for several. ssl:PORT gets our TLS (generated certificate unless privateKey/certKey or --cert/--key), as does tls:ENDPOINT for any other endpoint (e.g. tls:systemd:domain=INET:name=anytls); haproxy:ssl:PORT reads a PROXY header, then TLS. tcp:, unix:, systemd: are plain, for use behind a TLS-terminating proxy. [default: ssl:8443]"""
         self["port"].append(description)
 
     def opt_version(self) -> None:
@@ -113,6 +118,12 @@ class Options(usage.Options):
         self["users"] = _users(self["password"], self["password-file"], settings)
         if self["log-level"] not in logs.LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(logs.LEVELS)}")
+        _apply_log_format(self)
+        if self["metrics"] is not None:
+            try:
+                metrics_.check_endpoint(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics {self['metrics']}: {e}")
         self["padding"] = _read_padding(self["padding-scheme"])
         if self["padding-scheme"] is None and settings and settings.padding:
             self["padding"] = settings.padding
@@ -134,10 +145,75 @@ class Options(usage.Options):
         for description in self["port"]:
             try:
                 specs.append(tls.parse_port(description))
+                tls.check_endpoint(specs[-1].endpoint)
             except ValueError as e:
                 raise usage.UsageError(f"--port {description}: {e}")
         self["port-specs"] = specs
         self["tls-material"] = _load_material(self, specs)
+        _check_client_config_options(self)
+        if self["print-client-config"]:
+            _print_client_config(self)
+
+
+def _apply_log_format(options: Options) -> None:
+    """``--log-format json`` under twistd: make twistd's own ``--logger`` our JSON observer
+    (twistd reads it after this runs, and starts logging after makeService)."""
+    if options["log-format"] not in logs.FORMATS:
+        raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
+    twistd = options.parent
+    if options["log-format"] != "json" or twistd is None:
+        return
+    if twistd.get("logfile") not in (None, "", "-"):
+        raise usage.UsageError("--log-format json writes to stdout; drop twistd's --logfile")
+    if twistd.get("logger") not in (None, logs.JSON_OBSERVER):
+        raise usage.UsageError("--log-format json and twistd's --logger are two observers; give one")
+    twistd["logger"] = logs.JSON_OBSERVER
+
+
+def _check_client_config_options(options: Options) -> None:
+    if options["public-address"] is None:
+        options["public-address-parsed"] = None
+        return
+    try:
+        options["public-address-parsed"] = banner.parse_public_address(options["public-address"])
+    except ValueError as e:
+        raise usage.UsageError(f"--public-address: {e}")
+
+
+def _client_endpoints(options: Options) -> List[banner.ClientEndpoint]:
+    """What clients dial, per port (docs/configuration.md, "Client configuration")."""
+    endpoints = []
+    for spec in options["port-specs"]:
+        material = options["tls-material"][_files_for(options, spec)] if spec.tls else None
+        endpoints.append(
+            banner.client_endpoint(
+                spec,
+                material.certificate if material else None,
+                material.pin if material else None,
+                options["server-name"],
+                options.get("public-address-parsed"),
+            )
+        )
+    return banner.unique(endpoints)
+
+
+def _shown_password(options: Options) -> Optional[str]:
+    users = options.get("users") or ()
+    return users[0][1] if options["show-password"] and users else None
+
+
+def _print_client_config(options: Options) -> None:
+    """``--print-client-config``: the blocks on stdout, the hints on stderr, exit 0."""
+    endpoints = _client_endpoints(options)
+    if not endpoints:
+        sys.stderr.write("twistd anytls: no port has a port number clients could dial; give --public-address HOST:PORT\n")
+        raise SystemExit(1)
+    password = _shown_password(options)
+    sys.stdout.write(banner.render(endpoints, password))
+    sys.stdout.flush()
+    for hint in banner.hints(endpoints, password is not None):
+        sys.stderr.write(f"note: {hint}\n")
+    raise SystemExit(0)
 
 
 def _read_config_file(path: Optional[str]):
@@ -283,9 +359,14 @@ def makeService(options: Options, reactor=None):
                 "listening on {port} WITHOUT TLS: only use this behind a TLS-terminating proxy",
                 port=spec.description,
             )
+    banner.log_client_configs(_client_endpoints(options), _shown_password(options))
     if config.policy.allow_private:
         _log.warn("--allow-private: clients may reach loopback and private addresses")
-    top = build_service(config, listeners, reactor)
+    metrics = metrics_.Metrics() if options.get("metrics") else None
+    top = build_service(config, listeners, reactor, metrics=metrics)
+    if metrics is not None:
+        metrics_.metrics_service(options["metrics"], metrics, lambda: bool(top.running), reactor).setServiceParent(top)
+        _log.info("metrics on {endpoint} (/metrics, /healthz)", endpoint=options["metrics"])
     argv = list(getattr(options, "argv", []))
     reloader = Reloader(
         reactor,

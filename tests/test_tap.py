@@ -117,6 +117,23 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(os.path.join(state, "self-signed-cert.pem")))
 
 
+class HAProxyPortTests(SynchronousTestCase):
+    def test_haproxy_ssl_layers(self):
+        """haproxy:ssl: listens on TCP with the PROXY wrapper outside our TLS factory."""
+        options = Options()
+        options.parseOptions(
+            ["--password", "x", "--state-dir", self.mktemp(), "--port", "haproxy:ssl:0:interface=127.0.0.1"]
+        )
+        reactor = MemoryReactorClock()
+        top = makeService(options, reactor=reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (0, "127.0.0.1"))
+        self.assertEqual(type(factory).__name__, "HAProxyWrappingFactory")
+        self.assertEqual(type(factory.wrappedFactory).__name__, "TLSMemoryBIOFactory")
+
+
 class TwistdErrorTests(TestCase):
     """Bad configuration ends a real ``twistd anytls`` with a non-zero status and one line."""
 
@@ -158,4 +175,13 @@ class TwistdErrorTests(TestCase):
         port = busy.getsockname()[1]
         self.assertOneLineError(
             ["--password", "x", "--port", f"ssl:{port}:interface=127.0.0.1"], f"cannot listen on 127.0.0.1:{port}"
+        )
+
+    def test_port_twisted_cannot_use(self):
+        """A --port Twisted cannot parse, or a systemd socket that was not passed, is one line
+        at start (it used to be a traceback from makeService)."""
+        self.assertOneLineError(["--password", "x", "--port", "nosuch:8443"], "Unknown endpoint type")
+        self.assertOneLineError(
+            ["--password", "x", "--port", "tls:systemd:domain=INET:index=0"],
+            "systemd passed no socket matching systemd:domain=INET:index=0",
         )
