@@ -29,6 +29,7 @@ from .address import AddressError, MAX_ADDRESS_SIZE, parse_socks_address
 from .auth import PreambleReader
 from .codec import Command, Frame
 from .logs import get_logger
+from .stream import no_delay
 
 _log = get_logger("anytls_twisted.session")
 
@@ -132,6 +133,7 @@ class SessionProtocol(Protocol):
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # TLS wrappers pass it on to the TCP transport beneath
         self._note_peer()
         self.opened_at = self.last_activity = self.clock.seconds()
         self._auth_timer = self.clock.callLater(self.config.auth_timeout, self._auth_timed_out)

@@ -91,11 +91,29 @@ class BaseStream:
         pass
 
 
+def no_delay(transport) -> None:
+    """Turn off Nagle's algorithm where the transport is TCP.
+
+    A relay forwards small writes (SYNACK, a request, the first bytes of a reply) that must not
+    wait for the peer's delayed ACK: with Nagle on, every new stream paid about 40 ms
+    (measured by benches/: new-stream p50 43.5 ms against 0.8 ms for sing-box).
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 class _OriginProtocol(Protocol):
     """The origin end of a TCP stream: a thin shell that forwards to the stream."""
 
     def __init__(self, stream: "TCPStream") -> None:
         self.stream = stream
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.stream.send(data)

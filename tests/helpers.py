@@ -45,6 +45,15 @@ class FakeResolver:
         return defer.succeed([ipaddress.ip_address(a) for a in self.names[host]])
 
 
+class TCPStringTransport(StringTransport):
+    """A StringTransport that, like a TCP transport, records ``setTcpNoDelay``."""
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+
 class FakeUDPPort:
     def __init__(self, protocol, interface) -> None:
         self.protocol = protocol
@@ -89,7 +98,7 @@ class Server:
 
     def connect(self, peer=("198.51.100.7", 40000)):
         proto = self.factory.buildProtocol(IPv4Address("TCP", *peer))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", *peer))
+        transport = TCPStringTransport(peerAddress=IPv4Address("TCP", *peer))
         proto.makeConnection(transport)
         return Client(proto, transport)
 
@@ -97,7 +106,7 @@ class Server:
         """Complete the ``index``-th pending TCP connect; return the origin's transport."""
         host, port, factory, timeout, bind = self.reactor.tcpClients[index]
         proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        transport = TCPStringTransport(peerAddress=IPv4Address("TCP", host, port))
         proto.makeConnection(transport)
         return proto, transport
 

@@ -171,6 +171,13 @@ class StreamTests(SynchronousTestCase):
         self.assertFalse(self.client.closed)
         self.assertEqual(self.client.proto.streams, {})
 
+    def test_nagle_off_both_sides(self):
+        """TCP_NODELAY on the client's connection and the origin's: small writes go at once."""
+        open_stream(self.client)
+        _, transport = self.server.origin_connect()
+        self.assertTrue(self.client.transport.no_delay)
+        self.assertTrue(transport.no_delay)
+
     def test_connect_failure(self):
         """A refused connect gets SYNACK with Go's error text (V10), then FIN."""
         open_stream(self.client)
