@@ -153,7 +153,10 @@ class AnyTLSService(service.MultiService):
         self.listeners: List[service.Service] = []
 
     def add_listener(self, description: str, factory, reactor) -> service.Service:
-        listener = strports.service(description, factory, reactor=reactor)
+        if callable(description):  # a ready listener, e.g. workers.AdoptedPort
+            listener = description(factory)
+        else:
+            listener = strports.service(description, factory, reactor=reactor)
         listener.setServiceParent(self)
         self.listeners.append(listener)
         return listener

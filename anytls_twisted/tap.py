@@ -5,12 +5,13 @@ Configuration errors end twistd with one clear line and a non-zero status, never
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional, Tuple
 
 from twisted.python import usage
 
-from . import banner, certs, config as defaults, configfile, logs, metrics as metrics_, tls
+from . import banner, certs, config as defaults, configfile, logs, metrics as metrics_, tls, workers as workers_
 from ._version import __version__
 from .address import DestinationPolicy
 from .auth import UserTable
@@ -67,6 +68,9 @@ class Options(usage.Options):
         ["log-format", None, "text", "text (twistd's lines) or json: one JSON object per line on stdout (for journald and log shippers; use with -n, without --logfile)."],
         ["public-address", None, None, "HOST or HOST:PORT clients dial ([IPV6]:PORT), for the client config logged at start. [default: the listening interface if specific, else a placeholder]"],
         ["metrics", None, None, "A Twisted endpoint serving Prometheus metrics at /metrics and a health check at /healthz, e.g. tcp:9095:interface=127.0.0.1. [default: off]"],
+        ["workers", None, 1, "Processes serving the (TCP) ports, each with its own reactor; worker i serves --metrics on its port plus i (docs/scaling.md).", _positive(int)],
+        ["worker-fds", None, None, "Internal (set by the parent for its workers)."],
+        ["worker-index", None, 0, "Internal (set by the parent for its workers).", int],
     ]
     optFlags = [
         ["allow-private", None, "Allow destinations on loopback, private, link-local and other non-global addresses (off by default: a proxy reaching its own host's services is a hole)."],
@@ -149,6 +153,7 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--port {description}: {e}")
         self["port-specs"] = specs
+        _check_workers(self)
         self["tls-material"] = _load_material(self, specs)
         _check_client_config_options(self)
         if self["print-client-config"]:
@@ -168,6 +173,23 @@ def _apply_log_format(options: Options) -> None:
     if twistd.get("logger") not in (None, logs.JSON_OBSERVER):
         raise usage.UsageError("--log-format json and twistd's --logger are two observers; give one")
     twistd["logger"] = logs.JSON_OBSERVER
+
+
+def _check_workers(options: Options) -> None:
+    """--workers N > 1: every port must be one we can bind once and share (TCP)."""
+    options["worker-listen"] = None
+    if options["worker-fds"] is not None:
+        try:
+            options["worker-fds-parsed"] = workers_.parse_worker_fds(options["worker-fds"])
+        except ValueError as e:
+            raise usage.UsageError(str(e))
+        return
+    if options["workers"] > 1:
+        try:
+            options["worker-listen"] = [workers_.parse_tcp(spec.endpoint) for spec in options["port-specs"]]
+            workers_.metrics_for(options["metrics"], 1)
+        except ValueError as e:
+            raise usage.UsageError(str(e))
 
 
 def _check_client_config_options(options: Options) -> None:
@@ -338,6 +360,8 @@ def makeService(options: Options, reactor=None):
     logs.set_level(options["log-level"])
     config = _config_from(options)
     listeners: List[tuple] = []
+    index = options.get("worker-index") or 0
+    shared = _shared_sockets(options, reactor)
     slots: List[SwappableTLS] = []
     tls_ports = {id(spec): (creator, material) for spec, creator, material in _tls_ports(options)}
     for spec in options["port-specs"]:
@@ -345,7 +369,7 @@ def makeService(options: Options, reactor=None):
             creator, material = tls_ports[id(spec)]
             slot = SwappableTLS(creator)
             slots.append(slot)
-            listeners.append((spec.endpoint, lambda f, c=slot: tls.wrap_tls(f, c)))
+            listeners.append((shared.pop(0) if shared else spec.endpoint, lambda f, c=slot: tls.wrap_tls(f, c)))
             _log.info(
                 "listening on {port} with TLS; certificate_public_key_sha256={pin} "
                 "(expires {not_after})",
@@ -354,17 +378,19 @@ def makeService(options: Options, reactor=None):
                 not_after=str(material.not_after),
             )
         else:
-            listeners.append((spec.endpoint, lambda f: f))
+            listeners.append((shared.pop(0) if shared else spec.endpoint, lambda f: f))
             _log.warn(
                 "listening on {port} WITHOUT TLS: only use this behind a TLS-terminating proxy",
                 port=spec.description,
             )
-    banner.log_client_configs(_client_endpoints(options), _shown_password(options))
+    if options.get("worker-fds") is None:  # the parent logs it once for all workers
+        banner.log_client_configs(_client_endpoints(options), _shown_password(options))
     if config.policy.allow_private:
         _log.warn("--allow-private: clients may reach loopback and private addresses")
     metrics = metrics_.Metrics() if options.get("metrics") else None
     top = build_service(config, listeners, reactor, metrics=metrics)
     if metrics is not None:
+        options["metrics"] = workers_.metrics_for(options["metrics"], index)
         metrics_.metrics_service(options["metrics"], metrics, lambda: bool(top.running), reactor).setServiceParent(top)
         _log.info("metrics on {endpoint} (/metrics, /healthz)", endpoint=options["metrics"])
     argv = list(getattr(options, "argv", []))
@@ -378,4 +404,51 @@ def makeService(options: Options, reactor=None):
     )
     reloader.setServiceParent(top)
     top.reloader = reloader
+    if options.get("worker-listen"):
+        _supervise(options, top, reactor)
+    elif options.get("worker-fds") is not None:
+        workers_.watch_parent(reactor)
+        _log.info("worker {worker} serving (pid {pid})", worker=index, pid=os.getpid())
     return top
+
+
+def _shared_sockets(options: Options, reactor) -> list:
+    """With --workers, one listener factory per port that adopts the shared socket."""
+    if options.get("worker-fds") is not None:
+        pairs = options["worker-fds-parsed"]
+        haproxy = [spec.endpoint.startswith("haproxy:") for spec in options["port-specs"]]
+    elif options.get("worker-listen"):
+        try:
+            socks = [workers_.bind(listen) for listen in options["worker-listen"]]
+        except OSError as e:
+            raise SystemExit(f"twistd anytls: error: cannot listen for --workers: {e}") from None
+        options["worker-sockets"] = socks
+        pairs = [(s.fileno(), s.family) for s in socks]
+        haproxy = [listen.haproxy for listen in options["worker-listen"]]
+    else:
+        return []
+
+    def adopt(fd, family, proxied):
+        return lambda factory: workers_.AdoptedPort(
+            fd, family, workers_.wrap_haproxy(factory) if proxied else factory, reactor)
+
+    return [adopt(fd, family, proxied) for (fd, family), proxied in zip(pairs, haproxy)]
+
+
+def _supervise(options: Options, top, reactor) -> None:
+    socks = options["worker-sockets"]
+    twistd = ["--nodaemon", "--pidfile="]
+    if options.parent is not None and options.parent.get("logger"):
+        twistd.append(f"--logger={options.parent['logger']}")
+    argv = list(getattr(options, "argv", []))
+    families = [int(s.family) for s in socks]
+    supervisor = workers_.WorkerSupervisor(
+        options["workers"],
+        lambda i: workers_.worker_argv(sys.executable, twistd, argv, i, families),
+        [s.fileno() for s in socks],
+        reactor.spawnProcess,
+        reactor,
+    )
+    supervisor.setServiceParent(top)
+    top.supervisor = supervisor
+    _log.info("worker 0 serving (pid {pid}); starting {n} more", pid=os.getpid(), n=options["workers"] - 1)

@@ -1,0 +1,203 @@
+"""Unit tests for ``--workers``: options, worker command lines, fd mapping, supervision."""
+
+import signal
+import socket
+
+from twisted.internet import task
+from twisted.python import failure, usage
+from twisted.trial import unittest
+
+from anytls_twisted import workers
+from anytls_twisted.tap import Options
+
+
+class FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def signalProcess(self, sig):
+        self.signals.append(sig)
+
+
+class FakeSpawner:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, proto, executable, argv, env=None, childFDs=None):
+        proc = FakeProcess(1000 + len(self.calls))
+        self.calls.append((proto, executable, argv, childFDs, proc))
+        return proc
+
+
+def _ended(proto):
+    proto.processEnded(failure.Failure(RuntimeError("exit 1")))
+
+
+class OptionTests(unittest.TestCase):
+    def parse(self, *args):
+        o = Options()
+        o.parseOptions(["--password", "x", "--state-dir", self.mktemp(), *args])
+        return o
+
+    def test_default_one(self):
+        o = self.parse("--port", "tcp:0")
+        self.assertEqual(o["workers"], 1)
+        self.assertIsNone(o["worker-listen"])
+
+    def test_workers_must_be_positive(self):
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "x")
+
+    def test_tcp_ports_accepted(self):
+        o = self.parse("--workers", "3", "--port", "tcp:8000:interface=127.0.0.1", "--port", r"ssl:8443:interface=\:\:1")
+        listen = o["worker-listen"]
+        self.assertEqual([(l.host, l.port, l.family) for l in listen],
+                         [("127.0.0.1", 8000, socket.AF_INET), ("::1", 8443, socket.AF_INET6)])
+
+    def test_haproxy(self):
+        o = self.parse("--workers", "2", "--port", "haproxy:ssl:8443")
+        self.assertTrue(o["worker-listen"][0].haproxy)
+
+    def test_unix_refused(self):
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--port", "unix:/tmp/x.sock")
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--port", "tls:systemd:domain=INET:index=0")
+
+    def test_unix_fine_with_one_worker(self):
+        self.parse("--port", "unix:/tmp/x.sock")
+
+    def test_metrics_must_be_tcp(self):
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--port", "tcp:1", "--metrics", "unix:/tmp/m")
+        self.parse("--workers", "2", "--port", "tcp:1", "--metrics", "tcp:9095:interface=127.0.0.1")
+
+    def test_worker_fds(self):
+        o = self.parse("--port", "tcp:1", "--worker-fds", f"3:{int(socket.AF_INET)}", "--worker-index", "2")
+        self.assertEqual(o["worker-fds-parsed"], [(3, socket.AF_INET)])
+        self.assertEqual(o["worker-index"], 2)
+        self.assertRaises(usage.UsageError, self.parse, "--worker-fds", "3:99")
+
+
+class CommandLineTests(unittest.TestCase):
+    def test_worker_argv(self):
+        argv = workers.worker_argv(
+            "/py", ["--nodaemon", "--pidfile="],
+            ["--port", "ssl:1", "--workers", "4", "--workers=4", "--password", "x"], 2,
+            [socket.AF_INET, socket.AF_INET6])
+        self.assertEqual(argv[0], "/py")
+        tail = argv[argv.index("anytls") + 1:]
+        self.assertEqual(tail, ["--port", "ssl:1", "--password", "x", "--worker-index", "2",
+                                "--worker-fds", f"3:{int(socket.AF_INET)},4:{int(socket.AF_INET6)}"])
+        self.assertIn("--pidfile=", argv)
+
+    def test_child_fds(self):
+        self.assertEqual(workers.child_fds([7, 9]), {0: "w", 1: 1, 2: 2, 3: 7, 4: 9})
+
+    def test_metrics_ports(self):
+        self.assertEqual(workers.metrics_for("tcp:9095", 0), "tcp:9095")
+        self.assertEqual(workers.metrics_for("tcp:9095:interface=127.0.0.1", 2), "tcp:9097:interface=127.0.0.1")
+        self.assertEqual(workers.metrics_for("tcp:port=9095", 1), "tcp:port=9096")
+        self.assertIsNone(workers.metrics_for(None, 3))
+        self.assertRaises(ValueError, workers.metrics_for, "unix:/x", 1)
+
+    def test_parse_tcp(self):
+        t = workers.parse_tcp("tcp:8443:interface=127.0.0.1:backlog=7")
+        self.assertEqual((t.host, t.port, t.backlog, t.haproxy), ("127.0.0.1", 8443, 7, False))
+        self.assertRaises(ValueError, workers.parse_tcp, "tcp:8443:reuse=1")
+        self.assertRaises(ValueError, workers.parse_tcp, "unix:/x")
+
+
+class SupervisorTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.spawn = FakeSpawner()
+        self.sup = workers.WorkerSupervisor(3, lambda i: ["/py", "w", str(i)], [5, 6], self.spawn, self.clock, stop_timeout=10)
+
+    def test_starts_n_minus_one(self):
+        self.sup.startService()
+        self.assertEqual([c[2][-1] for c in self.spawn.calls], ["1", "2"])
+        self.assertEqual(self.spawn.calls[0][3], {0: "w", 1: 1, 2: 2, 3: 5, 4: 6})
+
+    def test_restart_backoff(self):
+        self.sup.startService()
+        proto = self.spawn.calls[0][0]
+        delays = []
+        for _ in range(7):
+            _ended(proto)
+            before = len(self.spawn.calls)
+            delay = self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds()
+            delays.append(delay)
+            self.clock.advance(delay)
+            self.assertEqual(len(self.spawn.calls), before + 1)
+            proto = self.spawn.calls[-1][0]
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 30, 30])
+        # A worker that ran stably gets the short delay again.
+        self.clock.advance(workers.STABLE_AFTER)
+        _ended(proto)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds(), 1)
+
+    def test_stop_terms_then_kills(self):
+        self.sup.startService()
+        d = self.sup.stopService()
+        procs = [c[4] for c in self.spawn.calls]
+        self.assertEqual([p.signals for p in procs], [["TERM"], ["TERM"]])
+        _ended(self.spawn.calls[0][0])
+        self.assertNoResult(d)
+        self.clock.advance(10)
+        self.assertEqual(procs[1].signals, ["TERM", "KILL"])
+        _ended(self.spawn.calls[1][0])
+        self.successResultOf(d)
+        self.assertEqual(len(self.spawn.calls), 2)  # no restart while stopping
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_cancels_pending_restart(self):
+        self.sup.startService()
+        _ended(self.spawn.calls[0][0])
+        d = self.sup.stopService()
+        _ended(self.spawn.calls[1][0])
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawn.calls), 2)
+
+    def test_sighup_forwarded(self):
+        self.sup.signal_all(signal.SIGHUP)
+        self.sup.startService()
+        self.sup.signal_all(signal.SIGHUP)
+        self.assertEqual([c[4].signals for c in self.spawn.calls], [[signal.SIGHUP], [signal.SIGHUP]])
+
+
+class FakeReactor:
+    running = True
+
+    def __init__(self):
+        self.stopped = 0
+        self.readers = []
+
+    def callWhenRunning(self, f, *a):
+        f(*a)
+
+    def addReader(self, r):
+        self.readers.append(r)
+
+    def removeReader(self, r):
+        self.readers.remove(r)
+
+    def stop(self):
+        self.stopped += 1
+
+
+class ParentWatchTests(unittest.TestCase):
+    def test_eof_stops_the_worker(self):
+        import os
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        reactor = FakeReactor()
+        watch = workers.watch_parent(reactor, r)
+        os.write(w, b"x")
+        watch.doRead()
+        self.assertEqual(reactor.stopped, 0)
+        os.close(w)
+        watch.doRead()
+        self.assertEqual(reactor.stopped, 1)
+        watch.connectionLost(None)  # the reactor's hang-up path: still one stop
+        self.assertEqual(reactor.stopped, 1)
