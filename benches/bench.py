@@ -122,18 +122,46 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
 # /proc
 
 
+def children(pid: int) -> List[int]:
+    """Direct children (our server's --workers processes)."""
+    kids: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    """utime + stime of ``pid`` and its live children (workers), in seconds."""
+    total = 0.0
+    for p in [pid] + children(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def vm(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0  # MiB
-    raise BenchError(f"no {key} in /proc/{pid}/status")
+    """VmRSS/VmHWM of ``pid`` plus its children (workers), in MiB."""
+    total, found = 0.0, False
+    for p in [pid] + children(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1]) / 1024.0
+                        found = True
+        except OSError:
+            continue
+    if not found:
+        raise BenchError(f"no {key} in /proc/{pid}/status")
+    return total
 
 
 def established_to(port: int) -> int:
@@ -202,6 +230,10 @@ def check_config(procs: Procs, path: str, name: str) -> None:
         raise BenchError(f"sing-box check rejected the {name} config {path}:\n{result.stdout}{result.stderr}")
 
 
+#: Our server's --workers for this benchmark run (set from the command line).
+WORKERS = 1
+
+
 def start_ours(procs: Procs, rundir: str, name: str):
     state = os.path.join(rundir, "state")
     os.makedirs(state, exist_ok=True)
@@ -211,7 +243,7 @@ def start_ours(procs: Procs, rundir: str, name: str):
     twistd = os.path.join(os.path.dirname(PY), "twistd")
     proc = procs.spawn(name, [twistd, "-n", "--pidfile=", "anytls", "--port", f"ssl:{port}:interface=127.0.0.1",
                               "--password", PASSWORD, "--state-dir", state, "--allow-private",
-                              "--log-level", "warn"], env=env)
+                              "--log-level", "warn", "--workers", str(WORKERS)], env=env)
     wait_for_port(port, proc, 60.0)
     cert = os.path.join(state, "self-signed-cert.pem")
     if not os.path.exists(cert):
@@ -415,7 +447,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout-per-mib", type=float, default=1.0,
                         help="seconds allowed per MiB of a transfer (plus a fixed margin) before it is abandoned")
     parser.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench"))
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes our server runs (--workers); CPU and RSS include them all")
     cfg = parser.parse_args(argv)
+    global WORKERS
+    WORKERS = cfg.workers
     cfg.runs = cfg.runs or (1 if cfg.quick else 3)
     size_mib = cfg.size or (64 if cfg.quick else 512)
     cfg.size = int(size_mib * MiB)
