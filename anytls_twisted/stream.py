@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import codec
 from .address import Destination
 from .dialer import DialError
 from .logs import get_logger
@@ -114,6 +115,10 @@ class _OriginProtocol(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        # Twisted reads 65536 bytes at a time, one more than a frame holds, which made every
+        # full read two frames (65535 + 1 bytes) and a copy. Read exactly one frame's worth.
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = codec.MAX_DATA
 
     def dataReceived(self, data: bytes) -> None:
         self.stream.send(data)

@@ -49,6 +49,7 @@ class TCPStringTransport(StringTransport):
     """A StringTransport that, like a TCP transport, records ``setTcpNoDelay``."""
 
     no_delay = False
+    bufferSize = 2**16  # Twisted's TCP read size
 
     def setTcpNoDelay(self, enabled):
         self.no_delay = enabled

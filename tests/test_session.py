@@ -178,6 +178,12 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(self.client.transport.no_delay)
         self.assertTrue(transport.no_delay)
 
+    def test_origin_reads_one_frame_at_a_time(self):
+        """Origins are read 65535 bytes at a time, so a full read is exactly one frame."""
+        open_stream(self.client)
+        _, transport = self.server.origin_connect()
+        self.assertEqual(transport.bufferSize, 65535)
+
     def test_connect_failure(self):
         """A refused connect gets SYNACK with Go's error text (V10), then FIN."""
         open_stream(self.client)
