@@ -31,12 +31,6 @@ class Command(enum.IntEnum):
     SERVER_SETTINGS = 10
 
 
-#: Commands introduced by protocol version 2; never sent to a v1 peer.
-V2_COMMANDS = frozenset(
-    {Command.SYNACK, Command.HEART_REQUEST, Command.HEART_RESPONSE, Command.SERVER_SETTINGS}
-)
-
-
 @attr.frozen
 class Frame:
     """One decoded frame. ``cmd`` is an int so unknown commands survive decoding."""
