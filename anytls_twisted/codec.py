@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import List
-
-import attr
+from typing import List, NamedTuple, Optional, Tuple
 
 HEADER = struct.Struct(">BIH")
 HEADER_SIZE = HEADER.size  # 7
@@ -31,9 +29,12 @@ class Command(enum.IntEnum):
     SERVER_SETTINGS = 10
 
 
-@attr.frozen
-class Frame:
-    """One decoded frame. ``cmd`` is an int so unknown commands survive decoding."""
+class Frame(NamedTuple):
+    """One decoded frame. ``cmd`` is an int so unknown commands survive decoding.
+
+    A named tuple rather than an attrs class: one is built per frame on the upload path, and a
+    tuple is the cheapest object Python builds with named fields.
+    """
 
     cmd: int
     sid: int
@@ -62,33 +63,69 @@ def data_frames(sid: int, data: bytes) -> List[bytes]:
 
 
 class FrameDecoder:
-    """Incremental frame parser with one buffer and a moving offset.
+    """Incremental frame parser that copies each payload byte once.
 
-    Memory is bounded by one partial frame (7 + 65535 bytes) plus the bytes of one ``feed``.
+    TLS hands the session at most 16 KiB of plaintext per record, and clients write frames of
+    up to 64 KiB, so most payloads span several ``feed`` calls. A payload split that way is kept
+    as views of the fed chunks and joined once, when its last byte arrives; a payload that
+    arrives whole is sliced out of the chunk. Nothing is concatenated ahead of need.
+
+    Memory is bounded by one partial frame (7 + 65535 bytes) plus the chunks it is a view of.
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._head = b""  # a header cut short: fewer than HEADER_SIZE bytes
+        self._frame: Optional[Tuple[int, int, int]] = None  # the header whose payload is arriving
+        self._parts: List[memoryview] = []  # the payload received so far
+        self._have = 0  # its length
 
     @property
     def pending(self) -> int:
         """Bytes held that do not yet form a complete frame."""
-        return len(self._buffer)
+        return len(self._head) + (HEADER_SIZE if self._frame is not None else 0) + self._have
 
     def feed(self, data: bytes) -> List[Frame]:
-        """Return every complete frame in the buffered bytes plus ``data``; keep the rest."""
-        buf = self._buffer + data if self._buffer else data
+        """Return every frame completed by ``data``; keep the incomplete rest."""
         frames: List[Frame] = []
-        offset = 0
-        end = len(buf)
-        while end - offset >= HEADER_SIZE:
-            cmd, sid, length = HEADER.unpack_from(buf, offset)
-            stop = offset + HEADER_SIZE + length
+        end = len(data)
+        pos = 0
+        if self._head:
+            pos = HEADER_SIZE - len(self._head)
+            head = self._head + bytes(data[:pos])
+            if len(head) < HEADER_SIZE:
+                self._head = head
+                return frames
+            self._head = b""
+            self._frame = HEADER.unpack(head)
+        if self._frame is not None:
+            cmd, sid, length = self._frame
+            need = length - self._have
+            if end - pos < need:
+                if end > pos:
+                    self._parts.append(memoryview(data)[pos:])
+                    self._have += end - pos
+                return frames
+            self._parts.append(memoryview(data)[pos : pos + need])
+            frames.append(Frame(cmd, sid, b"".join(self._parts)))
+            pos += need
+            self._frame = None
+            self._parts = []
+            self._have = 0
+        unpack = HEADER.unpack_from
+        while end - pos >= HEADER_SIZE:
+            cmd, sid, length = unpack(data, pos)
+            start = pos + HEADER_SIZE
+            stop = start + length
             if stop > end:
-                break
-            frames.append(Frame(cmd, sid, bytes(buf[offset + HEADER_SIZE : stop])))
-            offset = stop
-        self._buffer = bytes(buf[offset:])
+                self._frame = (cmd, sid, length)
+                if end > start:
+                    self._parts.append(memoryview(data)[start:])
+                    self._have = end - start
+                return frames
+            frames.append(Frame(cmd, sid, data[start:stop]))
+            pos = stop
+        if pos < end:
+            self._head = bytes(data[pos:])
         return frames
 
 

@@ -1,6 +1,6 @@
 """The frame codec against the protocol document's vectors, whole and in arbitrary splits."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from anytls_twisted import codec
@@ -87,6 +87,34 @@ class VectorTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(V8[:10]), [])
         self.assertEqual(decoder.pending, 10)
         self.assertEqual(decoder.feed(V8[10:]), [FRAMES[4]])
+
+
+    @settings(deadline=None, max_examples=60)
+    @given(
+        st.lists(st.integers(min_value=0, max_value=codec.MAX_DATA), min_size=1, max_size=6),
+        st.lists(st.integers(min_value=1, max_value=40000).map(lambda n: n if n > 20 else n * 997),
+                 min_size=1, max_size=30),
+    )
+    def test_large_frames_in_record_sized_pieces(self, sizes, pieces):
+        """Frames of up to 65535 bytes fed in pieces (as TLS records deliver them) decode to
+        the same frames, with ``bytes`` payloads, and the held bytes never exceed one frame."""
+        frames = [Frame(Command.PSH, i + 1, bytes([i % 256]) * n) for i, n in enumerate(sizes)]
+        wire = b"".join(codec.encode_frame(*f) for f in frames)
+        decoder = FrameDecoder()
+        out, pos, turn, decoded = [], 0, 0, 0
+        while pos < len(wire):
+            step = pieces[turn % len(pieces)]
+            chunk = wire[pos : pos + step]
+            got = decoder.feed(chunk)
+            out.extend(got)
+            decoded += sum(len(f.data) + codec.HEADER_SIZE for f in got)
+            pos += len(chunk)
+            turn += 1
+            self.assertLessEqual(decoder.pending, codec.HEADER_SIZE + codec.MAX_DATA)
+            self.assertEqual(decoded + decoder.pending, pos)
+        self.assertEqual(out, frames)
+        self.assertTrue(all(type(f.data) is bytes for f in out))
+        self.assertEqual(decoder.pending, 0)
 
 
 class DataFrameTests(SynchronousTestCase):
