@@ -234,6 +234,24 @@ def check_config(procs: Procs, path: str, name: str) -> None:
 WORKERS = 1
 
 
+def start_origins(procs: Procs) -> dict:
+    """Start benches/loadgen.py's origins; return their ports by name."""
+    import select
+    origin_proc = procs.spawn("origins", [PY, LOADGEN, "origins"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    line = b""
+    deadline = time.monotonic() + 20
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([origin_proc.stdout], [], [], 1.0)
+        if ready:
+            chunk = os.read(origin_proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+    if not line.endswith(b"\n"):
+        raise BenchError(f"the origins did not start:\n{tail(origin_proc.log_path)}")
+    return json.loads(line)
+
+
 def start_ours(procs: Procs, rundir: str, name: str):
     state = os.path.join(rundir, "state")
     os.makedirs(state, exist_ok=True)
@@ -320,14 +338,23 @@ def workloads(procs: Procs, origins: dict, socks: Optional[int], cfg, tag: str, 
     if server_pid:
         res["rss_idle_mib"] = vm(server_pid, "VmRSS")
     c0 = cpu()
-    res["download"] = drive(procs, f"{tag}-download", via + ["download", "--origin", str(origins["source"]),
-                                                              "--size", str(cfg.size)], 30 + cfg.size / MiB * per_mib)
-    res["upload"] = drive(procs, f"{tag}-upload", via + ["upload", "--origin", str(origins["sink"]),
-                                                          "--size", str(cfg.size)], 30 + cfg.size / MiB * per_mib)
     each = cfg.parallel_size // cfg.streams
-    res["parallel"] = drive(procs, f"{tag}-parallel", via + ["parallel", "--origin", str(origins["source"]),
-                                                              "--size", str(each), "--streams", str(cfg.streams)],
-                            60 + cfg.parallel_size / MiB * per_mib)
+    steps = [
+        ("download", ["download", "--origin", str(origins["source"]), "--size", str(cfg.size)],
+         30 + cfg.size / MiB * per_mib),
+        ("upload", ["upload", "--origin", str(origins["sink"]), "--size", str(cfg.size)],
+         30 + cfg.size / MiB * per_mib),
+        ("parallel", ["parallel", "--origin", str(origins["source"]), "--size", str(each),
+                      "--streams", str(cfg.streams)], 60 + cfg.parallel_size / MiB * per_mib),
+    ]
+    for name, args, timeout in steps:
+        before = cpu()
+        res[name] = drive(procs, f"{tag}-{name}", via + args, timeout)
+        after = cpu()
+        moved_here = each * res[name]["completed"] if name == "parallel" else cfg.size
+        if server_pid and moved_here:
+            # The server's CPU for this workload alone, to see which path costs what.
+            res[name]["server_cpu_s_per_gib"] = (after[server_pid] - before[server_pid]) / (moved_here / GiB)
     c1 = cpu()
     moved = 2 * cfg.size + each * res["parallel"]["completed"]
     res["bytes_moved"] = moved
@@ -384,6 +411,9 @@ ROWS = [
     ("UDP RTT p99", ("udp", "p99_ms"), "ms", False),
     ("UDP loss", ("udp", "loss_pct"), "%", False),
     ("server CPU", ("server_cpu_s_per_gib",), "s/GiB", False),
+    ("server CPU download", ("download", "server_cpu_s_per_gib"), "s/GiB", False),
+    ("server CPU upload", ("upload", "server_cpu_s_per_gib"), "s/GiB", False),
+    ("server CPU 100 streams", ("parallel", "server_cpu_s_per_gib"), "s/GiB", False),
     ("client CPU", ("client_cpu_s_per_gib",), "s/GiB", False),
     ("server RSS idle", ("rss_idle_mib",), "MiB", False),
     ("server RSS after 100 sessions", ("rss_after_100_sessions_mib",), "MiB", False),
@@ -475,20 +505,7 @@ def main(argv=None) -> int:
     status = 0
     ceiling: dict = {}
     try:
-        origin_proc = procs.spawn("origins", [PY, LOADGEN, "origins"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        line = b""
-        deadline = time.monotonic() + 20
-        import select
-        while not line.endswith(b"\n") and time.monotonic() < deadline:
-            ready, _, _ = select.select([origin_proc.stdout], [], [], 1.0)
-            if ready:
-                chunk = os.read(origin_proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                line += chunk
-        if not line.endswith(b"\n"):
-            raise BenchError(f"the origins did not start:\n{tail(origin_proc.log_path)}")
-        origins = json.loads(line)
+        origins = start_origins(procs)
         print(f"logs and results under {base}", flush=True)
         print("ceiling (drivers straight to the origins) ...", flush=True)
         ceiling = workloads(procs, origins, None, cfg, "ceiling")
