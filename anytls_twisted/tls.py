@@ -14,7 +14,7 @@ select callback (``setupForALPN``) that answers "no overlap" with an empty selec
 OpenSSL turns into a fatal ``internal_error`` alert, so sing-box clients with ``tls.alpn`` set
 cannot connect to a plain ``ssl:`` endpoint. ``_ServerOptions`` replaces that callback with one
 that returns ``NO_OVERLAPPING_PROTOCOLS``. For the same reason ``ssl:`` ports are listened on as
-``tcp:`` and wrapped in ``TLSMemoryBIOFactory`` here. The same wrapping puts TLS on any other
+``tcp:`` and wrapped in a ``TLSMemoryBIOFactory`` here. The same wrapping puts TLS on any other
 endpoint (``tls:systemd:...``, ``tls:unix:...``) and after the PROXY header of Twisted's
 ``haproxy:`` wrapper (``haproxy:ssl:...``): that wrapper works on the protocol level, so it wraps
 our TLS factory and strips the header before TLS sees the ClientHello.
@@ -34,6 +34,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .certs import TLSMaterial
+from .tls_transport import BulkTLSFactory, whole_writes
 
 ALPN_NONE: Tuple[str, ...] = ()
 
@@ -61,6 +62,7 @@ class _ServerOptions(CertificateOptions):
             context.add_extra_chain_cert(extra)
         context.check_privatekey()
         context.set_alpn_select_callback(self._select)  # replaces Twisted's setupForALPN one
+        whole_writes(context)  # see tls_transport
         return context
 
     def _select(self, connection: SSL.Connection, offered: List[bytes]):
@@ -79,9 +81,10 @@ def server_tls_options(material: TLSMaterial, alpn: Sequence[str] = ALPN_NONE) -
 
 
 def wrap_tls(factory, tls_options, clock: Optional[IReactorTime] = None) -> TLSMemoryBIOFactory:
-    """The listening factory: server-side TLS around ``factory``. ``clock`` (default: the
-    reactor) schedules the TLS layer's write aggregation; tests pass their own."""
-    return TLSMemoryBIOFactory(tls_options, False, factory, clock=clock)
+    """The listening factory: server-side TLS around ``factory`` (Twisted's TLS transport with
+    whole writes, :mod:`.tls_transport`). ``clock`` (default: the reactor) schedules the TLS
+    layer's write aggregation; tests pass their own."""
+    return BulkTLSFactory(tls_options, False, factory, clock=clock)
 
 
 def parse_alpn(text: str) -> Tuple[str, ...]:

@@ -5,7 +5,7 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import codec
+from anytls_twisted import codec, stream
 from anytls_twisted.auth import encode_preamble
 from anytls_twisted.codec import Command, Frame
 from anytls_twisted.padding import PaddingScheme
@@ -179,10 +179,11 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(transport.no_delay)
 
     def test_origin_reads_one_frame_at_a_time(self):
-        """Origins are read 65535 bytes at a time, so a full read is exactly one frame."""
+        """Origins are read at most one frame at a time (see stream.ORIGIN_READ_SIZE)."""
         open_stream(self.client)
         _, transport = self.server.origin_connect()
-        self.assertEqual(transport.bufferSize, 65535)
+        self.assertEqual(transport.bufferSize, stream.ORIGIN_READ_SIZE)
+        self.assertLessEqual(stream.ORIGIN_READ_SIZE, codec.MAX_DATA)
 
     def test_connect_failure(self):
         """A refused connect gets SYNACK with Go's error text (V10), then FIN."""

@@ -8,6 +8,7 @@ import sys
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -108,7 +109,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(top.stopService)
         self.assertEqual(len(reactor.tcpServers), 2)
         tls_factory = reactor.tcpServers[0][1]
-        self.assertEqual(type(tls_factory).__name__, "TLSMemoryBIOFactory")
+        self.assertIsInstance(tls_factory, TLSMemoryBIOFactory)
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
         self.assertIs(reactor.tcpServers[1][1], top.factory)
         reapers = [s for s in top if isinstance(s, ReaperService)]
@@ -131,7 +132,7 @@ class HAProxyPortTests(SynchronousTestCase):
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (0, "127.0.0.1"))
         self.assertEqual(type(factory).__name__, "HAProxyWrappingFactory")
-        self.assertEqual(type(factory.wrappedFactory).__name__, "TLSMemoryBIOFactory")
+        self.assertIsInstance(factory.wrappedFactory, TLSMemoryBIOFactory)
 
 
 class TwistdErrorTests(TestCase):

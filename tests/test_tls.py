@@ -72,7 +72,7 @@ class Loopback:
         clock = Clock()
         server_factory = tls.wrap_tls(server_app, server_options, clock=clock)
         client_factory = TLSMemoryBIOFactory(client_options, True, client_app, clock=clock)
-        self.server_tls, self.client_tls, self.pump = connectedServerAndClient(
+        self.client_tls, self.server_tls, self.pump = connectedServerAndClient(
             lambda: server_factory.buildProtocol(None),
             lambda: client_factory.buildProtocol(None),
             clock=clock,

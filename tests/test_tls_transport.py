@@ -1,0 +1,135 @@
+"""The server's TLS transport (anytls_twisted.tls_transport): Twisted's internals it relies on
+are still there, large writes arrive intact in fewer, larger pieces, and one full origin read
+stays under Twisted's pause threshold."""
+
+from __future__ import annotations
+
+import os
+
+from OpenSSL import SSL
+from twisted.internet import protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from anytls_twisted import certs, codec, stream, tls, tls_transport
+
+from .test_tls import Peer
+
+
+class _Sender(protocol.Protocol):
+    """Server side: writes what it is told to; counts nothing itself."""
+
+    def __init__(self) -> None:
+        self.lost = None
+
+    def connectionLost(self, reason) -> None:
+        self.lost = reason
+
+
+class _Pair:
+    """Our server TLS (BulkTLSProtocol) and Twisted's client TLS, joined in memory. Every write
+    the server's TLS layer makes to its transport is recorded, as byte counts."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        cert_path, key_path = certs.ensure_self_signed(case.mktemp(), "localhost")
+        with open(cert_path, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        material = certs.load_certificate_files(cert_path, key_path)
+        self.server = _Sender()
+        self.client = Peer(echo=False)
+        server_app, client_app = protocol.Factory(), protocol.Factory()
+        server_app.protocol, client_app.protocol = (lambda: self.server), (lambda: self.client)
+        self.clock = Clock()
+        server_factory = tls.wrap_tls(server_app, tls.server_tls_options(material), clock=self.clock)
+        client_factory = TLSMemoryBIOFactory(optionsForClientTLS("localhost", trustRoot=trust), True,
+                                             client_app, clock=self.clock)
+        self.client_tls, self.server_tls, self.pump = connectedServerAndClient(
+            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None),
+            clock=self.clock,
+        )
+        self.pump.flush()
+        case.assertTrue(self.client.handshake_done)
+        self.writes: list = []
+        tcp = self.server_tls.transport
+        original_write = tcp.write
+        tcp.write = lambda data: (self.writes.append([len(data)]), original_write(data))[1]
+        tcp.writeSequence = lambda seq: (self.writes.append([len(d) for d in seq]),
+                                         original_write(b"".join(seq)))[1]
+
+
+class TwistedInternalsTests(SynchronousTestCase):
+    def test_private_parts_exist(self) -> None:
+        """Every private method and attribute of TLSMemoryBIOProtocol we use is still there
+        (a Twisted release that renames one fails here, not in production)."""
+        pair = _Pair(self)
+        for name in tls_transport.TWISTED_INTERNALS:
+            self.assertTrue(hasattr(pair.server_tls, name), name)
+        self.assertIsInstance(pair.server_tls, tls_transport.BulkTLSProtocol)
+        self.assertIsInstance(pair.server_tls._tlsConnection, SSL.Connection)
+        self.assertIs(pair.server_tls._lostTLSConnection, False)
+        for name in ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished"):
+            self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name)), name)
+
+    def test_partial_writes_off(self) -> None:
+        """Server contexts leave SSL_MODE_ENABLE_PARTIAL_WRITE off (pyOpenSSL turns it on)."""
+        cert_path, key_path = certs.ensure_self_signed(self.mktemp(), "localhost")
+        options = tls.server_tls_options(certs.load_certificate_files(cert_path, key_path))
+        context = options._makeContext()
+        mode = context.set_mode(0)  # set_mode returns the resulting mode; 0 adds nothing
+        self.assertEqual(mode & tls_transport.SSL_MODE_ENABLE_PARTIAL_WRITE, 0)
+        self.assertNotEqual(SSL.Context(SSL.TLS_METHOD).set_mode(0) & 1, 0)  # the default
+
+
+class BulkWriteTests(SynchronousTestCase):
+    def test_large_writes_arrive_intact(self) -> None:
+        """4 MiB in writes of every awkward size arrive byte for byte, in order."""
+        pair = _Pair(self)
+        payload = os.urandom(4 << 20)
+        sizes = [1, 7, 16383, 16384, 16385, 32767, 32768, 32769, 65535, 65542, 100000, 262144]
+        pos, turn = 0, 0
+        while pos < len(payload):
+            size = sizes[turn % len(sizes)]
+            pair.server_tls.write(payload[pos : pos + size])
+            pos += size
+            turn += 1
+            pair.clock.advance(0)  # the small-write aggregator flushes on the next turn
+            pair.pump.flush()
+        self.assertEqual(len(pair.client.received), len(payload))
+        self.assertEqual(pair.client.received, payload)
+        self.assertIsNone(pair.client.lost)
+
+    def test_one_write_one_transport_call(self) -> None:
+        """A 64 KiB application write reaches the TCP transport as one writeSequence of
+        two-record pieces (Twisted's own transport made one write per 16 KiB record)."""
+        pair = _Pair(self)
+        pair.server_tls.write(b"x" * 65542)
+        self.assertEqual(len(pair.writes), 1)
+        pieces = pair.writes[0]
+        self.assertEqual(len(pieces), 3)  # 32 KiB + 32 KiB + 6 bytes of plaintext
+        overhead = sum(pieces) - 65542
+        self.assertTrue(0 < overhead <= 5 * 29, overhead)  # 5 records, at most 29 bytes each
+        pair.pump.flush()
+        self.assertEqual(pair.client.received, b"x" * 65542)
+
+    def test_full_origin_read_does_not_pause(self) -> None:
+        """One full origin read, framed and encrypted, stays under Twisted's 64 KiB pause
+        threshold, so a single read does not pause the session's origins."""
+        pair = _Pair(self)
+        frame = b"".join(codec.data_frames(1, b"y" * stream.ORIGIN_READ_SIZE))
+        pair.server_tls.writeSequence([frame])
+        self.assertEqual(len(pair.writes), 1)
+        self.assertLessEqual(sum(pair.writes[0]), 65536)
+        self.assertLessEqual(stream.ORIGIN_READ_SIZE, codec.MAX_DATA)
+        # The worst case over TLS versions: 29 bytes per record (TLS 1.2 AES-GCM).
+        records = -(-(stream.ORIGIN_READ_SIZE + codec.HEADER_SIZE) // 16384)
+        self.assertLessEqual(stream.ORIGIN_READ_SIZE + codec.HEADER_SIZE + 29 * records, 65536)
+
+    def test_connection_lost_mid_stream(self) -> None:
+        """After the TLS connection is lost, writes are dropped instead of raising."""
+        pair = _Pair(self)
+        pair.server_tls._lostTLSConnection = True
+        pair.server_tls._write(b"z" * 100000)
+        self.assertEqual(pair.writes, [])
