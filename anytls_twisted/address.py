@@ -10,6 +10,7 @@ Parsers are incremental: they return ``None`` while more bytes are needed, and r
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from typing import Optional, Tuple, Union
@@ -45,6 +46,15 @@ class Destination:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+#: Entries kept by the memoised parsers and the policy check below. ``ipaddress`` takes a few
+#: microseconds per parse and ``is_global`` walks a list of networks; a UDP-over-TCP stream
+#: parses the same few addresses for every datagram (benches/profile.py: 12% of the server's
+#: samples in the UDP round-trip workload). The results are immutable, so caching is safe;
+#: the bound keeps a client sending many addresses from growing it.
+CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def parse_ip(text: str) -> Optional[IPAddress]:
     """Parse an IP literal (brackets allowed around IPv6); unwrap IPv4-mapped IPv6."""
     if text.startswith("[") and text.endswith("]"):
@@ -97,8 +107,14 @@ def _parse(
         ip = parse_ip(name)
         host = str(ip) if ip is not None else name
     else:
-        host = str(parse_ip(str(ipaddress.ip_address(bytes(raw)))))
+        host = _ip_text(bytes(raw))
     return Destination(host, port), pos + size + 2
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _ip_text(packed: bytes) -> str:
+    """The text of a packed IPv4 or IPv6 address, IPv4-mapped IPv6 unwrapped."""
+    return str(parse_ip(str(ipaddress.ip_address(packed))))
 
 
 def parse_socks_address(data: bytes, offset: int = 0) -> Optional[Tuple[Destination, int]]:
@@ -132,6 +148,7 @@ def encode_uot_address(dest: Destination) -> bytes:
     return _encode(dest, UOT_IPV4, UOT_IPV6, UOT_DOMAIN)
 
 
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def is_public(ip: IPAddress) -> bool:
     """True for globally routable unicast addresses, the only ones reachable by default.
 

@@ -75,8 +75,9 @@ def report(raw_path: str, top: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", choices=["download", "upload", "parallel"])
+    parser.add_argument("workload", choices=["download", "upload", "parallel", "udp", "latency"])
     parser.add_argument("--size", type=int, default=1024, help="MiB moved (default 1024)")
+    parser.add_argument("--count", type=int, default=20000, help="datagrams or new streams (udp, latency)")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -103,10 +104,13 @@ def main(argv=None) -> int:
         cpu0 = bench.cpu_seconds(server.pid)
         if args.workload == "parallel":
             driver = ["parallel", "--origin", str(origins["source"]), "--size", str(size // 100), "--streams", "100"]
+        elif args.workload in ("udp", "latency"):
+            origin = origins["udp" if args.workload == "udp" else "echo"]
+            driver = [args.workload, "--origin", str(origin), "--count", str(args.count)]
         else:
             origin = origins["source" if args.workload == "download" else "sink"]
             driver = [args.workload, "--origin", str(origin), "--size", str(size)]
-        result = bench.drive(procs, args.workload, ["--socks", str(socks)] + driver, 60 + args.size)
+        result = bench.drive(procs, args.workload, ["--socks", str(socks)] + driver, 60 + args.size + args.count / 100)
         cpu = bench.cpu_seconds(server.pid) - cpu0
         os.kill(spy_proc.pid, 2)  # SIGINT: py-spy writes its output and exits
         spy_proc.wait(30)
@@ -115,8 +119,12 @@ def main(argv=None) -> int:
         return 1
     finally:
         procs.stop_all()
-    print(f"{args.workload} {args.size} MiB: {result.get('mib_s', 0):.1f} MiB/s, server CPU {cpu:.2f} s "
-          f"({cpu / (args.size / 1024):.2f} s/GiB, py-spy attached)")
+    if args.workload in ("udp", "latency"):
+        print(f"{args.workload} x{args.count}: p50 {result['p50_ms']} ms, server CPU {cpu:.2f} s "
+              f"({1e6 * cpu / args.count:.0f} us each, py-spy attached)")
+    else:
+        print(f"{args.workload} {args.size} MiB: {result.get('mib_s', 0):.1f} MiB/s, server CPU {cpu:.2f} s "
+              f"({cpu / (args.size / 1024):.2f} s/GiB, py-spy attached)")
     print(report(raw, args.top))
     print(f"\nraw stacks: {raw}")
     return 0

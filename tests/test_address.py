@@ -85,3 +85,21 @@ class PolicyTests(SynchronousTestCase):
     def test_global_allowed(self):
         for text in ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "64:ff9b::808:808"]:
             self.assertTrue(DestinationPolicy().permits(ipaddress.ip_address(text)), text)
+
+
+class CacheTests(SynchronousTestCase):
+    def test_caches_stay_bounded(self):
+        """Parsing and vetting many distinct addresses (a client spraying destinations) keeps
+        every memoised table at its bound, and answers stay right for every address."""
+        from anytls_twisted import address
+
+        for i in range(3 * address.CACHE_SIZE):
+            raw = bytes([address.UOT_IPV4, 10, i >> 16 & 255, i >> 8 & 255, i & 255, 0, 53])
+            dest, end = address.parse_uot_address(raw)
+            self.assertEqual(dest.host, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
+            self.assertEqual(end, 7)
+            self.assertFalse(address.is_public(dest.ip))
+        for cached in (address.parse_ip, address._ip_text, address.is_public):
+            self.assertLessEqual(cached.cache_info().currsize, address.CACHE_SIZE)
+        self.assertTrue(address.is_public(address.parse_ip("1.1.1.1")))
+        self.assertIsNone(address.parse_ip("not an address"))
