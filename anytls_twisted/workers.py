@@ -151,12 +151,32 @@ class AdoptedPort(service.Service):
     def startService(self) -> None:
         super().startService()
         self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        accept_one_at_a_time(self.port)
 
     def stopService(self):
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+def accept_one_at_a_time(port) -> None:
+    """Make a shared listening port accept one connection per readiness event.
+
+    Every process watching a shared socket is woken for a new connection, and Twisted's
+    ``tcp.Port.doRead`` then accepts up to ``numberAccepts`` connections in a loop (100 at
+    first, growing by 20 after a full batch). The first process awake took a whole burst: a
+    sing-box client opening 100 sessions at once left 63 in one process and 31 in the other.
+    Accepting one at a time lets the processes take turns, and the busier one, slower to come
+    back to its reactor, takes fewer.
+    """
+    read = port.doRead
+
+    def doRead():
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = doRead
 
 
 def wrap_haproxy(factory):

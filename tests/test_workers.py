@@ -201,3 +201,38 @@ class ParentWatchTests(unittest.TestCase):
         self.assertEqual(reactor.stopped, 1)
         watch.connectionLost(None)  # the reactor's hang-up path: still one stop
         self.assertEqual(reactor.stopped, 1)
+
+
+class SharedAcceptTests(unittest.TestCase):
+    """An adopted (shared) port accepts one connection per readiness event, so processes
+    sharing the socket take turns instead of the first one awake taking a whole burst."""
+
+    def test_one_accept_per_read(self):
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.setblocking(False)
+        built = []
+
+        class Record(Protocol):
+            def connectionMade(self):
+                built.append(self)
+
+        adopted = workers.AdoptedPort(listener.fileno(), socket.AF_INET, Factory.forProtocol(Record), reactor)
+        adopted.startService()
+        self.addCleanup(adopted.stopService)
+        self.addCleanup(listener.close)
+        clients = [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(3)]
+        for c in clients:
+            self.addCleanup(c.close)
+        # The kernel completed all three handshakes; each doRead takes exactly one of them.
+        adopted.port.doRead()
+        self.assertEqual(len(built), 1)
+        adopted.port.doRead()
+        adopted.port.doRead()
+        self.assertEqual(len(built), 3)
+        for proto in built:
+            proto.transport.abortConnection()
