@@ -8,7 +8,6 @@ import sys
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -16,6 +15,7 @@ from anytls_twisted import config as defaults
 from anytls_twisted.padding import DEFAULT_SCHEME
 from anytls_twisted.service import ReaperService
 from anytls_twisted.tap import Options, makeService
+from anytls_twisted.tls_transport import BulkTLSFactory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +109,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(top.stopService)
         self.assertEqual(len(reactor.tcpServers), 2)
         tls_factory = reactor.tcpServers[0][1]
-        self.assertIsInstance(tls_factory, TLSMemoryBIOFactory)
+        self.assertIs(type(tls_factory), BulkTLSFactory)
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
         self.assertIs(reactor.tcpServers[1][1], top.factory)
         reapers = [s for s in top if isinstance(s, ReaperService)]
@@ -132,7 +132,7 @@ class HAProxyPortTests(SynchronousTestCase):
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (0, "127.0.0.1"))
         self.assertEqual(type(factory).__name__, "HAProxyWrappingFactory")
-        self.assertIsInstance(factory.wrappedFactory, TLSMemoryBIOFactory)
+        self.assertIs(type(factory.wrappedFactory), BulkTLSFactory)
 
 
 class TwistdErrorTests(TestCase):
