@@ -8,6 +8,7 @@ any that have not closed within the shutdown grace.
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Callable, List, Set
 
 from twisted.application import service, strports
@@ -169,9 +170,15 @@ class AnyTLSService(service.MultiService):
     def startService(self) -> None:
         with _exit_on_listen_failure():
             super().startService()
+        # Everything built so far (modules, Twisted, the TLS contexts, the config) lives as long
+        # as the process. Moving it out of the collector's generations makes each full
+        # collection scan only what sessions allocate: the collector took 8% of the server's
+        # samples while 100 sessions were set up (benches/profile.py parallel --size 10).
+        gc.freeze()
 
     @defer.inlineCallbacks
     def stopService(self):
+        gc.unfreeze()
         service.Service.stopService(self)
         yield defer.gatherResults(
             [defer.maybeDeferred(listener.stopService) for listener in self.listeners]

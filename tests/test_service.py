@@ -98,6 +98,17 @@ class ShutdownTests(SynchronousTestCase):
         self.assertTrue(all(s.running for s in top))
         top.stopService()
 
+    def test_startup_objects_frozen_while_running(self):
+        """Start-up objects are kept out of the collector while the service runs (gc.freeze)
+        and handed back when it stops."""
+        import gc
+
+        self.assertEqual(gc.get_freeze_count(), 0)
+        top = self.build()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.successResultOf(top.stopService())
+        self.assertEqual(gc.get_freeze_count(), 0)
+
     def test_stop_closes_listener_then_sessions(self):
         """Stopping closes the port, then every session; stragglers are aborted after grace."""
         top = self.build()
