@@ -24,7 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import codec
+from . import codec, logs
 from .address import AddressError, MAX_ADDRESS_SIZE, parse_socks_address
 from .auth import PreambleReader
 from .codec import Command, Frame
@@ -282,12 +282,13 @@ class SessionProtocol(Protocol):
         ):
             pass
         else:
-            _log.debug(
-                "session {session_id}: ignoring unknown command {cmd} ({length} bytes)",
-                session_id=self.session_id,
-                cmd=cmd,
-                length=len(frame.data),
-            )
+            if logs.DEBUG:  # skip building an event the filter drops
+                _log.debug(
+                    "session {session_id}: ignoring unknown command {cmd} ({length} bytes)",
+                    session_id=self.session_id,
+                    cmd=cmd,
+                    length=len(frame.data),
+                )
 
     def _settings(self, data: bytes) -> None:
         settings = codec.parse_settings(data)
@@ -342,13 +343,14 @@ class SessionProtocol(Protocol):
         stream = self.factory.open_stream(self, pending.sid, destination)
         self.streams[pending.sid] = stream
         self.metrics.stream_opened(stream)
-        _log.debug(
-            "stream {session_id}/{stream_id} open to {destination} ({kind})",
-            session_id=self.session_id,
-            stream_id=pending.sid,
-            destination=str(destination),
-            kind=stream.kind,
-        )
+        if logs.DEBUG:  # skip building an event the filter drops
+            _log.debug(
+                "stream {session_id}/{stream_id} open to {destination} ({kind})",
+                session_id=self.session_id,
+                stream_id=pending.sid,
+                destination=str(destination),
+                kind=stream.kind,
+            )
         if self.paused:
             stream.pause_reading()
         stream.start(rest)
@@ -381,17 +383,18 @@ class SessionProtocol(Protocol):
         self.last_activity = self.clock.seconds()
         if send_fin:
             self._write(Command.FIN, stream.sid)
-        _log.debug(
-            "stream {session_id}/{stream_id} closed: {reason} ({destination}, {duration:.1f}s, "
-            "{bytes_in} bytes in, {bytes_out} bytes out)",
-            session_id=self.session_id,
-            duration=self.clock.seconds() - stream.opened_at,
-            stream_id=stream.sid,
-            destination=str(stream.destination),
-            bytes_in=stream.bytes_in,
-            bytes_out=stream.bytes_out,
-            reason=reason,
-        )
+        if logs.DEBUG:  # skip building an event the filter drops
+            _log.debug(
+                "stream {session_id}/{stream_id} closed: {reason} ({destination}, {duration:.1f}s, "
+                "{bytes_in} bytes in, {bytes_out} bytes out)",
+                session_id=self.session_id,
+                duration=self.clock.seconds() - stream.opened_at,
+                stream_id=stream.sid,
+                destination=str(stream.destination),
+                bytes_in=stream.bytes_in,
+                bytes_out=stream.bytes_out,
+                reason=reason,
+            )
 
     def set_stream_blocked(self, stream, blocked: bool) -> None:
         """A stream cannot take more client data (or can again): stop or resume reading TLS."""

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import codec
+from . import codec, logs
 from .address import Destination
 from .dialer import DialError
 from .logs import get_logger
@@ -246,12 +246,13 @@ class TCPStream(BaseStream):
             self._set_blocked(False)
         if self.session.paused:
             origin.transport.pauseProducing()
-        _log.debug(
-            "stream {session_id}/{stream_id} connected to {destination}",
-            session_id=self.session.session_id,
-            stream_id=self.sid,
-            destination=str(self.destination),
-        )
+        if logs.DEBUG:  # skip building an event the filter drops
+            _log.debug(
+                "stream {session_id}/{stream_id} connected to {destination}",
+                session_id=self.session.session_id,
+                stream_id=self.sid,
+                destination=str(self.destination),
+            )
 
     def _dial_failed(self, failure: Failure) -> None:
         self._dialing = None

@@ -27,6 +27,7 @@ from .address import (
     parse_socks_address,
     parse_uot_address,
 )
+from . import logs
 from .logs import get_logger
 from .stream import BaseStream
 
@@ -190,13 +191,14 @@ class UoTStream(BaseStream):
             del buf[:pos]
 
     def _got_header(self) -> None:
-        _log.debug(
-            "stream {session_id}/{stream_id}: udp {mode} to {destination}",
-            session_id=self.session.session_id,
-            stream_id=self.sid,
-            mode="connect" if self.connect else "packets",
-            destination=str(self.header),
-        )
+        if logs.DEBUG:  # skip building an event the filter drops
+            _log.debug(
+                "stream {session_id}/{stream_id}: udp {mode} to {destination}",
+                session_id=self.session.session_id,
+                stream_id=self.sid,
+                mode="connect" if self.connect else "packets",
+                destination=str(self.header),
+            )
         # Resolve now: connect mode must vet its one destination, and non-connect mode maps
         # replies from the header's name back to it.
         if self.header.ip is None:
@@ -246,13 +248,14 @@ class UoTStream(BaseStream):
 
     def _drop(self, dest: Destination, why: str) -> None:
         self.dropped += 1
-        _log.debug(
-            "stream {session_id}/{stream_id}: dropped datagram to {destination}: {why}",
-            session_id=self.session.session_id,
-            stream_id=self.sid,
-            destination=str(dest),
-            why=why,
-        )
+        if logs.DEBUG:  # skip building an event the filter drops
+            _log.debug(
+                "stream {session_id}/{stream_id}: dropped datagram to {destination}: {why}",
+                session_id=self.session.session_id,
+                stream_id=self.sid,
+                destination=str(dest),
+                why=why,
+            )
 
     def _port_for(self, version: int):
         port = self._ports.get(version)

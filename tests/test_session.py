@@ -451,3 +451,46 @@ class LoggingTests(SynchronousTestCase):
         open_stream(client)
         server.origin_fail()
         self.assertFalse([t for t in self.texts() if t.startswith("stream ")])
+
+
+class DebugLoggingTests(SynchronousTestCase):
+    """Per-stream debug events appear when the level is debug, and only then."""
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        from anytls_twisted import logs
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.addCleanup(logs.set_level, "info")
+
+    def stream_lines(self, level):
+        from twisted.logger import formatEvent
+
+        from anytls_twisted import logs
+
+        logs.set_level(level)
+        del self.events[:]
+        server = Server()
+        client = server.connect()
+        client.auth()
+        open_stream(client)
+        server.origin_connect()
+        client.frame(Command.FIN, 1)
+        return [formatEvent(e) for e in self.events if formatEvent(e).startswith("stream ")]
+
+    def test_debug_level_logs_stream_events(self):
+        from anytls_twisted import logs
+
+        lines = self.stream_lines("debug")
+        self.assertTrue(logs.DEBUG)
+        self.assertTrue(any("connected to" in line for line in lines), lines)
+        self.assertTrue(any("closed" in line for line in lines), lines)
+
+    def test_info_level_builds_none(self):
+        from anytls_twisted import logs
+
+        self.assertEqual(self.stream_lines("info"), [])
+        self.assertFalse(logs.DEBUG)
