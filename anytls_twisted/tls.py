@@ -34,7 +34,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .certs import TLSMaterial
-from .tls_transport import BulkTLSFactory, whole_writes
+from .tls_transport import BulkTLSFactory
 
 ALPN_NONE: Tuple[str, ...] = ()
 
@@ -62,7 +62,6 @@ class _ServerOptions(CertificateOptions):
             context.add_extra_chain_cert(extra)
         context.check_privatekey()
         context.set_alpn_select_callback(self._select)  # replaces Twisted's setupForALPN one
-        whole_writes(context)  # see tls_transport
         return context
 
     def _select(self, connection: SSL.Connection, offered: List[bytes]):
@@ -82,7 +81,7 @@ def server_tls_options(material: TLSMaterial, alpn: Sequence[str] = ALPN_NONE) -
 
 def wrap_tls(factory, tls_options, clock: Optional[IReactorTime] = None) -> TLSMemoryBIOFactory:
     """The listening factory: server-side TLS around ``factory`` (Twisted's TLS transport with
-    whole writes, :mod:`.tls_transport`). ``clock`` (default: the reactor) schedules the TLS
+    batched record writes, :mod:`.tls_transport`). ``clock`` (default: the reactor) schedules the TLS
     layer's write aggregation; tests pass their own."""
     return BulkTLSFactory(tls_options, False, factory, clock=clock)
 

@@ -1,23 +1,19 @@
-"""Twisted's TLS transport, with fewer trips between Python and OpenSSL per byte.
+"""Twisted's TLS transport, with one write to the TCP transport per application write.
 
-Profiling the relay (``benches/profile.py``, docs/performance.md) showed the download path
-spending more time in the Python around OpenSSL than in OpenSSL itself: Twisted's
-``TLSMemoryBIOProtocol._write`` cuts every write into 16 KiB slices and, for each slice, calls
-pyOpenSSL's ``send`` (``SSL_write``), ``bio_read`` and the TCP transport's ``write``. pyOpenSSL
-contexts are created in ``SSL_MODE_ENABLE_PARTIAL_WRITE``, so even a whole buffer handed to
-``SSL_write`` comes back one record at a time.
+Twisted's ``TLSMemoryBIOProtocol._write`` cuts every write into 16 KiB slices (copying each),
+and for each slice calls pyOpenSSL's ``send`` (``SSL_write``), ``bio_read`` and the TCP
+transport's ``write``. :class:`BulkTLSProtocol` keeps the one ``SSL_write`` per 16 KiB record,
+slices with a memoryview instead of copying, and hands the records of one application write to
+the TCP transport in a single ``writeSequence``. The bytes on the wire are the same records.
 
-Here the server's contexts leave partial writes off (:func:`whole_writes`) and
-:class:`BulkTLSProtocol` hands OpenSSL up to :data:`MAX_SSL_WRITE` bytes per ``SSL_write``
-(which cuts them into records in C), drains the memory BIO after each, and passes all the
-records of one write to the TCP transport in one ``writeSequence``. The bytes on the wire are
-the same records. Measured in-process (encrypting 512 MiB in 64 KiB writes): about 0.43 s/GiB
-Twisted's way, 0.22 s/GiB this way.
+Measured (docs/performance.md): server CPU per GiB downloaded 1.20 s with Twisted's transport
+and 1.08 s with this one (medians of 5 alternating runs of each).
 
-Why not one ``SSL_write`` per application write: OpenSSL's memory BIO never gives memory back,
-so each session keeps a buffer as large as the most ciphertext it ever held at once. Twisted's
-way holds one record (16 KiB); a whole 64 KiB write would keep 64 KiB per session that ever
-downloaded in bulk (measured: 57 KiB more per session), for about 0.01 s/GiB less than 32 KiB.
+Tried and not kept: more than one record per ``SSL_write`` (clearing pyOpenSSL's
+``SSL_MODE_ENABLE_PARTIAL_WRITE``). It halves the calls into OpenSSL, but OpenSSL's memory BIO
+never gives memory back, so every session that ever downloaded kept a buffer as large as its
+largest write: 22 KiB more per session for 32 KiB writes, 57 KiB for 64 KiB, measured, for no
+CPU difference visible in the server (1.10 against 1.08 s/GiB).
 
 This overrides two private methods of Twisted's ``TLSMemoryBIOProtocol`` and uses four private
 attributes (:data:`TWISTED_INTERNALS`); tests/test_tls_transport.py checks that they still exist
@@ -30,32 +26,20 @@ from OpenSSL import SSL
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-#: OpenSSL's ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (a stable ABI constant; pyOpenSSL sets it on
-#: every context but does not export it).
-SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
+#: Plaintext bytes per ``SSL_write``: one TLS record (the module docstring says why not more).
+MAX_SSL_WRITE = 16 * 1024
 
-#: Plaintext bytes per ``SSL_write``: two records (the module docstring says why not more).
-MAX_SSL_WRITE = 32 * 1024
-
-#: Bytes read from the BIO at a time: the records of one ``SSL_write`` fit.
-BIO_READ_SIZE = 64 * 1024
+#: Bytes read from the BIO at a time: one record and its overhead fit.
+BIO_READ_SIZE = 32 * 1024
 
 #: The private parts of ``twisted.protocols.tls.TLSMemoryBIOProtocol`` this module relies on.
 TWISTED_INTERNALS = ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished",
                      "_tlsConnection", "_lostTLSConnection")
 
 
-def whole_writes(context: SSL.Context) -> None:
-    """Let ``SSL_write`` take several records at once. With a memory BIO nothing blocks, so
-    the only effect of partial-write mode is one return (one Python round trip) per record."""
-    clear_mode = getattr(context, "clear_mode", None)  # pyOpenSSL 24.3 and later
-    if clear_mode is not None:
-        clear_mode(SSL_MODE_ENABLE_PARTIAL_WRITE)
-
-
 class BulkTLSProtocol(BufferingTLSTransport):
-    """``BufferingTLSTransport`` (small writes still aggregated per reactor turn) whose writes
-    reach OpenSSL 32 KiB at a time and whose records leave in one ``writeSequence``."""
+    """``BufferingTLSTransport`` (small writes still aggregated per reactor turn) whose records
+    leave for the TCP transport in one ``writeSequence`` per write."""
 
     def _write(self, data) -> None:
         if self._lostTLSConnection:
@@ -66,8 +50,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
         done = 0
         while done < len(view):
             try:
-                # With partial writes off this takes the whole slice; contexts made elsewhere
-                # may still have them on, and then it takes one record.
                 done += connection.send(view[done : done + MAX_SSL_WRITE])
             except SSL.WantReadError:
                 # OpenSSL needs the peer first (a renegotiation); Twisted retries the rest later.

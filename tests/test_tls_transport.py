@@ -1,6 +1,6 @@
 """The server's TLS transport (anytls_twisted.tls_transport): Twisted's internals it relies on
-are still there, large writes arrive intact in fewer, larger pieces, and one full origin read
-stays under Twisted's pause threshold."""
+are still there, large writes arrive intact with one transport call per write, and one full
+origin read stays under Twisted's pause threshold."""
 
 from __future__ import annotations
 
@@ -73,15 +73,6 @@ class TwistedInternalsTests(SynchronousTestCase):
         for name in ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished"):
             self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name)), name)
 
-    def test_partial_writes_off(self) -> None:
-        """Server contexts leave SSL_MODE_ENABLE_PARTIAL_WRITE off (pyOpenSSL turns it on)."""
-        cert_path, key_path = certs.ensure_self_signed(self.mktemp(), "localhost")
-        options = tls.server_tls_options(certs.load_certificate_files(cert_path, key_path))
-        context = options._makeContext()
-        mode = context.set_mode(0)  # set_mode returns the resulting mode; 0 adds nothing
-        self.assertEqual(mode & tls_transport.SSL_MODE_ENABLE_PARTIAL_WRITE, 0)
-        self.assertNotEqual(SSL.Context(SSL.TLS_METHOD).set_mode(0) & 1, 0)  # the default
-
 
 class BulkWriteTests(SynchronousTestCase):
     def test_large_writes_arrive_intact(self) -> None:
@@ -102,13 +93,13 @@ class BulkWriteTests(SynchronousTestCase):
         self.assertIsNone(pair.client.lost)
 
     def test_one_write_one_transport_call(self) -> None:
-        """A 64 KiB application write reaches the TCP transport as one writeSequence of
-        two-record pieces (Twisted's own transport made one write per 16 KiB record)."""
+        """A 64 KiB application write reaches the TCP transport as one writeSequence of its
+        records (Twisted's own transport made one write per 16 KiB record)."""
         pair = _Pair(self)
         pair.server_tls.write(b"x" * 65542)
         self.assertEqual(len(pair.writes), 1)
         pieces = pair.writes[0]
-        self.assertEqual(len(pieces), 3)  # 32 KiB + 32 KiB + 6 bytes of plaintext
+        self.assertEqual(len(pieces), 5)  # 4 x 16 KiB + 6 bytes of plaintext
         overhead = sum(pieces) - 65542
         self.assertTrue(0 < overhead <= 5 * 29, overhead)  # 5 records, at most 29 bytes each
         pair.pump.flush()
