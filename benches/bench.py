@@ -230,10 +230,6 @@ def check_config(procs: Procs, path: str, name: str) -> None:
         raise BenchError(f"sing-box check rejected the {name} config {path}:\n{result.stdout}{result.stderr}")
 
 
-#: Our server's --workers for this benchmark run (set from the command line).
-WORKERS = 1
-
-
 def start_origins(procs: Procs) -> dict:
     """Start benches/loadgen.py's origins; return their ports by name."""
     import select
@@ -252,7 +248,7 @@ def start_origins(procs: Procs) -> dict:
     return json.loads(line)
 
 
-def start_ours(procs: Procs, rundir: str, name: str):
+def start_ours(procs: Procs, rundir: str, name: str, workers: int = 1):
     state = os.path.join(rundir, "state")
     os.makedirs(state, exist_ok=True)
     port = free_port()
@@ -261,7 +257,7 @@ def start_ours(procs: Procs, rundir: str, name: str):
     twistd = os.path.join(os.path.dirname(PY), "twistd")
     proc = procs.spawn(name, [twistd, "-n", "--pidfile=", "anytls", "--port", f"ssl:{port}:interface=127.0.0.1",
                               "--password", PASSWORD, "--state-dir", state, "--allow-private",
-                              "--log-level", "warn", "--workers", str(WORKERS)], env=env)
+                              "--log-level", "warn", "--workers", str(workers)], env=env)
     wait_for_port(port, proc, 60.0)
     cert = os.path.join(state, "self-signed-cert.pem")
     if not os.path.exists(cert):
@@ -378,8 +374,10 @@ def one_run(procs: Procs, origins: dict, cfg, kind: str, index: int, base: str) 
     rundir = os.path.join(base, f"run{index}-{kind}")
     os.makedirs(rundir, exist_ok=True)
     tag = f"run{index}-{kind}"
-    start = start_ours if kind == "ours" else start_anchor
-    server, port, cert = start(procs, rundir, f"{tag}-server")
+    if kind == "anchor":
+        server, port, cert = start_anchor(procs, rundir, f"{tag}-server")
+    else:
+        server, port, cert = start_ours(procs, rundir, f"{tag}-server", workers_of(kind))
     client = None
     try:
         client, socks = start_client(procs, rundir, port, cert, f"{tag}-client")
@@ -422,6 +420,16 @@ ROWS = [
 ]
 
 
+def ours_kind(workers: int, several: bool) -> str:
+    """The results key of our server with ``workers`` processes: "ours", or "ours-wN" when
+    the run compares several worker counts."""
+    return f"ours-w{workers}" if several else "ours"
+
+
+def workers_of(kind: str) -> int:
+    return int(kind[len("ours-w"):]) if kind.startswith("ours-w") else 1
+
+
 def get(res: dict, path) -> Optional[float]:
     for key in path:
         if not isinstance(res, dict) or key not in res:
@@ -443,22 +451,38 @@ def table(summary: dict) -> str:
             return f"{int(v)}"
         return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
-    lines = ["| metric | unit | ours | anchor | ours/anchor | ceiling (no proxy) |", "|---|---|---:|---:|---:|---:|"]
+    kinds = summary.get("ours_kinds", ["ours"])
+    names = ["ours"] if kinds == ["ours"] else [f"ours, {workers_of(k)} worker{'s' * (workers_of(k) > 1)}" for k in kinds]
+    head = "| metric | unit | " + " | ".join(names) + " | anchor | " + " | ".join(f"{n} / anchor" for n in names)
+    lines = [head + " | ceiling (no proxy) |", "|---|---|" + "---:|" * (2 * len(kinds) + 2)]
     for row in summary["rows"]:
-        ratio = row["ratio"]
-        lines.append(f"| {row['metric']} | {row['unit']} | {fmt(row['ours'])} | {fmt(row['anchor'])} | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}'} | {fmt(row['ceiling'])} |")
+        ours = " | ".join(fmt(row["ours"] if k == kinds[0] else row["by_kind"][k]["ours"]) for k in kinds)
+        ratios = " | ".join(
+            "-" if r is None else f"{r:.2f}"
+            for r in (row["ratio"] if k == kinds[0] else row["by_kind"][k]["ratio"] for k in kinds))
+        lines.append(f"| {row['metric']} | {row['unit']} | {ours} | {fmt(row['anchor'])} | {ratios} | {fmt(row['ceiling'])} |")
     return "\n".join(lines)
 
 
 def summarize(results: Dict[str, List[dict]], ceiling: dict) -> dict:
+    """Medians per metric. ``ours``/``ratio`` are for the first of our kinds; with several
+    worker counts every kind is also under ``by_kind``."""
+    kinds = [k for k in results if k != "anchor"]
     rows = []
     for label, path, unit, _better in ROWS:
-        ours, anchor = med(results["ours"], path), med(results["anchor"], path)
-        ratio = ours / anchor if ours is not None and anchor not in (None, 0) else None
-        rows.append({"metric": label, "unit": unit, "ours": ours, "anchor": anchor, "ratio": ratio,
-                     "ceiling": get(ceiling, path)})
-    return {"rows": rows}
+        anchor = med(results.get("anchor", []), path)
+        by_kind = {}
+        for kind in kinds:
+            ours = med(results[kind], path)
+            ratio = ours / anchor if ours is not None and anchor not in (None, 0) else None
+            by_kind[kind] = {"ours": ours, "ratio": ratio}
+        first = by_kind[kinds[0]] if kinds else {"ours": None, "ratio": None}
+        row = {"metric": label, "unit": unit, "ours": first["ours"], "anchor": anchor, "ratio": first["ratio"],
+               "ceiling": get(ceiling, path)}
+        if len(kinds) > 1:
+            row["by_kind"] = by_kind
+        rows.append(row)
+    return {"rows": rows, "ours_kinds": kinds}
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,11 +501,16 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout-per-mib", type=float, default=1.0,
                         help="seconds allowed per MiB of a transfer (plus a fixed margin) before it is abandoned")
     parser.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench"))
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes our server runs (--workers); CPU and RSS include them all")
+    parser.add_argument("--workers", default="1",
+                        help="processes our server runs (--workers); CPU and RSS include them all. "
+                             "A list such as 1,2 runs our server with each count in turn, in the same run")
     cfg = parser.parse_args(argv)
-    global WORKERS
-    WORKERS = cfg.workers
+    try:
+        worker_counts = [int(w) for w in str(cfg.workers).split(",")]
+        if not worker_counts or min(worker_counts) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--workers {cfg.workers}: give a positive number or a list such as 1,2")
     cfg.runs = cfg.runs or (1 if cfg.quick else 3)
     size_mib = cfg.size or (64 if cfg.quick else 512)
     cfg.size = int(size_mib * MiB)
@@ -500,8 +529,9 @@ def main(argv=None) -> int:
     os.makedirs(base, exist_ok=True)
     procs = Procs(base)
     began = time.monotonic()
-    results: Dict[str, List[dict]] = {"ours": [], "anchor": []}
-    kinds = [cfg.only] if cfg.only else ["ours", "anchor"]
+    ours_kinds = [ours_kind(w, len(worker_counts) > 1) for w in worker_counts]
+    kinds = ([] if cfg.only == "anchor" else ours_kinds) + ([] if cfg.only == "ours" else ["anchor"])
+    results: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     status = 0
     ceiling: dict = {}
     try:
@@ -530,16 +560,17 @@ def main(argv=None) -> int:
     report = {
         "timestamp": stamp, "machine": machine(), "command": " ".join(["scripts/bench.sh"] + (argv or sys.argv[1:])),
         "config": {"runs": cfg.runs, "size": cfg.size, "parallel_size": cfg.parallel_size, "streams": cfg.streams,
-                   "latency_count": cfg.latency_count, "udp_count": cfg.udp_count, "quick": cfg.quick},
+                   "latency_count": cfg.latency_count, "udp_count": cfg.udp_count, "quick": cfg.quick,
+                   "workers": worker_counts},
         "elapsed_s": elapsed, "complete": status == 0, "ceiling": ceiling, "runs": results, "summary": summary,
     }
     path = os.path.join(cfg.out, f"{stamp}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
-    if results["ours"] or results["anchor"] or ceiling:
+    if any(results.values()) or ceiling:
         print()
         print(table(summary))
-    print(f"\nmedians over {max(len(results['ours']), len(results['anchor']))} run(s); "
+    print(f"\nmedians over {max(len(r) for r in results.values())} run(s); "
           f"total {elapsed:.0f}s; results: {path}")
     return status
 
