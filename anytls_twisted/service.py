@@ -16,6 +16,7 @@ from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 
+from . import tls
 from .address import Destination
 from .config import ServerConfig
 from .dialer import OriginDialer
@@ -157,7 +158,7 @@ class AnyTLSService(service.MultiService):
         if callable(description):  # a ready listener, e.g. workers.AdoptedPort
             listener = description(factory)
         else:
-            listener = strports.service(description, factory, reactor=reactor)
+            listener = strports.service(tls.listen_endpoint(description), factory, reactor=reactor)
         listener.setServiceParent(self)
         self.listeners.append(listener)
         return listener

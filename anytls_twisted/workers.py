@@ -22,6 +22,7 @@ from twisted.application import service
 from twisted.internet import defer, protocol
 
 from .logs import get_logger
+from .tls import DEFAULT_BACKLOG
 
 _log = get_logger("anytls_twisted.workers")
 
@@ -48,7 +49,7 @@ def parse_tcp(endpoint: str) -> TCPListen:
         raise ValueError(f"--workers supports only TCP ports (tcp:, ssl:, haproxy:ssl:), not {endpoint}")
     # Split on unescaped colons (interface=\:\: for IPv6).
     parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", rest)]
-    args = {"interface": "::" if kind == "tcp6" else "", "backlog": "50"}
+    args = {"interface": "::" if kind == "tcp6" else "", "backlog": str(DEFAULT_BACKLOG)}
     port = None
     for part in parts:
         name, eq, value = part.partition("=")

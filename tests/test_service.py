@@ -89,6 +89,18 @@ class ShutdownTests(SynchronousTestCase):
         top.startService()
         return top
 
+    def test_tcp_listeners_get_a_large_backlog(self):
+        """TCP ports without a backlog listen with DEFAULT_BACKLOG (Twisted's 50 overflowed on
+        a burst of 100 sessions); a given backlog is kept."""
+        from anytls_twisted import tls
+
+        self.build()
+        self.assertEqual(self.server.reactor.tcpServers[0][2], tls.DEFAULT_BACKLOG)
+        server = Server()
+        build_service(server.config, [("tcp:0:backlog=7", lambda f: f)], server.reactor, server.dialer,
+                      server.factory.listen_udp).startService()
+        self.assertEqual(server.reactor.tcpServers[0][2], 7)
+
     def test_listener_and_reaper_children(self):
         """makeService's shape: one listener per port plus the reaper, all started."""
         top = self.build()

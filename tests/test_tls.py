@@ -439,6 +439,25 @@ class _Authenticator(protocol.Protocol):
         )
 
 
+class ListenEndpointTests(SynchronousTestCase):
+    def test_default_backlog_added_to_tcp_only(self):
+        """TCP endpoints without a backlog get DEFAULT_BACKLOG; others are left alone."""
+        big = f"backlog={tls.DEFAULT_BACKLOG}"
+        for given, expected in [
+            ("tcp:8443", f"tcp:8443:{big}"),
+            (r"tcp:443:interface=\:\:1", rf"tcp:443:interface=\:\:1:{big}"),
+            ("tcp6:443", f"tcp6:443:{big}"),
+            ("haproxy:tcp:8443", f"haproxy:tcp:8443:{big}"),
+            ("tcp:8443:backlog=7", "tcp:8443:backlog=7"),
+            ("tcp:port=5:backlog=9", "tcp:port=5:backlog=9"),
+            ("unix:/run/a.sock", "unix:/run/a.sock"),
+            ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+        ]:
+            self.assertEqual(tls.listen_endpoint(given), expected, given)
+            if not given.startswith("systemd:"):  # needs inherited descriptors to parse
+                serverFromString(MemoryReactor(), tls.listen_endpoint(given))  # still parses
+
+
 class ProxyHeaderTests(SynchronousTestCase):
     """Behind a haproxy: port the session logs the client's address from the PROXY header, not
     the proxy's: Twisted's wrapper only knows it once the header is read, after connectionMade."""

@@ -102,6 +102,7 @@ class CommandLineTests(unittest.TestCase):
     def test_parse_tcp(self):
         t = workers.parse_tcp("tcp:8443:interface=127.0.0.1:backlog=7")
         self.assertEqual((t.host, t.port, t.backlog, t.haproxy), ("127.0.0.1", 8443, 7, False))
+        self.assertEqual(workers.parse_tcp("tcp:8443").backlog, workers.DEFAULT_BACKLOG)
         self.assertRaises(ValueError, workers.parse_tcp, "tcp:8443:reuse=1")
         self.assertRaises(ValueError, workers.parse_tcp, "unix:/x")
 
