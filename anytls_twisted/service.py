@@ -173,8 +173,8 @@ class AnyTLSService(service.MultiService):
             super().startService()
         # Everything built so far (modules, Twisted, the TLS contexts, the config) lives as long
         # as the process. Moving it out of the collector's generations makes each full
-        # collection scan only what sessions allocate: the collector took 8% of the server's
-        # samples while 100 sessions were set up (benches/profile.py parallel --size 10).
+        # collection scan only what sessions allocate: the collector took 8-12% of the server's
+        # samples while 100 sessions were set up, 0-4% after (benches/profile.py parallel --size 10).
         gc.freeze()
 
     @defer.inlineCallbacks

@@ -16,6 +16,7 @@ import argparse
 import collections
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,14 +24,27 @@ import time
 
 import bench
 
-#: (layer, test on "function (file)" frame text); first match wins, checked leaf first.
+#: Our package's module names: py-spy shows our frames as ``name.py`` (no package path).
+OURS = {name[:-3] for name in os.listdir(os.path.join(bench.ROOT, "anytls_twisted")) if name.endswith(".py")}
+SYSCALLS = ("send", "recv", "sendto", "recvfrom", "epoll_wait", "epoll_ctl", "connect", "accept4", "accept",
+            "close", "shutdown", "getsockopt", "setsockopt", "getsockname", "getpeername", "socket", "bind")
+
+
+def _ours(frame: str) -> bool:
+    match = re.search(r"\((\w+)\.py:", frame)
+    return bool(match) and match.group(1) in OURS
+
+
+#: (layer, test on "function (file)" frame text); each sample goes to the layer of its
+#: innermost frame that matches one.
 LAYERS = [
-    ("OpenSSL (libssl/libcrypto)", lambda f: "libssl" in f or "libcrypto" in f or "ossl_" in f or "aes" in f.lower()),
-    ("kernel calls (send/recv/epoll)", lambda f: any(s in f for s in ("__libc_send", "__libc_recv", "epoll_wait", "__send", "__recv", "sock_send", "sock_recv", "libc.so"))),
-    ("pyOpenSSL wrappers", lambda f: "OpenSSL/SSL.py" in f or "_cffi_backend" in f),
+    ("system calls (socket I/O, epoll)", lambda f: f.split(" (")[0] in SYSCALLS and "libc" in f),
+    ("OpenSSL (libssl/libcrypto)", lambda f: "_rust.abi3" in f or "libssl" in f or "libcrypto" in f),
+    ("libc (memcpy, malloc)", lambda f: "libc.so" in f),
+    ("pyOpenSSL and cffi", lambda f: "OpenSSL/SSL.py" in f or "_cffi_backend" in f),
     ("Twisted TLS (protocols/tls.py)", lambda f: "twisted/protocols/tls.py" in f),
-    ("Twisted reactor and TCP", lambda f: "twisted/internet/" in f),
-    ("anytls_twisted", lambda f: "anytls_twisted/" in f),
+    ("anytls_twisted", _ours),
+    ("Twisted reactor, TCP, logging", lambda f: "twisted/" in f),
 ]
 
 
@@ -40,7 +54,7 @@ def classify(stack):
         for name, test in LAYERS:
             if test(frame):
                 return name
-    return "other (interpreter, libc)"
+    return "other (interpreter, zope.interface, ...)"
 
 
 def report(raw_path: str, top: int) -> str:
