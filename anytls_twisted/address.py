@@ -49,8 +49,8 @@ class Destination:
 #: Entries kept by the memoised parsers and the policy check below. ``ipaddress`` takes a few
 #: microseconds per parse and ``is_global`` walks a list of networks; a UDP-over-TCP stream
 #: parses the same few addresses for every datagram (benches/profile.py udp: 8.5% of the
-#: server's samples were in ``ipaddress``, 1.9% with these caches). The results are immutable, so caching is safe;
-#: the bound keeps a client sending many addresses from growing it.
+#: server's samples were in ``ipaddress``, 1.9% with these caches). The results are immutable,
+#: so caching is safe; the bound keeps a client sending many addresses from growing it.
 CACHE_SIZE = 1024
 
 

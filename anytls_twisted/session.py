@@ -281,14 +281,13 @@ class SessionProtocol(Protocol):
             Command.HEART_RESPONSE,
         ):
             pass
-        else:
-            if logs.DEBUG:  # skip building an event the filter drops
-                _log.debug(
-                    "session {session_id}: ignoring unknown command {cmd} ({length} bytes)",
-                    session_id=self.session_id,
-                    cmd=cmd,
-                    length=len(frame.data),
-                )
+        elif logs.DEBUG:  # skip building an event the filter drops
+            _log.debug(
+                "session {session_id}: ignoring unknown command {cmd} ({length} bytes)",
+                session_id=self.session_id,
+                cmd=cmd,
+                length=len(frame.data),
+            )
 
     def _settings(self, data: bytes) -> None:
         settings = codec.parse_settings(data)
