@@ -276,13 +276,20 @@ def start_anchor(procs: Procs, rundir: str, name: str):
         "outbounds": [{"type": "direct", "tag": "direct"}],
         "route": {"final": "direct"},
     }
-    path = os.path.join(rundir, "anchor.json")
+    proc = run_singbox(procs, rundir, "anchor", config, name, port)
+    return proc, port, cert
+
+
+def run_singbox(procs: Procs, rundir: str, role: str, config: dict, name: str, port: int) -> subprocess.Popen:
+    """Write ``config`` as ``<role>.json``, have ``sing-box check`` accept it, run it, and wait
+    for ``port`` to listen."""
+    path = os.path.join(rundir, f"{role}.json")
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
-    check_config(procs, path, "anchor")
+    check_config(procs, path, role)
     proc = procs.spawn(name, [singbox_bin(), "run", "-c", path])
     wait_for_port(port, proc, 30.0)
-    return proc, port, cert
+    return proc
 
 
 def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: str):
@@ -295,12 +302,7 @@ def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: s
                        "tls": {"enabled": True, "server_name": "localhost", "certificate_path": cert}}],
         "route": {"final": "anytls-out"},
     }
-    path = os.path.join(rundir, "client.json")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=1)
-    check_config(procs, path, "client")
-    proc = procs.spawn(name, [singbox_bin(), "run", "-c", path])
-    wait_for_port(socks, proc, 30.0)
+    proc = run_singbox(procs, rundir, "client", config, name, socks)
     return proc, socks
 
 
