@@ -72,6 +72,30 @@ class E2ETimeout(AssertionError):
 class ProcessGone(AssertionError):
     """A child process ended while something waited on it."""
 
+    def __init__(self, message: str, process=None) -> None:
+        super().__init__(message)
+        self.process = process
+
+
+#: Tries to start a process on freshly picked ports (see :func:`retry_port_clash`).
+START_ATTEMPTS = 3
+
+
+@defer.inlineCallbacks
+def retry_port_clash(start):
+    """``start(attempt)`` picks free ports and starts a process listening on them (a Deferred).
+    A port is picked before the process binds it, so another process may take it first: start
+    again, up to START_ATTEMPTS times, when the process ended saying its address was in use."""
+    for attempt in range(START_ATTEMPTS):
+        try:
+            result = yield start(attempt)
+            return result
+        except ProcessGone as e:
+            taken = e.process is not None and "address already in use" in e.process.tail().lower()
+            if attempt < START_ATTEMPTS - 1 and taken:
+                continue
+            raise
+
 
 def within(d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
     """Fail ``d`` with :class:`E2ETimeout` naming ``what`` unless it fires within ``seconds``."""
@@ -423,7 +447,7 @@ class ManagedProcess(protocol.ProcessProtocol):
                     return defer.succeed(match)
         if self.ended.fired:
             self.death_reported = True
-            return defer.fail(ProcessGone(f"{self.name} ended ({self.status()}) before logging /{pattern}/"))
+            return defer.fail(ProcessGone(f"{self.name} ended ({self.status()}) before logging /{pattern}/", self))
         d = defer.Deferred()
         self._watchers.append((regex, since, d))
         return within(d, seconds, what or f"{self.name} to log a line matching /{pattern}/")
@@ -444,7 +468,7 @@ class ManagedProcess(protocol.ProcessProtocol):
         for regex, _, d in watchers:
             if not d.called:
                 self.death_reported = True
-                d.errback(ProcessGone(f"{self.name} ended ({self.status()}) before logging /{regex.pattern}/"))
+                d.errback(ProcessGone(f"{self.name} ended ({self.status()}) before logging /{regex.pattern}/", self))
         self.ended.fire(self)
 
     def status(self) -> str:
@@ -538,7 +562,7 @@ def wait_for_port(host: str, port: int, seconds: float, process: Optional[Manage
     while True:
         if process is not None and process.ended.fired:
             process.death_reported = True
-            raise ProcessGone(f"{process.name} ended ({process.status()}) before {host}:{port} accepted")
+            raise ProcessGone(f"{process.name} ended ({process.status()}) before {host}:{port} accepted", process)
         probe = _Probe()
         factory = _OneShotFactory(probe)
         reactor.connectTCP(host, port, factory, timeout=max(0.2, min(2.0, deadline - reactor.seconds())))
@@ -1292,7 +1316,9 @@ class Harness:
         state = os.path.join(self.base, "server-state")
         os.makedirs(state, exist_ok=True)
         server = TwistdServer()
-        for attempt in range(3):
+
+        @defer.inlineCallbacks
+        def start(attempt):
             server.port = free_port("127.0.0.1")
             server.port6 = free_port("::1") if ipv6 else None
             args = ["-n", "--pidfile=", "anytls"]
@@ -1321,15 +1347,11 @@ class Harness:
             if launcher:
                 command = [part.format(port=server.port, port6=server.port6) for part in launcher] + command
             server.process = self.spawn("server", command[0], command[1:] + args, env=env, cwd=REPO_ROOT)
-            try:
-                yield wait_for_port("127.0.0.1", server.port, 60.0, server.process)
-                if ipv6:
-                    yield wait_for_port("::1", server.port6, 30.0, server.process)
-                break
-            except ProcessGone:
-                if attempt < 2 and "Address already in use" in server.process.tail():
-                    continue
-                raise
+            yield wait_for_port("127.0.0.1", server.port, 60.0, server.process)
+            if ipv6:
+                yield wait_for_port("::1", server.port6, 30.0, server.process)
+
+        yield retry_port_clash(start)
         match = yield server.process.wait_for_line(TwistdServer.PIN_LINE, 10.0, what="the server's certificate pin line")
         server.logged_pin = match.group(1)
         server.cert_path = os.path.join(state, "self-signed-cert.pem")
@@ -1347,7 +1369,9 @@ class Harness:
         server.cert_path = cert_path
         server.pin = spki_pin(cert_path)
         binary = singbox_binary("1.14")
-        for attempt in range(3):
+
+        @defer.inlineCallbacks
+        def start(attempt):
             server.port = free_port("127.0.0.1")
             server.port6 = free_port("::1") if ipv6 else None
             config_path = os.path.join(directory, f"server-{attempt}.json")
@@ -1355,15 +1379,11 @@ class Harness:
                 json.dump(singbox_server_config(server.port, server.port6, PASSWORD, cert_path, key_path, allow_private), f, indent=1)
             yield self.check_config(binary, config_path, "server")
             server.process = self.spawn("server", binary, ["run", "-c", config_path], cwd=directory)
-            try:
-                yield wait_for_port("127.0.0.1", server.port, 30.0, server.process)
-                if ipv6:
-                    yield wait_for_port("::1", server.port6, 30.0, server.process)
-                break
-            except ProcessGone:
-                if attempt < 2 and "address already in use" in server.process.tail():
-                    continue
-                raise
+            yield wait_for_port("127.0.0.1", server.port, 30.0, server.process)
+            if ipv6:
+                yield wait_for_port("::1", server.port6, 30.0, server.process)
+
+        yield retry_port_clash(start)
         return server
 
     # clients
@@ -1390,7 +1410,9 @@ class Harness:
         if server_port is None:
             server_port = server.port6 if server_host == "::1" else server.port
         name = self._unique(f"client-{version}")
-        for attempt in range(3):
+
+        @defer.inlineCallbacks
+        def start(attempt):
             socks_port = free_port("127.0.0.1")
             config = client_config(
                 socks_port,
@@ -1409,13 +1431,11 @@ class Harness:
                 json.dump(config, f, indent=1)
             yield self.check_config(binary, config_path, name)
             proc = self.spawn(name, binary, ["run", "-c", config_path])
-            try:
-                yield wait_for_port("127.0.0.1", socks_port, 30.0, proc)
-                return SingBoxClient(proc.name, proc, socks_port, config_path, version)
-            except ProcessGone:
-                if attempt < 2 and "address already in use" in proc.tail():
-                    continue
-                raise
+            yield wait_for_port("127.0.0.1", socks_port, 30.0, proc)
+            return SingBoxClient(proc.name, proc, socks_port, config_path, version)
+
+        client = yield retry_port_clash(start)
+        return client
 
     # origins
 
