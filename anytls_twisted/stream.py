@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import codec, logs
+from . import logs
 from .address import Destination
 from .dialer import DialError
 from .logs import get_logger

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import socket
-import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application import service

@@ -18,7 +18,6 @@ import datetime
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 
