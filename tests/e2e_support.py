@@ -35,7 +35,7 @@ import re
 import socket
 import struct
 import sys
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.interfaces import IPullProducer
@@ -304,23 +304,30 @@ def connections_to(port: int, states: Iterable[str] = (TCP_ESTABLISHED,)) -> int
     )
 
 
-def listening_pid_check(pid: int, port: int) -> Optional[bool]:
-    """True if process ``pid`` holds the listening socket on ``port``; None if unknowable."""
-    inodes = {inode for _, lport, _, _, state, inode in _proc_tcp_rows() if lport == port and state == TCP_LISTEN}
-    if not inodes:
-        return None
+def socket_inodes(pid: int) -> Optional[Set[int]]:
+    """Inodes of the sockets process ``pid`` holds open (from /proc); None if unreadable."""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
+    inodes = set()
     for fd in fds:
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("socket:[") and int(target[8:-1]) in inodes:
-            return True
-    return False
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listening_pid_check(pid: int, port: int) -> Optional[bool]:
+    """True if process ``pid`` holds the listening socket on ``port``; None if unknowable."""
+    inodes = {inode for _, lport, _, _, state, inode in _proc_tcp_rows() if lport == port and state == TCP_LISTEN}
+    held = socket_inodes(pid)
+    if not inodes or held is None:
+        return None
+    return bool(inodes & held)
 
 
 # --------------------------------------------------------------------------------------------

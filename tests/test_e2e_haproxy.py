@@ -168,17 +168,7 @@ class HAProxyEndToEndTests(unittest.TestCase):
 
 def client_source_ports(pid: int, remote_port: int) -> set:
     """Local ports of process ``pid``'s TCP connections to ``remote_port`` (from /proc)."""
-    from .e2e_support import _proc_tcp_rows
+    from .e2e_support import _proc_tcp_rows, socket_inodes
 
-    try:
-        inodes = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    except OSError:
-        return set()
+    inodes = socket_inodes(pid) or set()
     return {lport for _, lport, _, rport, _, inode in _proc_tcp_rows() if rport == remote_port and inode in inodes}

@@ -17,6 +17,7 @@ from .e2e_support import (
     label,
     payload_bytes,
     poll_until,
+    socket_inodes,
     within,
 )
 
@@ -48,21 +49,7 @@ def alive(pid: int) -> bool:
 def accepted_by(pids, port: int):
     """{pid: number of established server-side connections on ``port`` it holds}."""
     inodes = {row[5] for row in _proc_tcp_rows() if row[1] == port and row[4] == TCP_ESTABLISHED}
-    counts = {}
-    for pid in pids:
-        n = 0
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:[") and int(link[8:-1]) in inodes:
-                    n += 1
-        except OSError:
-            pass
-        counts[pid] = n
-    return counts
+    return {pid: len(inodes & (socket_inodes(pid) or set())) for pid in pids}
 
 
 class WorkersEndToEndTests(unittest.TestCase):

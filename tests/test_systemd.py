@@ -332,15 +332,7 @@ class SocketActivationTests(unittest.TestCase):
 
 def listening_sockets(pid: int):
     """Inodes of the TCP sockets in LISTEN state that process ``pid`` holds."""
-    from .e2e_support import TCP_LISTEN, _proc_tcp_rows
+    from .e2e_support import TCP_LISTEN, _proc_tcp_rows, socket_inodes
 
     listening = {inode for _, _, _, _, state, inode in _proc_tcp_rows() if state == TCP_LISTEN}
-    held = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:[") and int(target[8:-1]) in listening:
-            held.add(int(target[8:-1]))
-    return held
+    return listening & (socket_inodes(pid) or set())
