@@ -177,9 +177,15 @@ def _generate(server_name: str, names: List[x509.GeneralName]) -> Tuple[bytes, b
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -251,7 +257,9 @@ def _load(cert_path: str, key_path: str, chain_path: Optional[str]) -> TLSMateri
     try:
         key = serialization.load_pem_private_key(_read(key_path, "private key"), password=None)
     except TypeError:
-        raise CertificateError(f"private key {key_path} is encrypted; give an unencrypted key") from None
+        raise CertificateError(
+            f"private key {key_path} is encrypted; give an unencrypted key"
+        ) from None
     except (ValueError, UnsupportedAlgorithm):
         raise CertificateError(f"{key_path} does not hold a PEM private key") from None
     leaf = certs[0]

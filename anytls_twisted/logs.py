@@ -18,9 +18,9 @@ from typing import IO, Any, Dict, Optional
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     formatEvent,
     globalLogPublisher,
 )
@@ -57,7 +57,9 @@ FORMATS = ("text", "json")
 JSON_OBSERVER = "anytls_twisted.logs.json_observer"
 
 #: Keys of events from twisted.python.log (legacy) that repeat what the record already says.
-_LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "failure", "why", "printed"})
+_LEGACY_KEYS = frozenset(
+    {"message", "isError", "system", "time", "format", "failure", "why", "printed"}
+)
 
 
 def event_record(event: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,7 +74,9 @@ def event_record(event: Dict[str, Any]) -> Dict[str, Any]:
     level = event.get("log_level")
     record: Dict[str, Any] = {
         "time": (
-            datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="milliseconds")
+            datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            )
             if isinstance(when, (int, float))
             else None
         ),

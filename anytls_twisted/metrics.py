@@ -84,7 +84,10 @@ class Metrics(NullMetrics):
             "anytls_sessions", "Sessions authenticated, by user.", ["user"], registry=r
         )
         self.streams_total = Counter(
-            "anytls_streams", "Streams opened (destination received), by kind.", ["kind"], registry=r
+            "anytls_streams",
+            "Streams opened (destination received), by kind.",
+            ["kind"],
+            registry=r,
         )
         self.auth_failures = Counter(
             "anytls_auth_failures",

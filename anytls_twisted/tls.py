@@ -71,7 +71,9 @@ class _ServerOptions(CertificateOptions):
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def server_tls_options(material: TLSMaterial, alpn: Sequence[str] = ALPN_NONE) -> CertificateOptions:
+def server_tls_options(
+    material: TLSMaterial, alpn: Sequence[str] = ALPN_NONE
+) -> CertificateOptions:
     """Server-side TLS options (an ``IOpenSSLServerConnectionCreator``): TLS 1.2 minimum,
     Twisted's default ciphers, ``material``'s certificate and chain, ALPN as described above."""
     return _ServerOptions(
@@ -120,7 +122,11 @@ class PortSpec:
     description: str
 
 
-_FILE_OPTIONS = {"privateKey": "private_key", "certKey": "cert_key", "extraCertChain": "extra_cert_chain"}
+_FILE_OPTIONS = {
+    "privateKey": "private_key",
+    "certKey": "cert_key",
+    "extraCertChain": "extra_cert_chain",
+}
 _SUPPORTED = "port, interface, backlog, privateKey, certKey, extraCertChain"
 
 
@@ -298,7 +304,9 @@ def check_endpoint(endpoint: str) -> None:
     try:
         parsed = serverFromString(None, endpoint)  # parsers only store the reactor
     except Exception as e:
-        if endpoint.startswith(("systemd:", "haproxy:systemd:")) and isinstance(e, (IndexError, KeyError)):
+        if endpoint.startswith(("systemd:", "haproxy:systemd:")) and isinstance(
+            e, (IndexError, KeyError)
+        ):
             hint = ""
             if "LISTEN_FDNAMES" not in os.environ:
                 hint = (
@@ -309,7 +317,9 @@ def check_endpoint(endpoint: str) -> None:
                 f"systemd passed no socket matching {endpoint}; start the service through its "
                 f".socket unit (FileDescriptorName= there is the name= here){hint}"
             ) from None
-        raise ValueError(f"Twisted cannot use endpoint {endpoint}: {type(e).__name__}: {e}") from None
+        raise ValueError(
+            f"Twisted cannot use endpoint {endpoint}: {type(e).__name__}: {e}"
+        ) from None
     while hasattr(parsed, "_wrappedEndpoint"):  # haproxy:
         parsed = parsed._wrappedEndpoint
     if isinstance(parsed, AdoptedStreamServerEndpoint):
@@ -321,7 +331,9 @@ def check_endpoint(endpoint: str) -> None:
         except OSError as e:
             if duplicate is not None:
                 os.close(duplicate)
-            raise ValueError(f"the socket for {endpoint} (fd {parsed.fileno}) is unusable: {e}") from None
+            raise ValueError(
+                f"the socket for {endpoint} (fd {parsed.fileno}) is unusable: {e}"
+            ) from None
         if family != parsed.addressFamily:
             expected = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
             raise ValueError(

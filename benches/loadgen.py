@@ -148,7 +148,7 @@ def expect_eof(sock: socket.socket, seconds: float = 15.0) -> None:
     sock.settimeout(seconds)
     try:
         extra = sock.recv(65536)
-    except socket.timeout:
+    except TimeoutError:
         raise CheckFailed(f"the stream was not closed within {seconds:g}s after the last byte")
     except ConnectionResetError:
         return
@@ -225,7 +225,11 @@ def _udp_echo(sock: socket.socket) -> None:
 def run_origins() -> None:
     ports = {}
     threads = []
-    for name, handler in (("source", _origin_source), ("sink", _origin_sink), ("echo", _origin_echo)):
+    for name, handler in (
+        ("source", _origin_source),
+        ("sink", _origin_sink),
+        ("echo", _origin_echo),
+    ):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
@@ -295,7 +299,10 @@ def _parallel_worker(args) -> list:
     if delay > 0:
         time.sleep(delay)
     out: list = []
-    threads = [threading.Thread(target=_one_parallel_stream, args=(socks, origin, size, out), daemon=True) for _ in range(count)]
+    threads = [
+        threading.Thread(target=_one_parallel_stream, args=(socks, origin, size, out), daemon=True)
+        for _ in range(count)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + IO_TIMEOUT * 4
@@ -418,7 +425,7 @@ def drive_udp(socks: Optional[int], origin: int, count: int, warmup: int, wait: 
                 udp.settimeout(left)
                 try:
                     data = udp.recv(65535)
-                except socket.timeout:
+                except TimeoutError:
                     break
                 body = strip(data)
                 if body == payload:
@@ -449,16 +456,24 @@ def drive_udp(socks: Optional[int], origin: int, count: int, warmup: int, wait: 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["origins", "download", "upload", "parallel", "latency", "udp"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "mode", choices=["origins", "download", "upload", "parallel", "latency", "udp"]
+    )
     parser.add_argument("--socks", type=int, default=None)
     parser.add_argument("--origin", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64 << 20, help="bytes (per stream for parallel)")
+    parser.add_argument(
+        "--size", type=int, default=64 << 20, help="bytes (per stream for parallel)"
+    )
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--wait", type=float, default=1.0, help="UDP: seconds before a datagram counts as lost")
+    parser.add_argument(
+        "--wait", type=float, default=1.0, help="UDP: seconds before a datagram counts as lost"
+    )
     args = parser.parse_args(argv)
     if args.mode == "origins":
         run_origins()

@@ -24,9 +24,30 @@ import time
 import bench
 
 #: Our package's module names: py-spy shows our frames as ``name.py`` (no package path).
-OURS = {name[:-3] for name in os.listdir(os.path.join(bench.ROOT, "anytls_twisted")) if name.endswith(".py")}
-SYSCALLS = ("send", "recv", "sendto", "recvfrom", "epoll_wait", "epoll_ctl", "connect", "accept4", "accept",
-            "close", "shutdown", "getsockopt", "setsockopt", "getsockname", "getpeername", "socket", "bind")
+OURS = {
+    name[:-3]
+    for name in os.listdir(os.path.join(bench.ROOT, "anytls_twisted"))
+    if name.endswith(".py")
+}
+SYSCALLS = (
+    "send",
+    "recv",
+    "sendto",
+    "recvfrom",
+    "epoll_wait",
+    "epoll_ctl",
+    "connect",
+    "accept4",
+    "accept",
+    "close",
+    "shutdown",
+    "getsockopt",
+    "setsockopt",
+    "getsockname",
+    "getpeername",
+    "socket",
+    "bind",
+)
 
 
 def _ours(frame: str) -> bool:
@@ -38,7 +59,10 @@ def _ours(frame: str) -> bool:
 #: innermost frame that matches one.
 LAYERS = [
     ("system calls (socket I/O, epoll)", lambda f: f.split(" (")[0] in SYSCALLS and "libc" in f),
-    ("OpenSSL (libssl/libcrypto)", lambda f: "_rust.abi3" in f or "libssl" in f or "libcrypto" in f),
+    (
+        "OpenSSL (libssl/libcrypto)",
+        lambda f: "_rust.abi3" in f or "libssl" in f or "libcrypto" in f,
+    ),
     ("libc (memcpy, malloc)", lambda f: "libc.so" in f),
     ("pyOpenSSL and cffi", lambda f: "OpenSSL/SSL.py" in f or "_cffi_backend" in f),
     ("Twisted TLS (protocols/tls.py)", lambda f: "twisted/protocols/tls.py" in f),
@@ -87,10 +111,14 @@ def report(raw_path: str, top: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workload", choices=["download", "upload", "parallel", "udp", "latency"])
     parser.add_argument("--size", type=int, default=1024, help="MiB moved (default 1024)")
-    parser.add_argument("--count", type=int, default=20000, help="datagrams or new streams (udp, latency)")
+    parser.add_argument(
+        "--count", type=int, default=20000, help="datagrams or new streams (udp, latency)"
+    )
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -109,21 +137,60 @@ def main(argv=None) -> int:
         client, socks = bench.start_client(procs, base, port, cert, "client")
         size = args.size * bench.MiB
         # A warm-up stream, so the session exists before sampling starts.
-        bench.drive(procs, "warmup", ["--socks", str(socks), "download", "--origin", str(origins["source"]),
-                                      "--size", str(bench.MiB)], 30)
-        spy_proc = procs.spawn("py-spy", [spy, "record", "--native", "--format", "raw", "--rate", str(args.rate),
-                                          "--pid", str(server.pid), "--output", raw])
+        bench.drive(
+            procs,
+            "warmup",
+            [
+                "--socks",
+                str(socks),
+                "download",
+                "--origin",
+                str(origins["source"]),
+                "--size",
+                str(bench.MiB),
+            ],
+            30,
+        )
+        spy_proc = procs.spawn(
+            "py-spy",
+            [
+                spy,
+                "record",
+                "--native",
+                "--format",
+                "raw",
+                "--rate",
+                str(args.rate),
+                "--pid",
+                str(server.pid),
+                "--output",
+                raw,
+            ],
+        )
         time.sleep(1.0)  # py-spy attaches; nothing here is timed
         cpu0 = bench.cpu_seconds(server.pid)
         if args.workload == "parallel":
-            driver = ["parallel", "--origin", str(origins["source"]), "--size", str(size // 100), "--streams", "100"]
+            driver = [
+                "parallel",
+                "--origin",
+                str(origins["source"]),
+                "--size",
+                str(size // 100),
+                "--streams",
+                "100",
+            ]
         elif args.workload in ("udp", "latency"):
             origin = origins["udp" if args.workload == "udp" else "echo"]
             driver = [args.workload, "--origin", str(origin), "--count", str(args.count)]
         else:
             origin = origins["source" if args.workload == "download" else "sink"]
             driver = [args.workload, "--origin", str(origin), "--size", str(size)]
-        result = bench.drive(procs, args.workload, ["--socks", str(socks)] + driver, 60 + args.size + args.count / 100)
+        result = bench.drive(
+            procs,
+            args.workload,
+            ["--socks", str(socks)] + driver,
+            60 + args.size + args.count / 100,
+        )
         cpu = bench.cpu_seconds(server.pid) - cpu0
         os.kill(spy_proc.pid, 2)  # SIGINT: py-spy writes its output and exits
         spy_proc.wait(30)
@@ -133,11 +200,15 @@ def main(argv=None) -> int:
     finally:
         procs.stop_all()
     if args.workload in ("udp", "latency"):
-        print(f"{args.workload} x{args.count}: p50 {result['p50_ms']} ms, server CPU {cpu:.2f} s "
-              f"({1e6 * cpu / args.count:.0f} us each, py-spy attached)")
+        print(
+            f"{args.workload} x{args.count}: p50 {result['p50_ms']} ms, server CPU {cpu:.2f} s "
+            f"({1e6 * cpu / args.count:.0f} us each, py-spy attached)"
+        )
     else:
-        print(f"{args.workload} {args.size} MiB: {result.get('mib_s', 0):.1f} MiB/s, server CPU {cpu:.2f} s "
-              f"({cpu / (args.size / 1024):.2f} s/GiB, py-spy attached)")
+        print(
+            f"{args.workload} {args.size} MiB: {result.get('mib_s', 0):.1f} MiB/s, server CPU {cpu:.2f} s "
+            f"({cpu / (args.size / 1024):.2f} s/GiB, py-spy attached)"
+        )
     print(report(raw, args.top))
     print(f"\nraw stacks: {raw}")
     return 0

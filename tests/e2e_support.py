@@ -203,7 +203,9 @@ def singbox_binary(version: str = "1.14") -> str:
             return explicit
         found = [
             path
-            for path in glob.glob(os.path.join(SINGBOX_112_DIR, "**", "sing-box-linux-*"), recursive=True)
+            for path in glob.glob(
+                os.path.join(SINGBOX_112_DIR, "**", "sing-box-linux-*"), recursive=True
+            )
             if os.path.isfile(path) and os.access(path, os.X_OK)
         ]
         found.sort(key=lambda p: (not p.endswith("-" + _machine_arch()), p))
@@ -323,7 +325,11 @@ def socket_inodes(pid: int) -> Optional[Set[int]]:
 
 def listening_pid_check(pid: int, port: int) -> Optional[bool]:
     """True if process ``pid`` holds the listening socket on ``port``; None if unknowable."""
-    inodes = {inode for _, lport, _, _, state, inode in _proc_tcp_rows() if lport == port and state == TCP_LISTEN}
+    inodes = {
+        inode
+        for _, lport, _, _, state, inode in _proc_tcp_rows()
+        if lport == port and state == TCP_LISTEN
+    }
     held = socket_inodes(pid)
     if not inodes or held is None:
         return None
@@ -355,7 +361,9 @@ class ManagedProcess(protocol.ProcessProtocol):
         self.pid: Optional[int] = None
         self.command: List[str] = []
 
-    def start(self, executable: str, args: List[str], cwd: str, env: Optional[dict] = None) -> "ManagedProcess":
+    def start(
+        self, executable: str, args: List[str], cwd: str, env: Optional[dict] = None
+    ) -> ManagedProcess:
         self.command = [executable] + list(args)
         environment = dict(os.environ if env is None else env)
         transport = reactor.spawnProcess(self, executable, self.command, env=environment, path=cwd)
@@ -405,7 +413,9 @@ class ManagedProcess(protocol.ProcessProtocol):
         regex = re.compile(pattern)
         return [text for index, text in self.lines if index >= since and regex.search(text)]
 
-    def wait_for_line(self, pattern: str, seconds: float, since: int = 0, what: Optional[str] = None) -> defer.Deferred:
+    def wait_for_line(
+        self, pattern: str, seconds: float, since: int = 0, what: Optional[str] = None
+    ) -> defer.Deferred:
         """Fire with the match of the first line (numbered from ``since``) matching ``pattern``."""
         regex = re.compile(pattern)
         for index, text in self.lines:
@@ -415,7 +425,9 @@ class ManagedProcess(protocol.ProcessProtocol):
                     return defer.succeed(match)
         if self.ended.fired:
             self.death_reported = True
-            return defer.fail(ProcessGone(f"{self.name} ended ({self.status()}) before logging /{pattern}/", self))
+            return defer.fail(
+                ProcessGone(f"{self.name} ended ({self.status()}) before logging /{pattern}/", self)
+            )
         d = defer.Deferred()
         self._watchers.append((regex, since, d))
         return within(d, seconds, what or f"{self.name} to log a line matching /{pattern}/")
@@ -423,7 +435,7 @@ class ManagedProcess(protocol.ProcessProtocol):
     # lifetime
 
     def processEnded(self, reason: Failure) -> None:
-        for fd, rest in list(self._partial.items()):
+        for rest in list(self._partial.values()):
             if rest:
                 self._line(rest)
         self._partial.clear()
@@ -436,7 +448,12 @@ class ManagedProcess(protocol.ProcessProtocol):
         for regex, _, d in watchers:
             if not d.called:
                 self.death_reported = True
-                d.errback(ProcessGone(f"{self.name} ended ({self.status()}) before logging /{regex.pattern}/", self))
+                d.errback(
+                    ProcessGone(
+                        f"{self.name} ended ({self.status()}) before logging /{regex.pattern}/",
+                        self,
+                    )
+                )
         self.ended.fire(self)
 
     def status(self) -> str:
@@ -471,11 +488,15 @@ class ManagedProcess(protocol.ProcessProtocol):
             return result
 
         done.addBoth(disarm)
-        return within(done, grace + 10.0, f"{self.name} (pid {self.pid}) to exit after SIGTERM/SIGKILL")
+        return within(
+            done, grace + 10.0, f"{self.name} (pid {self.pid}) to exit after SIGTERM/SIGKILL"
+        )
 
 
 @defer.inlineCallbacks
-def run_to_completion(harness: "Harness", name: str, executable: str, args: List[str], seconds: float = 60.0):
+def run_to_completion(
+    harness: Harness, name: str, executable: str, args: List[str], seconds: float = 60.0
+):
     """Run a short-lived command (e.g. ``sing-box check``); fire with the ended process."""
     proc = harness.spawn(name, executable, args, short_lived=True)
     try:
@@ -530,11 +551,17 @@ def wait_for_port(host: str, port: int, seconds: float, process: Optional[Manage
     while True:
         if process is not None and process.ended.fired:
             process.death_reported = True
-            raise ProcessGone(f"{process.name} ended ({process.status()}) before {host}:{port} accepted", process)
+            raise ProcessGone(
+                f"{process.name} ended ({process.status()}) before {host}:{port} accepted", process
+            )
         probe = _Probe()
         factory = _OneShotFactory(probe)
-        reactor.connectTCP(host, port, factory, timeout=max(0.2, min(2.0, deadline - reactor.seconds())))
-        outcome = defer.DeferredList([probe.made.wait(), factory.failed.wait()], fireOnOneCallback=True, consumeErrors=True)
+        reactor.connectTCP(
+            host, port, factory, timeout=max(0.2, min(2.0, deadline - reactor.seconds()))
+        )
+        outcome = defer.DeferredList(
+            [probe.made.wait(), factory.failed.wait()], fireOnOneCallback=True, consumeErrors=True
+        )
         index = (yield outcome)[1]
         if index == 0:
             yield within(probe.lost.wait(), 5.0, f"probe connection to {host}:{port} to close")
@@ -542,7 +569,9 @@ def wait_for_port(host: str, port: int, seconds: float, process: Optional[Manage
         last = factory.failed.value
         remaining = deadline - reactor.seconds()
         if remaining <= 0:
-            raise E2ETimeout(f"{host}:{port} did not accept within {seconds:g}s (last error: {last})")
+            raise E2ETimeout(
+                f"{host}:{port} did not accept within {seconds:g}s (last error: {last})"
+            )
         wait = defer.Deferred()
         call = reactor.callLater(min(delay, remaining), wait.callback, None)
         if process is not None:
@@ -687,7 +716,9 @@ class _SocksHandshake(TrackedProtocol):
                 return
             self._hs = self._hs[2:]
             self._phase = "reply"
-            self.transport.write(b"\x05" + bytes([self.command]) + b"\x00" + encode_socks_address(*self.dest))
+            self.transport.write(
+                b"\x05" + bytes([self.command]) + b"\x00" + encode_socks_address(*self.dest)
+            )
         if self._phase == "reply":
             if len(self._hs) < 4:
                 return
@@ -718,7 +749,9 @@ class _SocksHandshake(TrackedProtocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         super().connectionLost(reason)
-        self.ready.fail(SocksError(f"proxy closed the connection during the SOCKS handshake ({self._phase})"))
+        self.ready.fail(
+            SocksError(f"proxy closed the connection during the SOCKS handshake ({self._phase})")
+        )
 
 
 class _Reader:
@@ -776,7 +809,11 @@ class SocksStream(_SocksHandshake):
         while self._pending and self._readers:
             self._feed(self._pending.popleft())
         if self.lost.fired and not reader.done.fired:
-            reader.done.fail(StreamClosed(f"stream closed after {self.received} bytes; {reader.remaining} more wanted"))
+            reader.done.fail(
+                StreamClosed(
+                    f"stream closed after {self.received} bytes; {reader.remaining} more wanted"
+                )
+            )
         return reader.done.wait()
 
     def read(self, n: int) -> defer.Deferred:
@@ -809,7 +846,9 @@ class SocksStream(_SocksHandshake):
         readers, self._readers = list(self._readers), collections.deque()
         for reader in readers:
             reader.done.fail(
-                StreamClosed(f"stream closed after {self.received} bytes; {reader.remaining} more wanted")
+                StreamClosed(
+                    f"stream closed after {self.received} bytes; {reader.remaining} more wanted"
+                )
             )
 
 
@@ -970,7 +1009,7 @@ class _UdpAssociateControl(_SocksHandshake):
 class _UdpSide(protocol.DatagramProtocol):
     noisy = False
 
-    def __init__(self, owner: "UdpAssociation") -> None:
+    def __init__(self, owner: UdpAssociation) -> None:
         self.owner = owner
 
     def datagramReceived(self, data: bytes, addr) -> None:
@@ -992,7 +1031,9 @@ class UdpAssociation:
         self.resends = 0
 
     def send(self, host: str, port: int, payload: bytes) -> None:
-        self.udp_port.write(b"\x00\x00\x00" + encode_socks_address(host, port) + payload, self.relay)
+        self.udp_port.write(
+            b"\x00\x00\x00" + encode_socks_address(host, port) + payload, self.relay
+        )
 
     def _received(self, data: bytes, addr) -> None:
         self.received += 1
@@ -1017,14 +1058,20 @@ class UdpAssociation:
             return
         expected, (dest_host, dest_port), event = entry
         if payload != expected:
-            self.errors.append(f"datagram {ident}: {len(payload)} bytes came back, not the {len(expected)} sent")
+            self.errors.append(
+                f"datagram {ident}: {len(payload)} bytes came back, not the {len(expected)} sent"
+            )
             return
         try:
-            same = ipaddress.ip_address(host) == ipaddress.ip_address(dest_host) and port == dest_port
+            same = (
+                ipaddress.ip_address(host) == ipaddress.ip_address(dest_host) and port == dest_port
+            )
         except ValueError:
             same = False
         if not same:
-            self.errors.append(f"datagram {ident}: reply source {host}:{port}, expected {dest_host}:{dest_port}")
+            self.errors.append(
+                f"datagram {ident}: reply source {host}:{port}, expected {dest_host}:{dest_port}"
+            )
             return
         if event.fired:
             self.duplicates += 1
@@ -1148,20 +1195,45 @@ def client_config(
         outbound["idle_session_check_interval"] = f"{idle_session_check_interval:g}s"
     return {
         "log": {"level": log_level, "timestamp": True},
-        "inbounds": [{"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks_port}],
+        "inbounds": [
+            {"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks_port}
+        ],
         "outbounds": [outbound],
         "route": {"final": "anytls-out"},
     }
 
 
 def singbox_server_config(
-    port: int, port6: Optional[int], password: str, cert_path: str, key_path: str, allow_private: bool
+    port: int,
+    port6: Optional[int],
+    password: str,
+    cert_path: str,
+    key_path: str,
+    allow_private: bool,
 ) -> dict:
     tls = {"enabled": True, "certificate_path": cert_path, "key_path": key_path}
     users = [{"name": "e2e", "password": password}]
-    inbounds = [{"type": "anytls", "tag": "anytls-in", "listen": "127.0.0.1", "listen_port": port, "users": users, "tls": tls}]
+    inbounds = [
+        {
+            "type": "anytls",
+            "tag": "anytls-in",
+            "listen": "127.0.0.1",
+            "listen_port": port,
+            "users": users,
+            "tls": tls,
+        }
+    ]
     if port6 is not None:
-        inbounds.append({"type": "anytls", "tag": "anytls-in6", "listen": "::1", "listen_port": port6, "users": users, "tls": tls})
+        inbounds.append(
+            {
+                "type": "anytls",
+                "tag": "anytls-in6",
+                "listen": "::1",
+                "listen_port": port6,
+                "users": users,
+                "tls": tls,
+            }
+        )
     route: dict = {"final": "direct"}
     if not allow_private:
         # Emulate our server's default policy: resolve names, then refuse non-public addresses.
@@ -1175,7 +1247,9 @@ def singbox_server_config(
 
 
 class SingBoxClient:
-    def __init__(self, name: str, process: ManagedProcess, socks_port: int, config_path: str, version: str) -> None:
+    def __init__(
+        self, name: str, process: ManagedProcess, socks_port: int, config_path: str, version: str
+    ) -> None:
         self.name = name
         self.process = process
         self.socks_port = socks_port
@@ -1207,7 +1281,15 @@ class Harness:
 
     # processes
 
-    def spawn(self, name: str, executable: str, args: List[str], short_lived: bool = False, env=None, cwd=None) -> ManagedProcess:
+    def spawn(
+        self,
+        name: str,
+        executable: str,
+        args: List[str],
+        short_lived: bool = False,
+        env=None,
+        cwd=None,
+    ) -> ManagedProcess:
         name = self._unique(name)
         proc = ManagedProcess(name, os.path.join(self.base, f"{name}.log"))
         self.processes.append(proc)
@@ -1268,18 +1350,35 @@ class Harness:
             server = yield self._start_singbox_server(allow_private, ipv6)
         else:
             server = yield self._start_twistd_server(
-                allow_private, ipv6, idle_session_timeout, idle_session_check_interval, log_level,
-                list(extra_args), password_args, ports, launcher,
+                allow_private,
+                ipv6,
+                idle_session_timeout,
+                idle_session_check_interval,
+                log_level,
+                list(extra_args),
+                password_args,
+                ports,
+                launcher,
             )
         owner = listening_pid_check(server.process.pid, server.port)
         if owner is False:
-            raise AssertionError(f"port {server.port} is not held by {server.process.name} (pid {server.process.pid})")
+            raise AssertionError(
+                f"port {server.port} is not held by {server.process.name} (pid {server.process.pid})"
+            )
         return server
 
     @defer.inlineCallbacks
     def _start_twistd_server(
-        self, allow_private, ipv6, idle_timeout, idle_interval, log_level, extra_args=(), password_args=None,
-        ports=None, launcher=None,
+        self,
+        allow_private,
+        ipv6,
+        idle_timeout,
+        idle_interval,
+        log_level,
+        extra_args=(),
+        password_args=None,
+        ports=None,
+        launcher=None,
     ):
         state = os.path.join(self.base, "server-state")
         os.makedirs(state, exist_ok=True)
@@ -1309,18 +1408,26 @@ class Harness:
                 args += ["--log-level", log_level]
             args += list(extra_args)
             env = dict(os.environ)
-            env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            env["PYTHONPATH"] = REPO_ROOT + (
+                os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+            )
             env["PYTHONUNBUFFERED"] = "1"
             command = twistd_executable()
             if launcher:
-                command = [part.format(port=server.port, port6=server.port6) for part in launcher] + command
-            server.process = self.spawn("server", command[0], command[1:] + args, env=env, cwd=REPO_ROOT)
+                command = [
+                    part.format(port=server.port, port6=server.port6) for part in launcher
+                ] + command
+            server.process = self.spawn(
+                "server", command[0], command[1:] + args, env=env, cwd=REPO_ROOT
+            )
             yield wait_for_port("127.0.0.1", server.port, 60.0, server.process)
             if ipv6:
                 yield wait_for_port("::1", server.port6, 30.0, server.process)
 
         yield retry_port_clash(start)
-        match = yield server.process.wait_for_line(TwistdServer.PIN_LINE, 10.0, what="the server's certificate pin line")
+        match = yield server.process.wait_for_line(
+            TwistdServer.PIN_LINE, 10.0, what="the server's certificate pin line"
+        )
         server.logged_pin = match.group(1)
         server.cert_path = os.path.join(state, "self-signed-cert.pem")
         if not os.path.exists(server.cert_path):
@@ -1344,7 +1451,13 @@ class Harness:
             server.port6 = free_port("::1") if ipv6 else None
             config_path = os.path.join(directory, f"server-{attempt}.json")
             with open(config_path, "w") as f:
-                json.dump(singbox_server_config(server.port, server.port6, PASSWORD, cert_path, key_path, allow_private), f, indent=1)
+                json.dump(
+                    singbox_server_config(
+                        server.port, server.port6, PASSWORD, cert_path, key_path, allow_private
+                    ),
+                    f,
+                    indent=1,
+                )
             yield self.check_config(binary, config_path, "server")
             server.process = self.spawn("server", binary, ["run", "-c", config_path], cwd=directory)
             yield wait_for_port("127.0.0.1", server.port, 30.0, server.process)
@@ -1441,12 +1554,18 @@ class Harness:
         factory = _OneShotFactory(stream)
         reactor.connectTCP("127.0.0.1", client.socks_port, factory, timeout=seconds)
         outcome = yield within(
-            defer.DeferredList([stream.made.wait(), factory.failed.wait()], fireOnOneCallback=True, consumeErrors=True),
+            defer.DeferredList(
+                [stream.made.wait(), factory.failed.wait()],
+                fireOnOneCallback=True,
+                consumeErrors=True,
+            ),
             seconds,
             f"TCP connect to {client.name}'s mixed inbound",
         )
         if outcome[1] == 1:
-            raise AssertionError(f"cannot connect to {client.name}'s mixed inbound: {factory.failed.value}")
+            raise AssertionError(
+                f"cannot connect to {client.name}'s mixed inbound: {factory.failed.value}"
+            )
         yield within(stream.ready.wait(), seconds, f"SOCKS CONNECT reply for {host}:{port}")
         return stream
 
@@ -1461,7 +1580,9 @@ class Harness:
         if relay_host in ("0.0.0.0", "::"):
             relay_host = "127.0.0.1"
         if not ipaddress.ip_address(relay_host).is_loopback:
-            raise AssertionError(f"UDP ASSOCIATE named a non-loopback relay {relay_host}:{relay_port}")
+            raise AssertionError(
+                f"UDP ASSOCIATE named a non-loopback relay {relay_host}:{relay_port}"
+            )
         side = _UdpSide(None)
         udp_port = reactor.listenUDP(0, side, interface="::1" if ":" in relay_host else "127.0.0.1")
         self.registry.ports.append(udp_port)
@@ -1473,7 +1594,9 @@ class Harness:
     # composite checks
 
     @defer.inlineCallbacks
-    def echo_once(self, client: SingBoxClient, echo: OriginFactory, data: bytes, seconds: float = 15.0):
+    def echo_once(
+        self, client: SingBoxClient, echo: OriginFactory, data: bytes, seconds: float = 15.0
+    ):
         """One stream: write ``data`` to the echo origin, read it back, close."""
         stream = yield self.socks_connect(client, echo.host, echo.port, seconds)
         stream.write(data)
@@ -1484,7 +1607,14 @@ class Harness:
         return stream
 
     @defer.inlineCallbacks
-    def download(self, client: SingBoxClient, source: OriginFactory, size: int, seed: bytes, seconds: float = 120.0):
+    def download(
+        self,
+        client: SingBoxClient,
+        source: OriginFactory,
+        size: int,
+        seed: bytes,
+        seconds: float = 120.0,
+    ):
         """Fetch ``size`` bytes from the source origin; check length, sha256, and the close."""
         stream = yield self.socks_connect(client, source.host, source.port)
         started = reactor.seconds()
@@ -1501,17 +1631,28 @@ class Harness:
         return elapsed
 
     @defer.inlineCallbacks
-    def upload(self, client: SingBoxClient, sink: OriginFactory, size: int, seed: bytes, seconds: float = 120.0):
+    def upload(
+        self,
+        client: SingBoxClient,
+        sink: OriginFactory,
+        size: int,
+        seed: bytes,
+        seconds: float = 120.0,
+    ):
         """Send ``size`` bytes to the sink origin; its sha256 reply must match what was sent."""
         stream = yield self.socks_connect(client, sink.host, sink.port)
         started = reactor.seconds()
         stream.write(struct.pack(">Q", size))
         sent = stream.send_chunks(payload_chunks(seed, size))
-        reply = yield within(stream.read(32), seconds, f"the sink's digest of {size} uploaded bytes")
+        reply = yield within(
+            stream.read(32), seconds, f"the sink's digest of {size} uploaded bytes"
+        )
         yield within(sent, 5.0, "the upload producer to finish")
         elapsed = reactor.seconds() - started
         if reply != payload_digest(seed, size):
-            raise AssertionError(f"upload of {size} bytes: the sink's sha256 differs from what was sent")
+            raise AssertionError(
+                f"upload of {size} bytes: the sink's sha256 differs from what was sent"
+            )
         yield within(stream.close(), 15.0, "the upload stream to close")
         return elapsed
 
@@ -1525,9 +1666,13 @@ class Harness:
         except SocksError:
             return "socks-error"
         stream.write(b"hello? anyone there?\n")
-        yield within(stream.lost.wait(), seconds, f"the client to close the refused stream to {host}:{port}")
+        yield within(
+            stream.lost.wait(), seconds, f"the client to close the refused stream to {host}:{port}"
+        )
         if stream.received or stream.unread:
-            raise AssertionError(f"{stream.received} bytes came back from {host}:{port}, expected none")
+            raise AssertionError(
+                f"{stream.received} bytes came back from {host}:{port}, expected none"
+            )
         return "closed"
 
     # cleanup
@@ -1539,7 +1684,9 @@ class Harness:
             conn.transport.abortConnection()
         if live:
             yield within(
-                defer.gatherResults([conn.lost.wait() for conn in live]), 10.0, f"{len(live)} connections to close"
+                defer.gatherResults([conn.lost.wait() for conn in live]),
+                10.0,
+                f"{len(live)} connections to close",
             )
 
     @defer.inlineCallbacks

@@ -10,11 +10,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from anytls_twisted import codec
-from anytls_twisted.address import DestinationPolicy
-from anytls_twisted.auth import UserTable, encode_preamble
-from anytls_twisted.config import ServerConfig
-from anytls_twisted.dialer import OriginDialer
+from anytls_twisted.protocol import codec
+from anytls_twisted.protocol.address import DestinationPolicy
+from anytls_twisted.protocol.auth import UserTable, encode_preamble
+from anytls_twisted.server.dialer import OriginDialer
+from anytls_twisted.server.settings import ServerConfig
 
 PASSWORD = "PASS"
 SETTINGS_V2 = b"v=2\nclient=sing-anytls/0.0.11\npadding-md5=75cff2ad89aadf5e257059ee571ebe11"
@@ -73,7 +73,7 @@ class Server:
     """A factory on a ``MemoryReactorClock`` with a fake resolver and fake UDP ports."""
 
     def __init__(self, allow_private: bool = True, names=None, **overrides) -> None:
-        from anytls_twisted.service import AnyTLSFactory, SessionRegistry
+        from anytls_twisted.server.service import AnyTLSFactory, SessionRegistry
 
         self.reactor = MemoryReactorClock()
         self.config = ServerConfig(

@@ -4,7 +4,7 @@ import ipaddress
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.address import (
+from anytls_twisted.protocol.address import (
     AddressError,
     Destination,
     DestinationPolicy,
@@ -50,9 +50,13 @@ class SocksAddressTests(SynchronousTestCase):
 
     def test_ip_literal_domain_and_mapped(self):
         """A domain holding an IP literal is an IP; IPv4-mapped IPv6 unwraps to IPv4."""
-        self.assertEqual(parse_socks_address(b"\x03\x09127.0.0.1\x00\x01")[0], Destination("127.0.0.1", 1))
+        self.assertEqual(
+            parse_socks_address(b"\x03\x09127.0.0.1\x00\x01")[0], Destination("127.0.0.1", 1)
+        )
         mapped = ipaddress.IPv6Address("::ffff:1.2.3.4").packed
-        self.assertEqual(parse_socks_address(b"\x04" + mapped + b"\x00\x01")[0], Destination("1.2.3.4", 1))
+        self.assertEqual(
+            parse_socks_address(b"\x04" + mapped + b"\x00\x01")[0], Destination("1.2.3.4", 1)
+        )
 
 
 class UoTAddressTests(SynchronousTestCase):
@@ -60,7 +64,10 @@ class UoTAddressTests(SynchronousTestCase):
         """V17's IPv4, IPv6 and domain per-packet address forms."""
         cases = [
             (unhex("00 08 08 08 08 00 35"), Destination("8.8.8.8", 53)),
-            (unhex("01 20 01 48 60 48 60 00 00 00 00 00 00 00 00 88 88 00 35"), Destination("2001:4860:4860::8888", 53)),
+            (
+                unhex("01 20 01 48 60 48 60 00 00 00 00 00 00 00 00 88 88 00 35"),
+                Destination("2001:4860:4860::8888", 53),
+            ),
             (b"\x02\x0adns.google\x00\x35", Destination("dns.google", 53)),
         ]
         for wire, dest in cases:
@@ -73,9 +80,24 @@ class PolicyTests(SynchronousTestCase):
     def test_non_global_refused(self):
         """Loopback, private, link-local, unspecified, multicast, CGNAT, mapped and NAT64 forms."""
         for text in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.1.1", "0.0.0.0",
-            "224.0.0.1", "100.64.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1",
-            "ff02::1", "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002:a00:1::1", "192.0.2.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "100.64.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fc00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::1",
+            "192.0.2.1",
         ]:
             ip = ipaddress.ip_address(text)
             self.assertFalse(is_public(ip), text)
@@ -91,7 +113,7 @@ class CacheTests(SynchronousTestCase):
     def test_caches_stay_bounded(self):
         """Parsing and vetting many distinct addresses (a client spraying destinations) keeps
         every memoised table at its bound, and answers stay right for every address."""
-        from anytls_twisted import address
+        from anytls_twisted.protocol import address
 
         for i in range(3 * address.CACHE_SIZE):
             raw = bytes([address.UOT_IPV4, 10, i >> 16 & 255, i >> 8 & 255, i & 255, 0, 53])

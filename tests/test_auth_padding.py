@@ -2,8 +2,13 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.auth import PreambleReader, UserTable, encode_preamble, password_digest
-from anytls_twisted.padding import DEFAULT_SCHEME, DEFAULT_SCHEME_BYTES, PaddingScheme, PaddingSchemeError
+from anytls_twisted.protocol.auth import PreambleReader, UserTable, encode_preamble, password_digest
+from anytls_twisted.protocol.padding import (
+    DEFAULT_SCHEME,
+    DEFAULT_SCHEME_BYTES,
+    PaddingScheme,
+    PaddingSchemeError,
+)
 
 from .helpers import unhex
 

@@ -21,8 +21,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from anytls_twisted import banner, certs, tls
-from anytls_twisted.tap import Options, makeService
+from anytls_twisted import certs, tls
+from anytls_twisted import clientconfig as banner
+from anytls_twisted.server.tap import Options, makeService
 
 from .e2e_support import (
     PASSWORD,
@@ -44,7 +45,9 @@ PIN = "qQkVG6sdJt+K9xg8FdG04dvp4ThnnRICa8Pf583tqmI="
 def _cert(name: str, issuer_key=None, sans=None, cn=True) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if cn else [])
-    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test CA")]) if issuer_key else subject
+    issuer = (
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test CA")]) if issuer_key else subject
+    )
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateBuilder()
@@ -68,7 +71,9 @@ def _full_config(outbound: dict, socks_port: int = 1080) -> dict:
     """The outbound inside a whole client config: a mixed inbound, everything to it."""
     return {
         "log": {"level": "warn", "timestamp": True},
-        "inbounds": [{"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks_port}],
+        "inbounds": [
+            {"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks_port}
+        ],
         "outbounds": [outbound],
         "route": {"final": outbound["tag"]},
     }
@@ -105,7 +110,18 @@ class AddressTests(SynchronousTestCase):
         }
         for text, expected in cases.items():
             self.assertEqual(banner.parse_public_address(text), expected, text)
-        for bad in ["", ":443", "host:0", "host:65536", "host:http", "a:b:c", "[host]:1", "[::1", "a b", "u@h"]:
+        for bad in [
+            "",
+            ":443",
+            "host:0",
+            "host:65536",
+            "host:http",
+            "a:b:c",
+            "[host]:1",
+            "[::1",
+            "a b",
+            "u@h",
+        ]:
             self.assertRaises(ValueError, banner.parse_public_address, bad)
 
     def test_listen_address(self):
@@ -131,7 +147,9 @@ class AddressTests(SynchronousTestCase):
 class EndpointTests(SynchronousTestCase):
     def endpoint(self, port, cert, public=None, server_name="localhost"):
         spec = tls.parse_port(port)
-        return banner.client_endpoint(spec, cert, certs.spki_pin(cert) if cert else None, server_name, public)
+        return banner.client_endpoint(
+            spec, cert, certs.spki_pin(cert) if cert else None, server_name, public
+        )
 
     def test_generated_certificate(self):
         """If the certificate is the generated one, then the outbound trusts it by its pin and
@@ -142,7 +160,10 @@ class EndpointTests(SynchronousTestCase):
         spec = tls.parse_port("ssl:8443")
         endpoint = banner.client_endpoint(spec, material.certificate, material.pin, "proxy.test")
         self.assertEqual(endpoint.server, banner.ADDRESS_PLACEHOLDER)
-        self.assertEqual((endpoint.server_port, endpoint.server_name, endpoint.pin), (8443, "proxy.test", material.pin))
+        self.assertEqual(
+            (endpoint.server_port, endpoint.server_name, endpoint.pin),
+            (8443, "proxy.test", material.pin),
+        )
         self.assertEqual(
             banner.outbound(endpoint),
             {
@@ -151,17 +172,26 @@ class EndpointTests(SynchronousTestCase):
                 "server": "YOUR_SERVER_ADDRESS",
                 "server_port": 8443,
                 "password": "<password>",
-                "tls": {"enabled": True, "server_name": "proxy.test", "certificate_public_key_sha256": [material.pin]},
+                "tls": {
+                    "enabled": True,
+                    "server_name": "proxy.test",
+                    "certificate_public_key_sha256": [material.pin],
+                },
             },
         )
-        self.assertEqual(banner.uri(endpoint), "anytls://<password>@YOUR_SERVER_ADDRESS:8443/?sni=proxy.test&insecure=1")
+        self.assertEqual(
+            banner.uri(endpoint),
+            "anytls://<password>@YOUR_SERVER_ADDRESS:8443/?sni=proxy.test&insecure=1",
+        )
 
     def test_server_address_choice(self):
         """If --public-address is given, then it wins (with its port); else a specific
         listening interface; else the placeholder."""
         cert = _cert("localhost", sans=_dns("localhost"))
         self.assertEqual(self.endpoint("ssl:8443:interface=192.0.2.1", cert).server, "192.0.2.1")
-        self.assertEqual(self.endpoint("ssl:8443:interface=0.0.0.0", cert).server, banner.ADDRESS_PLACEHOLDER)
+        self.assertEqual(
+            self.endpoint("ssl:8443:interface=0.0.0.0", cert).server, banner.ADDRESS_PLACEHOLDER
+        )
         public = self.endpoint("ssl:8443:interface=192.0.2.1", cert, ("vpn.example.com", 443))
         self.assertEqual((public.server, public.server_port), ("vpn.example.com", 443))
         keep_port = self.endpoint("ssl:8443", cert, ("vpn.example.com", None))
@@ -172,22 +202,30 @@ class EndpointTests(SynchronousTestCase):
         """If the certificate is CA-issued, then there is no pin and no insecure=1, and the
         server name is the public address if the certificate covers it, else its first name."""
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert("www.example.com", issuer_key=ca_key, sans=_dns("*.example.com", "www.example.com"))
+        cert = _cert(
+            "www.example.com", issuer_key=ca_key, sans=_dns("*.example.com", "www.example.com")
+        )
         self.assertFalse(banner.is_self_signed(cert))
         plain = self.endpoint("ssl:443", cert)
-        self.assertEqual((plain.pin, plain.server_name, plain.insecure), (None, "www.example.com", False))
+        self.assertEqual(
+            (plain.pin, plain.server_name, plain.insecure), (None, "www.example.com", False)
+        )
         covered = self.endpoint("ssl:443", cert, ("vpn.example.com", None))
         self.assertEqual(covered.server_name, "vpn.example.com")
         other = self.endpoint("ssl:443", cert, ("203.0.113.5", None))
         self.assertEqual(other.server_name, "www.example.com")
         self.assertNotIn("certificate_public_key_sha256", banner.outbound(plain)["tls"])
-        self.assertEqual(banner.uri(plain), "anytls://<password>@YOUR_SERVER_ADDRESS:443/?sni=www.example.com")
+        self.assertEqual(
+            banner.uri(plain), "anytls://<password>@YOUR_SERVER_ADDRESS:443/?sni=www.example.com"
+        )
 
     def test_names_from_certificate(self):
         """If the certificate has only a wildcard or only a common name, then the server name
         falls back sensibly; an IP SAN is a name too."""
         wildcard = _cert("x", sans=_dns("*.example.com"), cn=False)
-        self.assertEqual(self.endpoint("ssl:1", wildcard, server_name="fallback").server_name, "fallback")
+        self.assertEqual(
+            self.endpoint("ssl:1", wildcard, server_name="fallback").server_name, "fallback"
+        )
         cn_only = _cert("cn.example.com")
         self.assertEqual(self.endpoint("ssl:1", cn_only).server_name, "cn.example.com")
         import ipaddress
@@ -201,10 +239,15 @@ class EndpointTests(SynchronousTestCase):
         and a public host name becomes the server name."""
         spec = tls.parse_port("tcp:8080:interface=127.0.0.1")
         endpoint = banner.client_endpoint(spec, None, None, "localhost", ("vpn.example.com", 443))
-        self.assertEqual((endpoint.server, endpoint.server_port, endpoint.server_name), ("vpn.example.com", 443, "vpn.example.com"))
+        self.assertEqual(
+            (endpoint.server, endpoint.server_port, endpoint.server_name),
+            ("vpn.example.com", 443, "vpn.example.com"),
+        )
         self.assertFalse(endpoint.tls)
         self.assertIsNone(endpoint.pin)
-        self.assertIsNone(banner.client_endpoint(tls.parse_port("unix:/tmp/x"), None, None, "localhost"))
+        self.assertIsNone(
+            banner.client_endpoint(tls.parse_port("unix:/tmp/x"), None, None, "localhost")
+        )
         self.assertIn("plain ports", " ".join(banner.hints([endpoint], False)))
 
     def test_uri_escaping_and_ipv6(self):
@@ -218,7 +261,9 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(parts.scheme, "anytls")
         self.assertEqual(urllib.parse.unquote(parts.username), password)
         self.assertEqual((parts.hostname, parts.port, parts.path), ("::1", 8443, "/"))
-        self.assertEqual(urllib.parse.parse_qs(parts.query), {"sni": ["localhost"], "insecure": ["1"]})
+        self.assertEqual(
+            urllib.parse.parse_qs(parts.query), {"sni": ["localhost"], "insecure": ["1"]}
+        )
         self.assertEqual(banner.outbound(endpoint, password)["password"], password)
 
     def test_unique_and_tags(self):
@@ -227,7 +272,13 @@ class EndpointTests(SynchronousTestCase):
         cert = _cert("localhost", sans=_dns("localhost"))
         same = [self.endpoint("ssl:8443", cert), self.endpoint("ssl:8443:interface=\\:\\:", cert)]
         self.assertEqual(len(banner.unique(same)), 1)
-        two = banner.unique([self.endpoint("ssl:1:interface=127.0.0.1", cert), self.endpoint("ssl:1:interface=\\:\\:1", cert), None])
+        two = banner.unique(
+            [
+                self.endpoint("ssl:1:interface=127.0.0.1", cert),
+                self.endpoint("ssl:1:interface=\\:\\:1", cert),
+                None,
+            ]
+        )
         printed = _split_printed(banner.render(two, "pw"))
         self.assertEqual([o["tag"] for o, _ in printed], ["anytls", "anytls-2"])
         self.assertEqual([o["server"] for o, _ in printed], ["127.0.0.1", "::1"])
@@ -235,7 +286,9 @@ class EndpointTests(SynchronousTestCase):
 
     def test_json_text_formats_as_json(self):
         """If an outbound is formatted into a log message, then the text is compact JSON."""
-        outbound = banner.outbound(self.endpoint("ssl:1", _cert("localhost", sans=_dns("localhost"))))
+        outbound = banner.outbound(
+            self.endpoint("ssl:1", _cert("localhost", sans=_dns("localhost")))
+        )
         self.assertEqual(json.loads(f"{outbound}"), outbound)
         self.assertEqual(json.loads(str(outbound)), outbound)
         self.assertNotIn("\n", str(outbound))
@@ -254,7 +307,9 @@ class OptionTests(SynchronousTestCase):
         return events
 
     def test_bad_public_address(self):
-        self.assertRaises(usage.UsageError, self.parse, "--password", "x", "--public-address", "a:b:c")
+        self.assertRaises(
+            usage.UsageError, self.parse, "--password", "x", "--public-address", "a:b:c"
+        )
 
     def test_print_client_config_exits(self):
         """If --print-client-config is given, then option parsing prints the blocks and exits
@@ -263,21 +318,36 @@ class OptionTests(SynchronousTestCase):
         self.patch(sys, "stdout", _Writer(out))
         self.patch(sys, "stderr", _Writer([]))
         with self.assertRaises(SystemExit) as raised:
-            self.parse("--password", "sekrit", "--port", "ssl:8443:interface=127.0.0.1", "--print-client-config")
+            self.parse(
+                "--password",
+                "sekrit",
+                "--port",
+                "ssl:8443:interface=127.0.0.1",
+                "--print-client-config",
+            )
         self.assertEqual(raised.exception.code, 0)
         [(outbound, uri)] = _split_printed("".join(out))
         self.assertEqual(outbound["server"], "127.0.0.1")
         self.assertEqual(outbound["password"], "<password>")
         self.assertNotIn("sekrit", "".join(out))
-        self.assertTrue(uri.startswith("anytls://<password>@127.0.0.1:8443/?sni=localhost&insecure=1"))
+        self.assertTrue(
+            uri.startswith("anytls://<password>@127.0.0.1:8443/?sni=localhost&insecure=1")
+        )
 
     def test_logged_at_start_without_password(self):
         """If makeService runs, then it logs the outbound and URI for each port, with the
         password only when --show-password is given."""
         for show, expected in [((), "<password>"), (("--show-password",), "sekrit")]:
             events = self.capture_events()
-            options = self.parse("--password", "sekrit", "--port", "ssl:0:interface=127.0.0.1",
-                                 "--port", "ssl:9443:interface=127.0.0.1", *show)
+            options = self.parse(
+                "--password",
+                "sekrit",
+                "--port",
+                "ssl:0:interface=127.0.0.1",
+                "--port",
+                "ssl:9443:interface=127.0.0.1",
+                *show,
+            )
             makeService(options, reactor=MemoryReactorClock())
             ours = [e for e in events if e.get("log_namespace") == "anytls_twisted.banner"]
             outbounds = [e["outbound"] for e in ours if "outbound" in e]
@@ -285,7 +355,9 @@ class OptionTests(SynchronousTestCase):
             self.assertEqual(len(outbounds), 1)  # ssl:0 has no port a client could dial
             self.assertEqual(outbounds[0]["password"], expected)
             self.assertEqual(outbounds[0]["server_port"], 9443)
-            self.assertEqual(uris, [f"anytls://{expected}@127.0.0.1:9443/?sni=localhost&insecure=1"])
+            self.assertEqual(
+                uris, [f"anytls://{expected}@127.0.0.1:9443/?sni=localhost&insecure=1"]
+            )
             texts = " ".join(formatEvent(e) for e in ours)
             self.assertIn(json.dumps(outbounds[0], separators=(",", ":")), texts)
             if not show:
@@ -305,8 +377,16 @@ class _Writer:
 
 
 def _twistd_argv(state, *args):
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "anytls", "--state-dir", state] + list(args)
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "anytls",
+        "--state-dir",
+        state,
+    ] + list(args)
 
 
 class PrintClientConfigTwistdTests(SynchronousTestCase):
@@ -315,30 +395,58 @@ class PrintClientConfigTwistdTests(SynchronousTestCase):
     def run_twistd(self, *args):
         env = dict(os.environ, PYTHONPATH=REPO_ROOT)
         state = os.path.abspath(self.mktemp())
-        return subprocess.run(_twistd_argv(state, *args), env=env, cwd=REPO_ROOT, capture_output=True, timeout=60, text=True)
+        return subprocess.run(
+            _twistd_argv(state, *args),
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=60,
+            text=True,
+        )
 
     def test_prints_and_exits_without_listening(self):
         """If twistd anytls gets --print-client-config, then stdout holds only the outbound
         and the URI, stderr the hints, it exits 0, and the port was never bound."""
         port = free_port()
-        result = self.run_twistd("--password", "pw", "--port", f"ssl:{port}:interface=127.0.0.1", "--print-client-config")
+        result = self.run_twistd(
+            "--password", "pw", "--port", f"ssl:{port}:interface=127.0.0.1", "--print-client-config"
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         [(outbound, uri)] = _split_printed(result.stdout)
-        self.assertEqual((outbound["type"], outbound["server"], outbound["server_port"]), ("anytls", "127.0.0.1", port))
+        self.assertEqual(
+            (outbound["type"], outbound["server"], outbound["server_port"]),
+            ("anytls", "127.0.0.1", port),
+        )
         self.assertEqual(uri, f"anytls://<password>@127.0.0.1:{port}/?sni=localhost&insecure=1")
         self.assertIn("--show-password", result.stderr)
         self.assertNotIn("starting up", result.stdout + result.stderr)  # no log, no reactor
-        self.assertNotIn("pw\"", result.stdout)
+        self.assertNotIn('pw"', result.stdout)
 
     def test_show_password_and_public_address(self):
-        result = self.run_twistd("--password", "pw:é", "--public-address", "[2001:db8::7]:443", "--show-password", "--print-client-config")
+        result = self.run_twistd(
+            "--password",
+            "pw:é",
+            "--public-address",
+            "[2001:db8::7]:443",
+            "--show-password",
+            "--print-client-config",
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         [(outbound, uri)] = _split_printed(result.stdout)
-        self.assertEqual((outbound["server"], outbound["server_port"], outbound["password"]), ("2001:db8::7", 443, "pw:é"))
+        self.assertEqual(
+            (outbound["server"], outbound["server_port"], outbound["password"]),
+            ("2001:db8::7", 443, "pw:é"),
+        )
         self.assertEqual(uri, "anytls://pw%3A%C3%A9@[2001:db8::7]:443/?sni=localhost&insecure=1")
 
     def test_nothing_to_print(self):
-        result = self.run_twistd("--password", "pw", "--port", "unix:/tmp/anytls-banner-test.sock", "--print-client-config")
+        result = self.run_twistd(
+            "--password",
+            "pw",
+            "--port",
+            "unix:/tmp/anytls-banner-test.sock",
+            "--print-client-config",
+        )
         self.assertEqual(result.returncode, 1)
         self.assertIn("--public-address", result.stderr)
 
@@ -352,7 +460,9 @@ class SingBoxCheckTests(SynchronousTestCase):
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             json.dump(_full_config(outbound, free_port()), f)
-        return subprocess.run([binary, "check", "-c", path], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [binary, "check", "-c", path], capture_output=True, text=True, timeout=60
+        )
 
     def test_outbounds_pass_check(self):
         state = self.mktemp()
@@ -378,7 +488,9 @@ class SingBoxCheckTests(SynchronousTestCase):
                     self.assertEqual(result.returncode, 0, f"{name} (1.12): {result.stderr}")
                 else:
                     result = self.check("1.12", outbound)
-                    self.assertNotEqual(result.returncode, 0, "1.12 accepted certificate_public_key_sha256")
+                    self.assertNotEqual(
+                        result.returncode, 0, "1.12 accepted certificate_public_key_sha256"
+                    )
 
 
 class PrintedConfigEndToEndTests(TestCase):
@@ -423,7 +535,9 @@ class PrintedConfigEndToEndTests(TestCase):
         command = server.process.command
         env = dict(os.environ, PYTHONPATH=REPO_ROOT)
         out, err, code = yield within(
-            utils.getProcessOutputAndValue(command[0], command[1:] + ["--print-client-config"], env=env, path=REPO_ROOT),
+            utils.getProcessOutputAndValue(
+                command[0], command[1:] + ["--print-client-config"], env=env, path=REPO_ROOT
+            ),
             60.0,
             "twistd anytls --print-client-config",
         )
@@ -433,7 +547,9 @@ class PrintedConfigEndToEndTests(TestCase):
         self.assertEqual(printed["password"], PASSWORD)
         self.assertEqual((printed["server"], printed["server_port"]), ("127.0.0.1", server.port))
         self.assertEqual(printed["tls"]["certificate_public_key_sha256"], [server.pin])
-        self.assertEqual(uri, f"anytls://{PASSWORD}@127.0.0.1:{server.port}/?sni=localhost&insecure=1")
+        self.assertEqual(
+            uri, f"anytls://{PASSWORD}@127.0.0.1:{server.port}/?sni=localhost&insecure=1"
+        )
         client = yield self.start_client_from(printed)
         echo = self.h.tcp_echo()
         yield self.h.echo_once(client, echo, b"through the printed client config")

@@ -78,16 +78,22 @@ class EnsureSelfSignedTests(SynchronousTestCase):
         self.assertEqual(mode(self.state), 0o700)
         self.assertEqual(mode(key_path), 0o600)
         self.assertEqual(mode(cert_path), 0o644)
-        self.assertEqual(sorted(os.listdir(self.state)), sorted(["self-signed-cert.pem", "self-signed-key.pem"]))
+        self.assertEqual(
+            sorted(os.listdir(self.state)), sorted(["self-signed-cert.pem", "self-signed-key.pem"])
+        )
 
         cert = x509.load_pem_x509_certificate(read(cert_path))
         key = serialization.load_pem_private_key(read(key_path), None)
         self.assertIsInstance(key.curve, ec.SECP256R1)
-        self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, "proxy.example")
+        self.assertEqual(
+            cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value, "proxy.example"
+        )
         self.assertEqual(cert.issuer, cert.subject)
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         self.assertEqual(sans.get_values_for_type(x509.DNSName), ["proxy.example"])
-        self.assertGreaterEqual(cert.not_valid_after_utc - cert.not_valid_before_utc, datetime.timedelta(days=9 * 365))
+        self.assertGreaterEqual(
+            cert.not_valid_after_utc - cert.not_valid_before_utc, datetime.timedelta(days=9 * 365)
+        )
         self.assertLess(cert.not_valid_before_utc, datetime.datetime.now(datetime.timezone.utc))
         self.assertFalse(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -110,16 +116,20 @@ class EnsureSelfSignedTests(SynchronousTestCase):
         certs.ensure_self_signed(self.state, "b.example")
         after = read(cert_path)
         self.assertNotEqual(after, before)
-        sans = x509.load_pem_x509_certificate(after).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        sans = x509.load_pem_x509_certificate(after).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
         self.assertEqual(sans.value.get_values_for_type(x509.DNSName), ["b.example"])
 
     def test_ip_name(self) -> None:
         """An IP literal gets an IP SAN (what Go checks for IP server names), and no DNS SAN
         (service_identity refuses IP text there)."""
         cert_path, _ = certs.ensure_self_signed(self.state, "::1")
-        sans = x509.load_pem_x509_certificate(read(cert_path)).extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value
+        sans = (
+            x509.load_pem_x509_certificate(read(cert_path))
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value
+        )
         self.assertEqual(sans.get_values_for_type(x509.IPAddress), [ipaddress.ip_address("::1")])
         self.assertEqual(sans.get_values_for_type(x509.DNSName), [])
         before = read(cert_path)
@@ -169,7 +179,9 @@ class EnsureSelfSignedTests(SynchronousTestCase):
 class PinTests(SynchronousTestCase):
     def test_independent_computation(self) -> None:
         cert = make_cert(make_key(), "localhost")
-        spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         expected = base64.b64encode(hashlib.sha256(spki).digest()).decode()
         self.assertEqual(certs.public_key_pin(cert_pem(cert)), expected)
         self.assertEqual(len(expected), 44)
@@ -179,7 +191,10 @@ class PinTests(SynchronousTestCase):
         ca_key, leaf_key = make_key(), make_key()
         ca = make_cert(ca_key, "ca", ca=True)
         leaf = make_cert(leaf_key, "leaf", ca_key, "ca")
-        self.assertEqual(certs.public_key_pin(cert_pem(leaf) + cert_pem(ca)), certs.public_key_pin(cert_pem(leaf)))
+        self.assertEqual(
+            certs.public_key_pin(cert_pem(leaf) + cert_pem(ca)),
+            certs.public_key_pin(cert_pem(leaf)),
+        )
 
     def test_not_pem(self) -> None:
         self.assertRaises(CertificateError, certs.public_key_pin, b"nope")

@@ -1,10 +1,11 @@
 """The frame codec against the protocol document's vectors, whole and in arbitrary splits."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import codec
-from anytls_twisted.codec import Command, Frame, FrameDecoder
+from anytls_twisted.protocol import codec
+from anytls_twisted.protocol.codec import Command, Frame, FrameDecoder
 
 from .helpers import unhex
 
@@ -88,12 +89,14 @@ class VectorTests(SynchronousTestCase):
         self.assertEqual(decoder.pending, 10)
         self.assertEqual(decoder.feed(V8[10:]), [FRAMES[4]])
 
-
     @settings(deadline=None, max_examples=60)
     @given(
         st.lists(st.integers(min_value=0, max_value=codec.MAX_DATA), min_size=1, max_size=6),
-        st.lists(st.integers(min_value=1, max_value=40000).map(lambda n: n if n > 20 else n * 997),
-                 min_size=1, max_size=30),
+        st.lists(
+            st.integers(min_value=1, max_value=40000).map(lambda n: n if n > 20 else n * 997),
+            min_size=1,
+            max_size=30,
+        ),
     )
     def test_large_frames_in_record_sized_pieces(self, sizes, pieces):
         """Frames of up to 65535 bytes fed in pieces (as TLS records deliver them) decode to

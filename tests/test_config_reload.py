@@ -3,15 +3,15 @@
 import json
 import os
 
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import configfile
-from anytls_twisted.auth import encode_preamble
-from anytls_twisted.padding import DEFAULT_SCHEME
-from anytls_twisted.tap import Options, makeService
+from anytls_twisted.protocol.auth import encode_preamble
+from anytls_twisted.protocol.padding import DEFAULT_SCHEME
+from anytls_twisted.server import configfile
+from anytls_twisted.server.tap import Options, makeService
 
 INBOUND = {
     "type": "anytls",
@@ -37,7 +37,9 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertEqual(settings.users, (("alice", "a-pass"), ("bob", "b-pass")))
         self.assertEqual(settings.port_description(), "ssl:8443:interface=\\:\\:")
         self.assertEqual(settings.padding.raw, b"stop=2\n0=20-20\n1=100-200")
-        self.assertEqual((settings.server_name, settings.alpn), ("proxy.example", ("h2", "http/1.1")))
+        self.assertEqual(
+            (settings.server_name, settings.alpn), ("proxy.example", ("h2", "http/1.1"))
+        )
         self.assertEqual(settings.warnings, ())
 
     def test_whole_singbox_config(self):
@@ -57,7 +59,9 @@ class ConfigFileTests(SynchronousTestCase):
 
     def test_no_tls_object_is_plain(self):
         document = {k: v for k, v in INBOUND.items() if k != "tls"}
-        self.assertEqual(configfile.load(self.write(document)).port_description(), "tcp:8443:interface=\\:\\:")
+        self.assertEqual(
+            configfile.load(self.write(document)).port_description(), "tcp:8443:interface=\\:\\:"
+        )
 
     def test_errors_name_file_field_reason(self):
         cases = [
@@ -103,8 +107,18 @@ class OptionsWithConfigTests(SynchronousTestCase):
         with open(scheme, "wb") as f:
             f.write(DEFAULT_SCHEME.raw)
         options = self.parse(
-            "--config", self.config(), "--password", "cli", "--port", "ssl:9443",
-            "--server-name", "other", "--alpn", "", "--padding-scheme", scheme,
+            "--config",
+            self.config(),
+            "--password",
+            "cli",
+            "--port",
+            "ssl:9443",
+            "--server-name",
+            "other",
+            "--alpn",
+            "",
+            "--padding-scheme",
+            scheme,
         )
         self.assertEqual(options["users"], (("default", "cli"),))
         self.assertEqual(options["port"], ["ssl:9443"])
@@ -113,7 +127,9 @@ class OptionsWithConfigTests(SynchronousTestCase):
         self.assertEqual(options["padding"].raw, DEFAULT_SCHEME.raw)
 
     def test_invalid_file_is_usage_error(self):
-        self.assertRaises(usage.UsageError, self.parse, "--config", self.config(dict(INBOUND, users="x")))
+        self.assertRaises(
+            usage.UsageError, self.parse, "--config", self.config(dict(INBOUND, users="x"))
+        )
 
     def test_no_users_anywhere(self):
         document = {k: v for k, v in INBOUND.items() if k != "users"}
@@ -149,7 +165,10 @@ class ReloadTests(SynchronousTestCase):
         alice, alice_transport = self.session("a-pass")
         bob, bob_transport = self.session("b-pass")
         self.assertEqual((alice.user, bob.user), ("alice", "bob"))
-        self.document["users"] = [{"name": "alice", "password": "a-pass"}, {"name": "carol", "password": "c-pass"}]
+        self.document["users"] = [
+            {"name": "alice", "password": "a-pass"},
+            {"name": "carol", "password": "c-pass"},
+        ]
         self.save()
         self.assertTrue(self.top.reloader.reload("test"))
         self.assertTrue(bob_transport.disconnecting)
@@ -200,8 +219,18 @@ class CertificateReloadTests(SynchronousTestCase):
                 b.write(a.read())
         options = Options()
         options.parseOptions(
-            ["--password", "x", "--port", "ssl:0", "--cert", live_cert, "--key", live_key,
-             "--certificate-check-interval", "10"]
+            [
+                "--password",
+                "x",
+                "--port",
+                "ssl:0",
+                "--cert",
+                live_cert,
+                "--key",
+                live_key,
+                "--certificate-check-interval",
+                "10",
+            ]
         )
         reactor = MemoryReactorClock()
         top = makeService(options, reactor=reactor)

@@ -19,19 +19,19 @@ from twisted.trial import unittest
 
 from .e2e_support import (
     PASSWORD,
-    MiB,
     SERVER_KIND,
-    TwistdServer,
     Harness,
+    MiB,
+    TwistdServer,
+    client_config,
     connections_to,
     e2e_test,
-    ipv6_available,
     free_port,
+    ipv6_available,
     label,
+    make_self_signed,
     payload_bytes,
     poll_until,
-    client_config,
-    make_self_signed,
     run_to_completion,
     singbox_binary,
     spki_pin,
@@ -41,7 +41,28 @@ from .e2e_support import (
 #: Datagram sizes for the UDP checks: tiny, around common MTUs, and a few large ones. The
 #: sing-box client's SOCKS UDP relay reads at most 8192 bytes per datagram, SOCKS header included
 #: (larger ones come back silently truncated, with sing-box's own server too), so stay below.
-UDP_SIZES = [4, 5, 17, 64, 100, 333, 512, 999, 1024, 1200, 1350, 1400, 1452, 1472, 1500, 2048, 4000, 6000, 7000, 8000]
+UDP_SIZES = [
+    4,
+    5,
+    17,
+    64,
+    100,
+    333,
+    512,
+    999,
+    1024,
+    1200,
+    1350,
+    1400,
+    1452,
+    1472,
+    1500,
+    2048,
+    4000,
+    6000,
+    7000,
+    8000,
+]
 
 
 def udp_sizes(count: int = 50):
@@ -69,7 +90,9 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual((source.accepted, sink.accepted), (1, 1))
         self.assertEqual(sink.bytes_in, 8 + size)
         self.h.assert_alive(server.process)
-        log.msg(f"e2e: 64 MiB down {down:.2f}s ({64 / down:.0f} MiB/s), up {up:.2f}s ({64 / up:.0f} MiB/s)")
+        log.msg(
+            f"e2e: 64 MiB down {down:.2f}s ({64 / down:.0f} MiB/s), up {up:.2f}s ({64 / up:.0f} MiB/s)"
+        )
 
     # 2 ----------------------------------------------------------------------------------------
 
@@ -80,25 +103,39 @@ class EndToEndTests(unittest.TestCase):
         client = yield self.h.start_client(server)
         echo = self.h.tcp_echo()
         for i in range(20):
-            yield self.h.echo_once(client, echo, b"sequential %d " % i + payload_bytes(label(f"seq{i}"), 200 + i * 37))
+            yield self.h.echo_once(
+                client, echo, b"sequential %d " % i + payload_bytes(label(f"seq{i}"), 200 + i * 37)
+            )
         self.assertEqual(echo.accepted, 20)
         # Sessions are reused: with no reuse there would be 20 TLS connections.
         live = connections_to(server.port)
-        self.assertLessEqual(live, 4, f"{live} TLS connections to the server after 20 sequential streams")
-        self.assertGreaterEqual(live, 1, "no live TLS connection to the server: sessions are not kept")
+        self.assertLessEqual(
+            live, 4, f"{live} TLS connections to the server after 20 sequential streams"
+        )
+        self.assertGreaterEqual(
+            live, 1, "no live TLS connection to the server: sessions are not kept"
+        )
         opened = server.sessions_opened()
         if opened is not None:
-            self.assertLessEqual(opened, 4, f"the server authenticated {opened} sessions for 20 sequential streams")
+            self.assertLessEqual(
+                opened, 4, f"the server authenticated {opened} sessions for 20 sequential streams"
+            )
 
         count = 50
         streams = yield defer.gatherResults(
-            [self.h.socks_connect(client, echo.host, echo.port) for _ in range(count)], consumeErrors=True
+            [self.h.socks_connect(client, echo.host, echo.port) for _ in range(count)],
+            consumeErrors=True,
         )
-        payloads = [b"parallel %d " % i + payload_bytes(label(f"par{i}"), 1000 + 97 * i) for i in range(count)]
+        payloads = [
+            b"parallel %d " % i + payload_bytes(label(f"par{i}"), 1000 + 97 * i)
+            for i in range(count)
+        ]
         for stream, data in zip(streams, payloads):
             stream.write(data)
         replies = yield within(
-            defer.gatherResults([s.read(len(p)) for s, p in zip(streams, payloads)], consumeErrors=True),
+            defer.gatherResults(
+                [s.read(len(p)) for s, p in zip(streams, payloads)], consumeErrors=True
+            ),
             30.0,
             f"{count} parallel echoes",
         )
@@ -107,7 +144,11 @@ class EndToEndTests(unittest.TestCase):
         # All 50 were open at the same moment, each with its own origin connection.
         self.assertEqual(echo.accepted, 20 + count)
         self.assertGreaterEqual(echo.max_concurrent, count)
-        yield within(defer.gatherResults([s.close() for s in streams], consumeErrors=True), 15.0, "streams to close")
+        yield within(
+            defer.gatherResults([s.close() for s in streams], consumeErrors=True),
+            15.0,
+            "streams to close",
+        )
         self.h.assert_alive(server.process)
 
     # 3 ----------------------------------------------------------------------------------------
@@ -140,7 +181,9 @@ class EndToEndTests(unittest.TestCase):
         self.assertTrue(all(src[0] == "::1" for src in udp.sources), udp.sources)
         yield self.h.echo_once(client, tcp, b"over ipv6 " + payload_bytes(label("tcp6"), 5000))
         self.assertEqual(tcp.accepted, 1)
-        self.assertGreaterEqual(connections_to(server.port6), 1, "the client is not connected to the server's ::1 port")
+        self.assertGreaterEqual(
+            connections_to(server.port6), 1, "the client is not connected to the server's ::1 port"
+        )
         self.assertEqual(connections_to(server.port), 0, "the client used the IPv4 port")
 
     # 4 ----------------------------------------------------------------------------------------
@@ -209,23 +252,36 @@ class EndToEndTests(unittest.TestCase):
         """The server closes a session idle past --idle-session-timeout; the client (whose own
         timeout is 300 s) drops it and opens a new one for the next stream."""
         server = yield self.h.start_server(idle_session_timeout=2, idle_session_check_interval=1)
-        client = yield self.h.start_client(server, idle_session_timeout=300, idle_session_check_interval=60)
+        client = yield self.h.start_client(
+            server, idle_session_timeout=300, idle_session_check_interval=60
+        )
         echo = self.h.tcp_echo()
         mark = server.process.line_count
         yield self.h.echo_once(client, echo, b"before the reaper")
         closed_at = reactor.seconds()
-        self.assertEqual(connections_to(server.port), 1, "expected one pooled session after one stream")
+        self.assertEqual(
+            connections_to(server.port), 1, "expected one pooled session after one stream"
+        )
         yield server.process.wait_for_line(
-            TwistdServer.IDLE_CLOSE, 15.0, since=mark, what="the server to log closing the idle session"
+            TwistdServer.IDLE_CLOSE,
+            15.0,
+            since=mark,
+            what="the server to log closing the idle session",
         )
         idle_for = reactor.seconds() - closed_at
-        self.assertGreaterEqual(idle_for, 1.5, f"the session was reaped {idle_for:.2f}s after its last stream")
+        self.assertGreaterEqual(
+            idle_for, 1.5, f"the session was reaped {idle_for:.2f}s after its last stream"
+        )
         # The client sees the close and drops the session: no TLS connection is left.
-        yield poll_until(lambda: connections_to(server.port) == 0, 10.0, "the client to drop the reaped session")
+        yield poll_until(
+            lambda: connections_to(server.port) == 0, 10.0, "the client to drop the reaped session"
+        )
         yield self.h.echo_once(client, echo, b"after the reaper")
         self.assertEqual(echo.accepted, 2)
         self.assertEqual(connections_to(server.port), 1, "expected one new session")
-        self.assertEqual(server.sessions_opened(), 2, "expected the client to open exactly one new session")
+        self.assertEqual(
+            server.sessions_opened(), 2, "expected the client to open exactly one new session"
+        )
         self.h.assert_alive(server.process)
 
     # 8 ----------------------------------------------------------------------------------------
@@ -259,7 +315,9 @@ class EndToEndTests(unittest.TestCase):
         """A client offering ALPN h2/http1.1 and a client trusting by public-key pin both work."""
         server = yield self.h.start_server()
         if SERVER_KIND == "twistd":
-            self.assertEqual(server.logged_pin, server.pin, "the logged pin is not the certificate's SPKI sha256")
+            self.assertEqual(
+                server.logged_pin, server.pin, "the logged pin is not the certificate's SPKI sha256"
+            )
         alpn = yield self.h.start_client(server, alpn=["h2", "http/1.1"])
         pinned = yield self.h.start_client(server, use_pin=True)
         echo, source = self.h.tcp_echo(), self.h.tcp_source()
@@ -286,7 +344,14 @@ class EndToEndTests(unittest.TestCase):
             binary = singbox_binary(version)
             for name, extra in variants.items():
                 extra = dict(extra)
-                config = client_config(free_port(), extra.pop("server_host", "127.0.0.1"), 443, PASSWORD, cert_path=cert, **extra)
+                config = client_config(
+                    free_port(),
+                    extra.pop("server_host", "127.0.0.1"),
+                    443,
+                    PASSWORD,
+                    cert_path=cert,
+                    **extra,
+                )
                 path = os.path.join(self.h.base, f"{version}-{name}.json")
                 with open(path, "w") as f:
                     json.dump(config, f)
@@ -295,8 +360,12 @@ class EndToEndTests(unittest.TestCase):
             path = os.path.join(self.h.base, f"{version}-pin.json")
             with open(path, "w") as f:
                 json.dump(pinned, f)
-            proc = yield run_to_completion(self.h, f"check-{version}-pin", binary, ["check", "-c", path])
+            proc = yield run_to_completion(
+                self.h, f"check-{version}-pin", binary, ["check", "-c", path]
+            )
             if version == "1.14":
                 self.assertEqual(proc.exit_code, 0, proc.tail())
             else:
-                self.assertNotEqual(proc.exit_code, 0, "sing-box 1.12 accepted certificate_public_key_sha256")
+                self.assertNotEqual(
+                    proc.exit_code, 0, "sing-box 1.12 accepted certificate_public_key_sha256"
+                )

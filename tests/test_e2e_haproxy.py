@@ -84,7 +84,9 @@ class HAProxyEndToEndTests(unittest.TestCase):
 
     def setUp(self):
         if not haproxy_available():
-            raise unittest.SkipTest(f"HAProxy is not installed ({HAPROXY}); apt-get install haproxy")
+            raise unittest.SkipTest(
+                f"HAProxy is not installed ({HAPROXY}); apt-get install haproxy"
+            )
         self.h = Harness(self)
 
     @defer.inlineCallbacks
@@ -95,7 +97,11 @@ class HAProxyEndToEndTests(unittest.TestCase):
             listen_port = free_port("127.0.0.1")
             path = os.path.join(self.h.base, f"haproxy-{attempt}.cfg")
             with open(path, "w") as f:
-                f.write(HAPROXY_CONFIG.format(listen_port=listen_port, server_port=server_port, source=HAPROXY_SOURCE))
+                f.write(
+                    HAPROXY_CONFIG.format(
+                        listen_port=listen_port, server_port=server_port, source=HAPROXY_SOURCE
+                    )
+                )
             check = self.h.spawn("haproxy-check", HAPROXY, ["-c", "-f", path], short_lived=True)
             yield within(check.ended.wait(), 30.0, "haproxy -c")
             if check.exit_code != 0:
@@ -111,15 +117,23 @@ class HAProxyEndToEndTests(unittest.TestCase):
 
     @staticmethod
     def connections(haproxy):
-        return [m.groupdict() for m in map(HAPROXY_LINE.search, haproxy.matching_lines(HAPROXY_LINE.pattern)) if m]
+        return [
+            m.groupdict()
+            for m in map(HAPROXY_LINE.search, haproxy.matching_lines(HAPROXY_LINE.pattern))
+            if m
+        ]
 
     @e2e_test
     def test_sing_box_through_haproxy_send_proxy_v2(self):
         """The echo works through sing-box -> HAProxy -> haproxy:ssl:, and the session is logged
         with the client's address as HAProxy saw it, not HAProxy's own connection."""
-        server = yield self.h.start_server(kind="twistd", ports=["haproxy:ssl:{port}:interface=127.0.0.1"])
+        server = yield self.h.start_server(
+            kind="twistd", ports=["haproxy:ssl:{port}:interface=127.0.0.1"]
+        )
         yield server.process.wait_for_line(
-            r"listening on haproxy:ssl:\d+:interface=127\.0\.0\.1 with TLS", 10.0, what="the TLS listening line"
+            r"listening on haproxy:ssl:\d+:interface=127\.0\.0\.1 with TLS",
+            10.0,
+            what="the TLS listening line",
         )
         haproxy, haproxy_port = yield self.start_haproxy(server.port)
         client = yield self.h.start_client(server, server_port=haproxy_port)
@@ -131,7 +145,9 @@ class HAProxyEndToEndTests(unittest.TestCase):
         match = yield server.process.wait_for_line(SESSION_LINE, 10.0, what="the session open line")
         peer = (match.group("host"), match.group("port"))
         self.assertNotEqual(
-            peer[0], HAPROXY_SOURCE, f"the session names HAProxy's own connection ({match.group(0)}), not the client"
+            peer[0],
+            HAPROXY_SOURCE,
+            f"the session names HAProxy's own connection ({match.group(0)}), not the client",
         )
         # HAProxy logs the connection once its side to us is up, i.e. before our session opens.
         seen = yield poll_until(
@@ -155,12 +171,16 @@ class HAProxyEndToEndTests(unittest.TestCase):
     def test_no_proxy_header_is_dropped(self):
         """A client that reaches a haproxy:ssl: port directly (no PROXY header, just a TLS
         ClientHello) is disconnected without a byte: the header is required."""
-        server = yield self.h.start_server(kind="twistd", ports=["haproxy:ssl:{port}:interface=127.0.0.1"])
+        server = yield self.h.start_server(
+            kind="twistd", ports=["haproxy:ssl:{port}:interface=127.0.0.1"]
+        )
         conn = _Silent(bytes.fromhex("16030100c4010000c00303") + b"\x00" * 40)
         conn.registry = self.h.registry
         factory = protocol.ClientFactory.forProtocol(lambda: conn)
         reactor.connectTCP("127.0.0.1", server.port, factory, timeout=10)
-        yield within(conn.lost.wait(), 10.0, "the server to drop a connection without a PROXY header")
+        yield within(
+            conn.lost.wait(), 10.0, "the server to drop a connection without a PROXY header"
+        )
         self.assertEqual(conn.received, 0)
         self.assertEqual(server.process.matching_lines(SESSION_LINE), [])
         self.h.assert_alive(server.process)
@@ -171,4 +191,8 @@ def client_source_ports(pid: int, remote_port: int) -> set:
     from .e2e_support import _proc_tcp_rows, socket_inodes
 
     inodes = socket_inodes(pid) or set()
-    return {lport for _, lport, _, rport, _, inode in _proc_tcp_rows() if rport == remote_port and inode in inodes}
+    return {
+        lport
+        for _, lport, _, rport, _, inode in _proc_tcp_rows()
+        if rport == remote_port and inode in inodes
+    }

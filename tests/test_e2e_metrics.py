@@ -59,7 +59,9 @@ class MetricsEndToEndTests(unittest.TestCase):
     @defer.inlineCallbacks
     def get(self, port: int, path: str):
         url = f"http://127.0.0.1:{port}{path}".encode("ascii")
-        response = yield within(self.agent.request(b"GET", url), 10.0, f"the response to GET {path}")
+        response = yield within(
+            self.agent.request(b"GET", url), 10.0, f"the response to GET {path}"
+        )
         body = yield within(readBody(response), 10.0, f"the body of GET {path}")
         return response, body
 
@@ -74,7 +76,9 @@ class MetricsEndToEndTests(unittest.TestCase):
     @e2e_test
     def test_metrics_move_with_real_traffic(self):
         metrics_port = free_port("127.0.0.1")
-        server = yield self.h.start_server(extra_args=["--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"])
+        server = yield self.h.start_server(
+            extra_args=["--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"]
+        )
         yield wait_for_port("127.0.0.1", metrics_port, 10.0, server.process)
 
         response, body = yield self.get(metrics_port, "/healthz")
@@ -113,16 +117,24 @@ class MetricsEndToEndTests(unittest.TestCase):
                 f"{direction}\n{text}",
             )
             self.assertGreaterEqual(
-                sample(after, "anytls_uot_datagrams_total", direction=direction), len(UDP_SIZES), text
+                sample(after, "anytls_uot_datagrams_total", direction=direction),
+                len(UDP_SIZES),
+                text,
             )
         self.assertGreaterEqual(
             sample(after, "anytls_synack_latency_seconds_count", kind="tcp", result="ok"), 1, text
         )
         self.assertGreaterEqual(
-            sample(after, "anytls_synack_latency_seconds_count", kind="tcp", result="error"), 1, text
+            sample(after, "anytls_synack_latency_seconds_count", kind="tcp", result="error"),
+            1,
+            text,
         )
-        self.assertGreaterEqual(sample(after, "anytls_origin_connect_failures_total", reason="refused"), 1, text)
-        self.assertGreaterEqual(sample(after, "anytls_auth_failures_total", reason="wrong_password"), 1, text)
+        self.assertGreaterEqual(
+            sample(after, "anytls_origin_connect_failures_total", reason="refused"), 1, text
+        )
+        self.assertGreaterEqual(
+            sample(after, "anytls_auth_failures_total", reason="wrong_password"), 1, text
+        )
         self.assertNotIn(("anytls_sessions_total", (("user", ""),)), after)
         self.h.assert_alive(server.process)
 
@@ -134,6 +146,10 @@ class MetricsEndToEndTests(unittest.TestCase):
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         proc = yield run_to_completion(
-            self.h, "promtool", "/bin/sh", ["-c", 'exec "$0" check metrics < "$1"', promtool, path], 60.0
+            self.h,
+            "promtool",
+            "/bin/sh",
+            ["-c", 'exec "$0" check metrics < "$1"', promtool, path],
+            60.0,
         )
         self.assertEqual(proc.exit_code, 0, f"promtool check metrics failed:\n{proc.tail()}")

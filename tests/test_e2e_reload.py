@@ -73,7 +73,9 @@ class ReloadEndToEndTests(unittest.TestCase):
 
         long_lived = yield h.socks_connect(alice, echo.host, echo.port)
         long_lived.write(b"before reload\n")
-        self.assertEqual((yield within(long_lived.read(14), 15, "echo before reload")), b"before reload\n")
+        self.assertEqual(
+            (yield within(long_lived.read(14), 15, "echo before reload")), b"before reload\n"
+        )
         bob_stream = yield h.socks_connect(bob, echo.host, echo.port)
         bob_stream.write(b"bob here\n")
         self.assertEqual((yield within(bob_stream.read(9), 15, "bob's echo")), b"bob here\n")
@@ -84,9 +86,13 @@ class ReloadEndToEndTests(unittest.TestCase):
         log.transport.signalProcess("HUP")
         yield log.wait_for_line(r"reloaded \(SIGHUP\): 2 users", 15, since=mark)
         yield within(bob_stream.lost.wait(), 15, "bob's stream to be closed by the reload")
-        yield log.wait_for_line(r"closed: user removed or password changed by reload", 15, since=mark)
+        yield log.wait_for_line(
+            r"closed: user removed or password changed by reload", 15, since=mark
+        )
         long_lived.write(b"after users\n")
-        self.assertEqual((yield within(long_lived.read(12), 15, "echo after reload")), b"after users\n")
+        self.assertEqual(
+            (yield within(long_lived.read(12), 15, "echo after reload")), b"after users\n"
+        )
         carol = yield h.start_client(server, password=CAROL)
         yield h.echo_once(carol, echo, b"carol is in\n")
         late_bob = yield h.start_client(server, password=BOB)
@@ -97,7 +103,9 @@ class ReloadEndToEndTests(unittest.TestCase):
         with open(self.config, "w") as f:
             f.write("{not json")
         log.transport.signalProcess("HUP")
-        yield log.wait_for_line(r"reload \(SIGHUP\) failed, keeping the current configuration", 15, since=mark)
+        yield log.wait_for_line(
+            r"reload \(SIGHUP\) failed, keeping the current configuration", 15, since=mark
+        )
         yield h.echo_once(carol, echo, b"still fine\n")
 
         # 3. A new certificate on disk is noticed without a signal.
@@ -106,9 +114,14 @@ class ReloadEndToEndTests(unittest.TestCase):
         self.install_certificate(os.path.join(h.base, "cert-2"))
         new_pin = spki_pin(self.cert)
         self.assertNotEqual(new_pin, server.pin)
-        yield log.wait_for_line(r"reloaded \(certificate file changed\).*" + new_pin.replace("+", r"\+"), 15, since=mark)
+        yield log.wait_for_line(
+            r"reloaded \(certificate file changed\).*" + new_pin.replace("+", r"\+"), 15, since=mark
+        )
         long_lived.write(b"after certificate\n")
-        self.assertEqual((yield within(long_lived.read(18), 15, "echo after new certificate")), b"after certificate\n")
+        self.assertEqual(
+            (yield within(long_lived.read(18), 15, "echo after new certificate")),
+            b"after certificate\n",
+        )
         server.pin = new_pin  # clients started now trust the new file
         fresh = yield h.start_client(server, password=ALICE, use_pin=True)
         yield h.echo_once(fresh, echo, b"new certificate works\n")

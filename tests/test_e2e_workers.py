@@ -9,9 +9,9 @@ from twisted.python import log
 from twisted.trial import unittest
 
 from .e2e_support import (
-    Harness,
     SERVER_KIND,
     TCP_ESTABLISHED,
+    Harness,
     _proc_tcp_rows,
     e2e_test,
     label,
@@ -74,21 +74,34 @@ class WorkersEndToEndTests(unittest.TestCase):
         echo = self.h.tcp_echo()
         count = 24
         streams = yield defer.gatherResults(
-            [self.h.socks_connect(clients[i % len(clients)], echo.host, echo.port) for i in range(count)],
+            [
+                self.h.socks_connect(clients[i % len(clients)], echo.host, echo.port)
+                for i in range(count)
+            ],
             consumeErrors=True,
         )
-        payloads = [b"w%d " % i + payload_bytes(label(f"w{i}"), 2000 + 31 * i) for i in range(count)]
+        payloads = [
+            b"w%d " % i + payload_bytes(label(f"w{i}"), 2000 + 31 * i) for i in range(count)
+        ]
         for s, p in zip(streams, payloads):
             s.write(p)
         replies = yield within(
-            defer.gatherResults([s.read(len(p)) for s, p in zip(streams, payloads)], consumeErrors=True),
-            30.0, f"{count} parallel echoes")
+            defer.gatherResults(
+                [s.read(len(p)) for s, p in zip(streams, payloads)], consumeErrors=True
+            ),
+            30.0,
+            f"{count} parallel echoes",
+        )
         for i, (got, want) in enumerate(zip(replies, payloads)):
             self.assertEqual(got, want, f"stream {i}")
         held = accepted_by([parent] + workers, server.port)
         log.msg(f"e2e workers: established sessions per process {held}")
         self.assertTrue(all(n > 0 for n in held.values()), f"sessions per process: {held}")
-        yield within(defer.gatherResults([s.close() for s in streams], consumeErrors=True), 15.0, "streams to close")
+        yield within(
+            defer.gatherResults([s.close() for s in streams], consumeErrors=True),
+            15.0,
+            "streams to close",
+        )
 
         # SIGTERM to the parent: it stops the workers; none is left alive.
         yield server.process.stop(grace=20.0)

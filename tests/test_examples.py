@@ -35,7 +35,9 @@ class ExampleTests(SynchronousTestCase):
         path = os.path.join(os.path.abspath(self.mktemp()) + "-" + name)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f)
-        return subprocess.run([binary, "check", "-c", path], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [binary, "check", "-c", path], capture_output=True, text=True, timeout=60
+        )
 
     def test_shape(self):
         """If a user copies an example, then it has a mixed inbound on 127.0.0.1:1080 and an
@@ -43,13 +45,23 @@ class ExampleTests(SynchronousTestCase):
         for name in NAMES:
             config = load(name)
             [inbound] = config["inbounds"]
-            self.assertEqual((inbound["type"], inbound["listen"], inbound["listen_port"]), ("mixed", "127.0.0.1", 1080), name)
+            self.assertEqual(
+                (inbound["type"], inbound["listen"], inbound["listen_port"]),
+                ("mixed", "127.0.0.1", 1080),
+                name,
+            )
             outbound = anytls_outbound(config)
-            self.assertEqual((outbound["server"], outbound["password"]), ("YOUR_SERVER_ADDRESS", "<password>"), name)
+            self.assertEqual(
+                (outbound["server"], outbound["password"]),
+                ("YOUR_SERVER_ADDRESS", "<password>"),
+                name,
+            )
             self.assertTrue(outbound["tls"]["enabled"], name)
             for pin in outbound["tls"].get("certificate_public_key_sha256", []):
                 self.assertEqual(len(base64.b64decode(pin, validate=True)), 32, name)
-        self.assertIn("certificate_public_key_sha256", anytls_outbound(load("client-pinned.json"))["tls"])
+        self.assertIn(
+            "certificate_public_key_sha256", anytls_outbound(load("client-pinned.json"))["tls"]
+        )
         self.assertTrue(anytls_outbound(load("client-insecure.json"))["tls"]["insecure"])
 
     def test_singbox_114_accepts_all(self):

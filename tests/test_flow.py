@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.codec import Command
+from anytls_twisted.protocol.codec import Command
 
 from .helpers import Server
 from .test_session import open_stream

@@ -23,8 +23,9 @@ from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import codec, logs
-from anytls_twisted.tap import Options
+from anytls_twisted import logs
+from anytls_twisted.protocol import codec
+from anytls_twisted.server.tap import Options
 
 from .e2e_support import REPO_ROOT, free_port
 from .helpers import SETTINGS_V2
@@ -42,7 +43,12 @@ class RecordTests(SynchronousTestCase):
         """If an event has fields, then its JSON line has them as keys, plus time, level,
         namespace and the formatted text; log_* keys are dropped; one line, newline-ended."""
         events, log = _events()
-        log.info("session {session_id} open from {peer} user {user}", session_id="1a2b", peer="192.0.2.7:4000", user="alice")
+        log.info(
+            "session {session_id} open from {peer} user {user}",
+            session_id="1a2b",
+            peer="192.0.2.7:4000",
+            user="alice",
+        )
         line = logs.event_as_json(events[0])
         self.assertTrue(line.endswith("\n"))
         self.assertEqual(line.count("\n"), 1)
@@ -68,17 +74,23 @@ class RecordTests(SynchronousTestCase):
         log.warn("w")
         log.error("e")
         log.critical("c")
-        self.assertEqual([json.loads(logs.event_as_json(e))["level"] for e in events], ["debug", "warn", "error", "critical"])
+        self.assertEqual(
+            [json.loads(logs.event_as_json(e))["level"] for e in events],
+            ["debug", "warn", "error", "critical"],
+        )
 
     def test_failure_has_traceback(self):
         """If a failure is logged, then the record carries its traceback."""
         events, log = _events()
         try:
-            1 / 0
+            1 / 0  # noqa: B018
         except ZeroDivisionError:
             log.failure("reaping session {session_id}", session_id="s1")
         record = json.loads(logs.event_as_json(events[0]))
-        self.assertEqual((record["level"], record["text"], record["session_id"]), ("critical", "reaping session s1", "s1"))
+        self.assertEqual(
+            (record["level"], record["text"], record["session_id"]),
+            ("critical", "reaping session s1", "s1"),
+        )
         self.assertIn("ZeroDivisionError", record["traceback"])
 
     def test_legacy_event(self):
@@ -88,13 +100,29 @@ class RecordTests(SynchronousTestCase):
         legacy = {"message": ("hello", "world"), "isError": 0, "system": "-", "time": 1700000000.25}
         publishToNewObserver(events.append, legacy, legacy_log.textFromEventDict)
         record = json.loads(logs.event_as_json(events[0]))
-        self.assertEqual(record, {"time": "2023-11-14T22:13:20.250+00:00", "level": "info", "namespace": "log_legacy", "text": "hello world", "system": "-"})
+        self.assertEqual(
+            record,
+            {
+                "time": "2023-11-14T22:13:20.250+00:00",
+                "level": "info",
+                "namespace": "log_legacy",
+                "text": "hello world",
+                "system": "-",
+            },
+        )
         try:
             raise ValueError("bad")
         except ValueError:
             from twisted.python.failure import Failure
 
-            error = {"message": (), "isError": 1, "system": "x", "time": 1.0, "failure": Failure(), "why": "while testing"}
+            error = {
+                "message": (),
+                "isError": 1,
+                "system": "x",
+                "time": 1.0,
+                "failure": Failure(),
+                "why": "while testing",
+            }
         events = []
         publishToNewObserver(events.append, error, legacy_log.textFromEventDict)
         record = json.loads(logs.event_as_json(events[0]))
@@ -106,7 +134,15 @@ class RecordTests(SynchronousTestCase):
     def test_odd_values(self):
         """If fields hold values JSON cannot express, then the line is still valid JSON."""
         events, log = _events()
-        log.info("odd {a}", a=math.nan, b=object(), c={(1, 2): "tuple key"}, d=b"\xff", e=math.inf, f=[1, "x"])
+        log.info(
+            "odd {a}",
+            a=math.nan,
+            b=object(),
+            c={(1, 2): "tuple key"},
+            d=b"\xff",
+            e=math.inf,
+            f=[1, "x"],
+        )
         record = json.loads(logs.event_as_json(events[0]))
         self.assertEqual(record["a"], "nan")
         self.assertEqual(record["e"], "inf")
@@ -136,7 +172,20 @@ class RecordTests(SynchronousTestCase):
 class OptionTests(SynchronousTestCase):
     def twistd_options(self, *args):
         config = ServerOptions()
-        config.parseOptions(["-n", "--pidfile=", "anytls", "--password", "x", "--state-dir", self.mktemp(), "--port", "ssl:0"] + list(args))
+        config.parseOptions(
+            [
+                "-n",
+                "--pidfile=",
+                "anytls",
+                "--password",
+                "x",
+                "--state-dir",
+                self.mktemp(),
+                "--port",
+                "ssl:0",
+            ]
+            + list(args)
+        )
         return config
 
     def test_default_is_text(self):
@@ -151,8 +200,22 @@ class OptionTests(SynchronousTestCase):
         self.assertIs(config["logger"], logs.json_observer)
         # The same factory by name, as documented, is fine too.
         config = ServerOptions()
-        config.parseOptions(["-n", "--logger", logs.JSON_OBSERVER, "anytls", "--password", "x",
-                             "--state-dir", self.mktemp(), "--port", "ssl:0", "--log-format", "json"])
+        config.parseOptions(
+            [
+                "-n",
+                "--logger",
+                logs.JSON_OBSERVER,
+                "anytls",
+                "--password",
+                "x",
+                "--state-dir",
+                self.mktemp(),
+                "--port",
+                "ssl:0",
+                "--log-format",
+                "json",
+            ]
+        )
         self.assertIs(config["logger"], logs.json_observer)
 
     def test_conflicts(self):
@@ -166,15 +229,33 @@ class OptionTests(SynchronousTestCase):
         ]:
             config = ServerOptions()
             with self.assertRaises(SystemExit) as raised:
-                config.parseOptions(["-n"] + twistd_args + ["anytls", "--password", "x", "--state-dir", self.mktemp(), "--port", "ssl:0"] + sub_args)
+                config.parseOptions(
+                    ["-n"]
+                    + twistd_args
+                    + ["anytls", "--password", "x", "--state-dir", self.mktemp(), "--port", "ssl:0"]
+                    + sub_args
+                )
             self.assertEqual(raised.exception.code, 2)
         self.assertIn("--log-format", sys.stderr.getvalue())
 
     def test_outside_twistd(self):
         options = Options()
-        options.parseOptions(["--password", "x", "--state-dir", self.mktemp(), "--port", "ssl:0", "--log-format", "json"])
+        options.parseOptions(
+            [
+                "--password",
+                "x",
+                "--state-dir",
+                self.mktemp(),
+                "--port",
+                "ssl:0",
+                "--log-format",
+                "json",
+            ]
+        )
         self.assertEqual(options["log-format"], "json")
-        self.assertRaises(usage.UsageError, Options().parseOptions, ["--password", "x", "--log-format", "yaml"])
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--password", "x", "--log-format", "yaml"]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,9 +271,24 @@ class Twistd:
         self.port = free_port()
         self.stdout_path = os.path.join(self.base, "stdout")
         self.stderr_path = os.path.join(self.base, "stderr")
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
-        argv += list(twistd_args) + ["anytls", "--port", f"ssl:{self.port}:interface=127.0.0.1",
-                                     "--state-dir", os.path.join(self.base, "state")] + list(args)
+        argv = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+        ]
+        argv += (
+            list(twistd_args)
+            + [
+                "anytls",
+                "--port",
+                f"ssl:{self.port}:interface=127.0.0.1",
+                "--state-dir",
+                os.path.join(self.base, "state"),
+            ]
+            + list(args)
+        )
         env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO_ROOT)
@@ -214,9 +310,13 @@ class Twistd:
             if value:
                 return value
             if self.process.poll() is not None:
-                raise AssertionError(f"twistd exited ({self.process.returncode}) before {what}:\n{self.stdout()}\n{self.stderr()}")
+                raise AssertionError(
+                    f"twistd exited ({self.process.returncode}) before {what}:\n{self.stdout()}\n{self.stderr()}"
+                )
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {seconds}s waiting for {what}:\n{self.stdout()}\n{self.stderr()}")
+                raise AssertionError(
+                    f"timed out after {seconds}s waiting for {what}:\n{self.stdout()}\n{self.stderr()}"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 
@@ -288,7 +388,9 @@ class TwistdJSONTests(SynchronousTestCase):
         """If twistd anytls runs with --log-format json, then every stdout line is a JSON
         object: start-up, the client config, a refused wrong password, the session open and
         closed lines with their fields, shutdown; the password and its digest never appear."""
-        server = Twistd(self, [], ["--password", self.PASSWORD, "--log-format", "json", "--log-level", "debug"])
+        server = Twistd(
+            self, [], ["--password", self.PASSWORD, "--log-format", "json", "--log-level", "debug"]
+        )
         server.wait_listening()
         self.assertEqual(raw_session(server.port, "wrong password"), b"")  # closed, nothing sent
         server.wait_for_text("authentication failed")
@@ -301,14 +403,24 @@ class TwistdJSONTests(SynchronousTestCase):
         self.assertEqual(server.stderr(), "")
         by_text = {r["text"].split(" ")[0]: r for r in records}
         self.assertIn("listening", by_text)
-        self.assertEqual(by_text["listening"]["pin"], by_text["listening"]["text"].split("certificate_public_key_sha256=")[1].split(" ")[0])
+        self.assertEqual(
+            by_text["listening"]["pin"],
+            by_text["listening"]["text"].split("certificate_public_key_sha256=")[1].split(" ")[0],
+        )
         opened = [r for r in records if " open from " in r["text"]]
         self.assertEqual(len(opened), 1, output)
         self.assertEqual(opened[0]["namespace"], "anytls_twisted.session")
         self.assertEqual(opened[0]["user"], "default")
         self.assertTrue(opened[0]["peer"].startswith("127.0.0.1:"))
-        self.assertEqual(opened[0]["text"], f"session {opened[0]['session_id']} open from {opened[0]['peer']} user default")
-        closed = [r for r in records if r.get("session_id") == opened[0]["session_id"] and " closed: " in r["text"]]
+        self.assertEqual(
+            opened[0]["text"],
+            f"session {opened[0]['session_id']} open from {opened[0]['peer']} user default",
+        )
+        closed = [
+            r
+            for r in records
+            if r.get("session_id") == opened[0]["session_id"] and " closed: " in r["text"]
+        ]
         self.assertEqual(len(closed), 1, output)
         self.assertEqual(closed[0]["client"], "jsonlog-test/1")
         for key in ("duration", "bytes_in", "bytes_out", "streams", "reason", "peer", "user"):
@@ -342,4 +454,3 @@ class TwistdJSONTests(SynchronousTestCase):
         first = server.stdout().splitlines()[0]
         self.assertRaises(ValueError, json.loads, first)
         self.assertIn("[anytls_twisted.tap#info] listening on", server.stdout())
-

@@ -11,9 +11,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.address import Destination, encode_socks_address, encode_uot_address
-from anytls_twisted.auth import encode_preamble
-from anytls_twisted.codec import Command
 from anytls_twisted.metrics import (
     AUTH_FAILURE_REASONS,
     CONNECT_FAILURE_REASONS,
@@ -22,9 +19,12 @@ from anytls_twisted.metrics import (
     metrics_resource,
     metrics_site,
 )
-from anytls_twisted.service import ReaperService, build_service
-from anytls_twisted.tap import Options, makeService
-from anytls_twisted.udp import MAGIC_V2
+from anytls_twisted.protocol.address import Destination, encode_socks_address, encode_uot_address
+from anytls_twisted.protocol.auth import encode_preamble
+from anytls_twisted.protocol.codec import Command
+from anytls_twisted.server.service import ReaperService, build_service
+from anytls_twisted.server.tap import Options, makeService
+from anytls_twisted.server.udp import MAGIC_V2
 
 from .helpers import SETTINGS_V2, Server
 from .test_session import ADDR_V4, open_stream
@@ -97,13 +97,21 @@ class InterfaceTests(SynchronousTestCase):
     def test_known_labels_exported_as_zero(self):
         metrics = Metrics()
         for reason in AUTH_FAILURE_REASONS:
-            self.assertEqual(metrics.registry.get_sample_value("anytls_auth_failures_total", {"reason": reason}), 0)
+            self.assertEqual(
+                metrics.registry.get_sample_value("anytls_auth_failures_total", {"reason": reason}),
+                0,
+            )
         for reason in CONNECT_FAILURE_REASONS:
             self.assertEqual(
-                metrics.registry.get_sample_value("anytls_origin_connect_failures_total", {"reason": reason}), 0
+                metrics.registry.get_sample_value(
+                    "anytls_origin_connect_failures_total", {"reason": reason}
+                ),
+                0,
             )
         for kind in ("tcp", "udp"):
-            self.assertEqual(metrics.registry.get_sample_value("anytls_streams_open", {"kind": kind}), 0)
+            self.assertEqual(
+                metrics.registry.get_sample_value("anytls_streams_open", {"kind": kind}), 0
+            )
         self.assertEqual(metrics.registry.get_sample_value("anytls_sessions_open"), 0)
 
 
@@ -218,7 +226,9 @@ class StreamMetricsTests(SynchronousTestCase):
         frames = client.received()
         self.assertEqual([f.cmd for f in frames], [Command.SYNACK, Command.FIN])
         self.assertEqual(frames[0].data, b"dial tcp 127.0.0.1:8080: i/o timeout")
-        self.assertEqual(value(metrics, "anytls_origin_connect_failures_total", reason="timeout"), 1)
+        self.assertEqual(
+            value(metrics, "anytls_origin_connect_failures_total", reason="timeout"), 1
+        )
         self.assertEqual(value(metrics, "anytls_origin_connect_failures_total", reason="other"), 0)
 
     def test_policy_refusal(self):
@@ -245,10 +255,24 @@ class StreamMetricsTests(SynchronousTestCase):
         self.server.origin_connect()
         self.assertEqual(self.synack(), (1, 0.25))
         self.assertEqual(
-            value(self.metrics, "anytls_synack_latency_seconds_bucket", kind="tcp", result="ok", le="0.1"), 0
+            value(
+                self.metrics,
+                "anytls_synack_latency_seconds_bucket",
+                kind="tcp",
+                result="ok",
+                le="0.1",
+            ),
+            0,
         )
         self.assertEqual(
-            value(self.metrics, "anytls_synack_latency_seconds_bucket", kind="tcp", result="ok", le="0.25"), 1
+            value(
+                self.metrics,
+                "anytls_synack_latency_seconds_bucket",
+                kind="tcp",
+                result="ok",
+                le="0.25",
+            ),
+            1,
         )
         open_stream(self.client, sid=2)
         self.server.reactor.advance(0.5)
@@ -263,7 +287,9 @@ class StreamMetricsTests(SynchronousTestCase):
         self.server.origin_fail()
         self.assertEqual(self.synack(), (1, 2.0))
         self.assertEqual(self.synack(result="error"), (0, 0))
-        self.assertEqual(value(self.metrics, "anytls_origin_connect_failures_total", reason="refused"), 1)
+        self.assertEqual(
+            value(self.metrics, "anytls_origin_connect_failures_total", reason="refused"), 1
+        )
 
     def test_v1_session_has_no_synack(self):
         client = session(self.server, settings=SETTINGS_V1)
@@ -318,7 +344,9 @@ class UoTMetricsTests(SynchronousTestCase):
         self.assertEqual(self.datagrams(metrics, "client_to_origin"), 2)
         self.assertEqual(self.datagrams(metrics, "origin_to_client"), 1)
         self.assertEqual(value(metrics, "anytls_uot_datagrams_dropped_total"), 1)
-        self.assertEqual(value(metrics, "anytls_bytes_total", direction="origin_to_client", user="alice"), down)
+        self.assertEqual(
+            value(metrics, "anytls_bytes_total", direction="origin_to_client", user="alice"), down
+        )
 
     def synack_count(self, metrics):
         return value(metrics, "anytls_synack_latency_seconds_count", kind="udp", result="ok")
@@ -384,14 +412,17 @@ class ResourceTests(SynchronousTestCase):
         }
         self.assertEqual(samples[("anytls_sessions_open", ())], 1)
         self.assertEqual(
-            samples[("anytls_bytes_total", (("direction", "client_to_origin"), ("user", "alice")))], 5
+            samples[("anytls_bytes_total", (("direction", "client_to_origin"), ("user", "alice")))],
+            5,
         )
         self.assertEqual(
             samples[("anytls_synack_latency_seconds_count", (("kind", "tcp"), ("result", "ok")))], 1
         )
 
     def test_openmetrics_when_asked(self):
-        status, headers, body = http_get(self.site, b"/metrics", accept=b"application/openmetrics-text")
+        status, headers, body = http_get(
+            self.site, b"/metrics", accept=b"application/openmetrics-text"
+        )
         self.assertEqual(status, 200)
         self.assertTrue(headers[b"content-type"].startswith(b"application/openmetrics-text"))
         self.assertTrue(body.endswith(b"# EOF\n"))
@@ -415,15 +446,21 @@ class WiringTests(SynchronousTestCase):
         server = Server()
         metrics = Metrics()
         top = build_service(
-            server.config, [("tcp:0", lambda f: f)], server.reactor, server.dialer,
-            server.factory.listen_udp, metrics=metrics,
+            server.config,
+            [("tcp:0", lambda f: f)],
+            server.reactor,
+            server.dialer,
+            server.factory.listen_udp,
+            metrics=metrics,
         )
         self.assertIs(top.factory.metrics, metrics)
         self.assertIs(top.registry.metrics, metrics)
 
     def make(self, *extra):
         options = Options()
-        options.parseOptions(["--password", "x", "--state-dir", self.mktemp(), "--port", "tcp:0"] + list(extra))
+        options.parseOptions(
+            ["--password", "x", "--state-dir", self.mktemp(), "--port", "tcp:0"] + list(extra)
+        )
         reactor = MemoryReactorClock()
         return options, reactor, makeService(options, reactor=reactor)
 
@@ -458,5 +495,7 @@ class WiringTests(SynchronousTestCase):
 
         options = Options()
         with self.assertRaises(usage.UsageError) as caught:
-            options.parseOptions(["--password", "x", "--state-dir", self.mktemp(), "--metrics", "bogus:1"])
+            options.parseOptions(
+                ["--password", "x", "--state-dir", self.mktemp(), "--metrics", "bogus:1"]
+            )
         self.assertIn("--metrics bogus:1", str(caught.exception))

@@ -6,8 +6,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.codec import Command
-from anytls_twisted.service import ReaperService, build_service
+from anytls_twisted.protocol.codec import Command
+from anytls_twisted.server.service import ReaperService, build_service
 
 from .helpers import Server
 from .test_session import open_stream
@@ -97,8 +97,13 @@ class ShutdownTests(SynchronousTestCase):
         self.build()
         self.assertEqual(self.server.reactor.tcpServers[0][2], tls.DEFAULT_BACKLOG)
         server = Server()
-        build_service(server.config, [("tcp:0:backlog=7", lambda f: f)], server.reactor, server.dialer,
-                      server.factory.listen_udp).startService()
+        build_service(
+            server.config,
+            [("tcp:0:backlog=7", lambda f: f)],
+            server.reactor,
+            server.dialer,
+            server.factory.listen_udp,
+        ).startService()
         self.assertEqual(server.reactor.tcpServers[0][2], 7)
 
     def test_listener_and_reaper_children(self):

@@ -1,14 +1,16 @@
 """Session behaviour on fake transports and a memory reactor: auth, settings, streams, bad input."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import codec, stream
-from anytls_twisted.auth import encode_preamble
-from anytls_twisted.codec import Command, Frame
-from anytls_twisted.padding import PaddingScheme
+from anytls_twisted.protocol import codec
+from anytls_twisted.protocol.auth import encode_preamble
+from anytls_twisted.protocol.codec import Command, Frame
+from anytls_twisted.protocol.padding import PaddingScheme
+from anytls_twisted.server import stream
 
 from .helpers import PASSWORD, SETTINGS_V2, Server, unhex
 from .test_codec import V5, V10_ERR, V10_OK, V12
@@ -44,7 +46,9 @@ class AuthTests(SynchronousTestCase):
         """A wrong digest closes the connection without a single byte sent."""
         server = Server()
         client = server.connect()
-        client.send(encode_preamble("wrong", 30) + codec.encode_frame(Command.SETTINGS, 0, SETTINGS_V2))
+        client.send(
+            encode_preamble("wrong", 30) + codec.encode_frame(Command.SETTINGS, 0, SETTINGS_V2)
+        )
         self.assertTrue(client.closed)
         self.assertEqual(client.transport.value(), b"")
         self.assertIsNone(client.proto.user)
@@ -59,7 +63,7 @@ class AuthTests(SynchronousTestCase):
 
     def test_close_aborts_silent_peer(self):
         """A peer that never completes the TLS close is aborted after the close grace."""
-        from anytls_twisted.session import CLOSE_GRACE
+        from anytls_twisted.server.session import CLOSE_GRACE
 
         server = Server()
         client = server.connect()
@@ -114,7 +118,10 @@ class SettingsTests(SynchronousTestCase):
         client.auth()
         self.assertEqual(
             client.received(),
-            [Frame(Command.UPDATE_PADDING_SCHEME, 0, scheme.raw), Frame(Command.SERVER_SETTINGS, 0, b"v=2")],
+            [
+                Frame(Command.UPDATE_PADDING_SCHEME, 0, scheme.raw),
+                Frame(Command.SERVER_SETTINGS, 0, b"v=2"),
+            ],
         )
 
     def test_v1_client_gets_no_v2_frames(self):
@@ -189,7 +196,9 @@ class StreamTests(SynchronousTestCase):
         """A refused connect gets SYNACK with Go's error text (V10), then FIN."""
         open_stream(self.client)
         self.server.origin_fail(error.ConnectionRefusedError())
-        self.assertEqual(self.client.transport.value(), V10_ERR + codec.encode_frame(Command.FIN, 1))
+        self.assertEqual(
+            self.client.transport.value(), V10_ERR + codec.encode_frame(Command.FIN, 1)
+        )
         self.assertFalse(self.client.closed)
 
     def test_synack_guard(self):
@@ -206,9 +215,7 @@ class StreamTests(SynchronousTestCase):
         """A connect that never completes ends at --connect-timeout with FIN."""
         open_stream(self.client)
         self.server.reactor.advance(5.1)
-        self.assertEqual(
-            [f.cmd for f in self.client.received()], [Command.SYNACK, Command.FIN]
-        )
+        self.assertEqual([f.cmd for f in self.client.received()], [Command.SYNACK, Command.FIN])
 
     def test_client_fin_closes_origin_without_reply(self):
         """A client FIN closes the origin fully and is never answered with FIN."""
@@ -254,7 +261,9 @@ class StreamTests(SynchronousTestCase):
 
     def test_domain_checked_after_resolution(self):
         """A name resolving to a private address is refused; a public one is dialled by IP."""
-        server = Server(allow_private=False, names={"evil.test": ["10.0.0.1"], "good.test": ["93.184.216.34"]})
+        server = Server(
+            allow_private=False, names={"evil.test": ["10.0.0.1"], "good.test": ["93.184.216.34"]}
+        )
         client = server.connect()
         client.auth()
         client.received()
@@ -305,9 +314,7 @@ class StreamTests(SynchronousTestCase):
         for sid in (1, 2, 3):
             open_stream(client, sid)
         frames = client.received()
-        self.assertEqual(
-            [(f.cmd, f.sid) for f in frames], [(Command.SYNACK, 3), (Command.FIN, 3)]
-        )
+        self.assertEqual([(f.cmd, f.sid) for f in frames], [(Command.SYNACK, 3), (Command.FIN, 3)])
         self.assertEqual(len(server.reactor.tcpClients), 2)
 
 
@@ -376,7 +383,8 @@ class SplitTests(SynchronousTestCase):
         for start, stop in zip([0] + points, points + [len(self.FLIGHT)]):
             client.send(self.FLIGHT[start:stop])
         self.assertEqual(
-            client.received(), [Frame(Command.SERVER_SETTINGS, 0, b"v=2"), Frame(Command.HEART_RESPONSE, 4)]
+            client.received(),
+            [Frame(Command.SERVER_SETTINGS, 0, b"v=2"), Frame(Command.HEART_RESPONSE, 4)],
         )
         _, transport = server.origin_connect()
         self.assertEqual(transport.value(), b"request")
@@ -421,21 +429,38 @@ class LoggingTests(SynchronousTestCase):
     def texts(self):
         from twisted.logger import formatEvent
 
-        return [formatEvent(e) for e in self.events if e.get("log_namespace", "").startswith("anytls_twisted")]
+        return [
+            formatEvent(e)
+            for e in self.events
+            if e.get("log_namespace", "").startswith("anytls_twisted")
+        ]
 
     def test_bad_peer_one_line_and_no_secrets(self):
         """A misbehaving session is closed with one line carrying the fields; no secret is logged."""
-        from anytls_twisted.auth import password_digest
+        from anytls_twisted.protocol.auth import password_digest
 
         server = Server()
         client = server.connect()
         client.auth()
         client.frame(Command.ALERT, 0, b"garbage")
         client.proto.connectionLost(Failure(error.ConnectionDone()))
-        closing = [e for e in self.events if e.get("log_format", "").startswith("session {session_id} closed")]
+        closing = [
+            e
+            for e in self.events
+            if e.get("log_format", "").startswith("session {session_id} closed")
+        ]
         self.assertEqual(len(closing), 1)
         event = closing[0]
-        for field in ("session_id", "peer", "user", "duration", "bytes_in", "bytes_out", "streams", "reason"):
+        for field in (
+            "session_id",
+            "peer",
+            "user",
+            "duration",
+            "bytes_in",
+            "bytes_out",
+            "streams",
+            "reason",
+        ):
             self.assertIn(field, event)
         self.assertEqual(event["user"], "alice")
         self.assertIn("alert from client", event["reason"])

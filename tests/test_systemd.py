@@ -26,10 +26,11 @@ import subprocess
 import sys
 
 from twisted.internet.endpoints import _SystemdParser
+from twisted.python import usage
 from twisted.python.systemd import ListenFDs
 from twisted.trial import unittest
 
-from anytls_twisted import tap
+from anytls_twisted.server import tap
 
 from .e2e_support import (
     REPO_ROOT,
@@ -99,7 +100,8 @@ class UnitVerifyTests(unittest.TestCase):
         """Problems systemd-analyze verify reports for all three units: its whole output, and
         its status when not 0. Empty means clean."""
         result = subprocess.run(
-            [SYSTEMD_ANALYZE, "verify", "--man=no"] + [os.path.join(directory, name) for name in UNITS],
+            [SYSTEMD_ANALYZE, "verify", "--man=no"]
+            + [os.path.join(directory, name) for name in UNITS],
             capture_output=True,
             text=True,
             timeout=60,
@@ -121,9 +123,25 @@ class UnitVerifyTests(unittest.TestCase):
             ({"anytls.service": ("ProtectSystem=strict", "ProtectSystem=strictly")}, "strictly"),
             ({"anytls.service": ("LimitNOFILE=65536", "LimitNOFILE=lots")}, "lots"),
             ({"anytls.service": ("AF_INET AF_INET6", "AF_INET AF_INET7")}, "AF_INET7"),
-            ({"anytls-socket.service": ("SystemCallFilter=@system-service", "SystemCallFilter=@system-servic")}, "@system-servic"),
+            (
+                {
+                    "anytls-socket.service": (
+                        "SystemCallFilter=@system-service",
+                        "SystemCallFilter=@system-servic",
+                    )
+                },
+                "@system-servic",
+            ),
             ({"anytls-socket.service": ("[Service]", "[Servic]")}, "Servic"),
-            ({"anytls.socket": ("Service=anytls-socket.service", "Service=anytls-sockets.service")}, "anytls-sockets.service"),
+            (
+                {
+                    "anytls.socket": (
+                        "Service=anytls-socket.service",
+                        "Service=anytls-sockets.service",
+                    )
+                },
+                "anytls-sockets.service",
+            ),
             ({"anytls.socket": ("ListenStream=8443", "ListenStream=84433")}, "84433"),
         ]:
             problems = self.verify(self.copy_units(edits))
@@ -135,11 +153,23 @@ class UnitVerifyTests(unittest.TestCase):
         directory = self.copy_units()
         for name in ("anytls.service", "anytls-socket.service"):
             result = subprocess.run(
-                [SYSTEMD_ANALYZE, "security", "--offline=true", f"--threshold={EXPOSURE_THRESHOLD}", "--no-pager", name],
-                capture_output=True, text=True, timeout=60, cwd=directory,
+                [
+                    SYSTEMD_ANALYZE,
+                    "security",
+                    "--offline=true",
+                    f"--threshold={EXPOSURE_THRESHOLD}",
+                    "--no-pager",
+                    name,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=directory,
             )
             if "--offline" in result.stderr and "unrecognized" in result.stderr:
-                raise unittest.SkipTest("this systemd-analyze has no security --offline (systemd < 250)")
+                raise unittest.SkipTest(
+                    "this systemd-analyze has no security --offline (systemd < 250)"
+                )
             self.assertEqual(result.returncode, 0, f"{name}:\n{result.stdout}{result.stderr}")
             self.assertRegex(result.stdout, r"Overall exposure level for \S+: [0-9.]+ OK")
 
@@ -153,8 +183,15 @@ class UnitContentTests(unittest.SynchronousTestCase):
         os.makedirs(credentials)
         with open(os.path.join(credentials, "password"), "w") as f:
             f.write("from-the-credential\n")
-        args = [a.replace("${CREDENTIALS_DIRECTORY}", credentials) for a in exec_start_args(read_unit(unit))]
-        self.patch(os, "environ", dict(os.environ, STATE_DIRECTORY=state, CREDENTIALS_DIRECTORY=credentials))
+        args = [
+            a.replace("${CREDENTIALS_DIRECTORY}", credentials)
+            for a in exec_start_args(read_unit(unit))
+        ]
+        self.patch(
+            os,
+            "environ",
+            dict(os.environ, STATE_DIRECTORY=state, CREDENTIALS_DIRECTORY=credentials),
+        )
         if sockets is not None:
             self.patch(_SystemdParser, "_sddaemon", sockets)
         options = tap.Options()
@@ -193,7 +230,10 @@ class UnitContentTests(unittest.SynchronousTestCase):
         # The same command line with an IPv4 socket is refused, with the fix in the message.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
             e = self.assertRaises(
-                Exception, self.parse, "anytls-socket.service", ListenFDs([v4.fileno()], (name,))
+                usage.UsageError,
+                self.parse,
+                "anytls-socket.service",
+                ListenFDs([v4.fileno()], (name,)),
             )
             self.assertIn("say domain=INET", str(e))
 
@@ -205,7 +245,9 @@ class UnitContentTests(unittest.SynchronousTestCase):
             self.assertEqual(unit_values(text, "DynamicUser"), ["yes"], unit)
             self.assertEqual(unit_values(text, "MemoryDenyWriteExecute"), [], unit)  # see below
             argv = shlex.split(unit_values(text, "ExecStart")[0])
-            self.assertEqual(argv[:4], [INSTALLED_TWISTD, "--nodaemon", "--pidfile=", "anytls"], unit)
+            self.assertEqual(
+                argv[:4], [INSTALLED_TWISTD, "--nodaemon", "--pidfile=", "anytls"], unit
+            )
 
 
 MDWE_PROBE = r"""
@@ -215,7 +257,8 @@ if sys.argv[1] == "mdwe":
     if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
         print("unsupported", os.strerror(ctypes.get_errno()))
         sys.exit(3)
-from anytls_twisted import certs, tls
+from anytls_twisted import certs
+from anytls_twisted import tls
 cert, key = certs.ensure_self_signed(sys.argv[2], "localhost")
 tls.server_tls_options(certs.load_certificate_files(cert, key)).getContext()
 print("context ok")
@@ -227,7 +270,10 @@ class MemoryDenyWriteExecuteTests(unittest.SynchronousTestCase):
         env = dict(os.environ, PYTHONPATH=REPO_ROOT)
         return subprocess.run(
             [sys.executable, "-c", MDWE_PROBE, mode, os.path.abspath(self.mktemp())],
-            capture_output=True, text=True, timeout=60, env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
 
     def test_pyopenssl_needs_write_execute_memory(self):
@@ -235,10 +281,14 @@ class MemoryDenyWriteExecuteTests(unittest.SynchronousTestCase):
         (the kernel's PR_SET_MDWE, what that setting enforces with seccomp), building our TLS
         context fails. If this starts passing, the setting can go back into the units."""
         normal = self.probe("normal")
-        self.assertEqual((normal.returncode, normal.stdout.strip()), (0, "context ok"), normal.stderr)
+        self.assertEqual(
+            (normal.returncode, normal.stdout.strip()), (0, "context ok"), normal.stderr
+        )
         refused = self.probe("mdwe")
         if refused.returncode == 3:
-            raise unittest.SkipTest(f"this kernel has no PR_SET_MDWE (Linux 6.3+): {refused.stdout.strip()}")
+            raise unittest.SkipTest(
+                f"this kernel has no PR_SET_MDWE (Linux 6.3+): {refused.stdout.strip()}"
+            )
         self.assertNotEqual(refused.returncode, 0, refused.stdout)
         self.assertIn("Cannot allocate write+execute memory for ffi.callback()", refused.stderr)
 
@@ -257,9 +307,16 @@ class SocketActivationTests(unittest.TestCase):
 
     def launcher(self, *extra):
         return [
-            SOCKET_ACTIVATE, "-l", "127.0.0.1:{port}", *extra,
+            SOCKET_ACTIVATE,
+            "-l",
+            "127.0.0.1:{port}",
+            *extra,
             # systemd-socket-activate passes on only the environment it is told to.
-            "-E", f"PYTHONPATH={REPO_ROOT}", "-E", "PYTHONUNBUFFERED=1", "--",
+            "-E",
+            f"PYTHONPATH={REPO_ROOT}",
+            "-E",
+            "PYTHONUNBUFFERED=1",
+            "--",
         ]
 
     def check_session(self, server):
@@ -272,10 +329,14 @@ class SocketActivationTests(unittest.TestCase):
     def test_stream_through_activated_socket_by_name(self):
         """As anytls.socket + anytls-socket.service do it: the socket found by its name."""
         server = yield self.h.start_server(
-            kind="twistd", ports=["tls:systemd:domain=INET:name=anytls"], launcher=self.launcher("--fdname=anytls")
+            kind="twistd",
+            ports=["tls:systemd:domain=INET:name=anytls"],
+            launcher=self.launcher("--fdname=anytls"),
         )
         yield server.process.wait_for_line(
-            r"listening on tls:systemd:domain=INET:name=anytls with TLS", 10.0, what="the listening line"
+            r"listening on tls:systemd:domain=INET:name=anytls with TLS",
+            10.0,
+            what="the listening line",
         )
         client = yield self.h.start_client(server)
         echo = self.h.tcp_echo()
@@ -289,7 +350,9 @@ class SocketActivationTests(unittest.TestCase):
     @e2e_test
     def test_stream_through_activated_socket_by_index(self):
         server = yield self.h.start_server(
-            kind="twistd", ports=["tls:systemd:domain=INET:index=0"], launcher=self.launcher("--fdname=x")
+            kind="twistd",
+            ports=["tls:systemd:domain=INET:index=0"],
+            launcher=self.launcher("--fdname=x"),
         )
         client = yield self.h.start_client(server)
         echo = self.h.tcp_echo()
@@ -300,11 +363,24 @@ class SocketActivationTests(unittest.TestCase):
         """Start the server under systemd-socket-activate, trigger it, and wait for it to end."""
         port = free_port("127.0.0.1")
         command = twistd_executable()
-        args = self.launcher(*extra)[1:] + command + [
-            "-n", "--pidfile=", "anytls", "--password", "x",
-            "--state-dir", os.path.abspath(self.mktemp()), "--port", port_description,
-        ]
-        proc = self.h.spawn("activated", SOCKET_ACTIVATE, [a.format(port=port) for a in args], short_lived=True)
+        args = (
+            self.launcher(*extra)[1:]
+            + command
+            + [
+                "-n",
+                "--pidfile=",
+                "anytls",
+                "--password",
+                "x",
+                "--state-dir",
+                os.path.abspath(self.mktemp()),
+                "--port",
+                port_description,
+            ]
+        )
+        proc = self.h.spawn(
+            "activated", SOCKET_ACTIVATE, [a.format(port=port) for a in args], short_lived=True
+        )
         d = wait_for_port("127.0.0.1", port, 30.0, proc)  # the first connection starts it
         d.addCallback(lambda _: within(proc.ended.wait(), 60.0, "the server to exit"))
         return d

@@ -11,10 +11,10 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from anytls_twisted import config as defaults
-from anytls_twisted.padding import DEFAULT_SCHEME
-from anytls_twisted.service import ReaperService
-from anytls_twisted.tap import Options, makeService
+from anytls_twisted.protocol.padding import DEFAULT_SCHEME
+from anytls_twisted.server import settings as defaults
+from anytls_twisted.server.service import ReaperService
+from anytls_twisted.server.tap import Options, makeService
 from anytls_twisted.tls_transport import BulkTLSFactory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["connect-timeout"], defaults.CONNECT_TIMEOUT)
         self.assertEqual(options["synack-guard"], defaults.SYNACK_GUARD)
         self.assertEqual(options["idle-session-timeout"], defaults.IDLE_SESSION_TIMEOUT)
-        self.assertEqual(options["idle-session-check-interval"], defaults.IDLE_SESSION_CHECK_INTERVAL)
+        self.assertEqual(
+            options["idle-session-check-interval"], defaults.IDLE_SESSION_CHECK_INTERVAL
+        )
         self.assertEqual(options["udp-timeout"], defaults.UDP_TIMEOUT)
         self.assertEqual(options["server-name"], "localhost")
         self.assertIs(options["padding"], DEFAULT_SCHEME)
@@ -46,18 +48,42 @@ class OptionsTests(SynchronousTestCase):
         """--help names every option, and each with a default shows it."""
         text = " ".join(str(Options()).split())
         for name in [
-            "--port", "--password", "--password-file", "--state-dir", "--server-name", "--cert",
-            "--key", "--alpn", "--padding-scheme", "--auth-timeout", "--connect-timeout",
-            "--synack-guard", "--idle-session-timeout", "--idle-session-check-interval",
-            "--udp-timeout", "--allow-private", "--log-level", "--shutdown-grace",
-            "--max-streams-per-session", "--config", "--certificate-check-interval",
+            "--port",
+            "--password",
+            "--password-file",
+            "--state-dir",
+            "--server-name",
+            "--cert",
+            "--key",
+            "--alpn",
+            "--padding-scheme",
+            "--auth-timeout",
+            "--connect-timeout",
+            "--synack-guard",
+            "--idle-session-timeout",
+            "--idle-session-check-interval",
+            "--udp-timeout",
+            "--allow-private",
+            "--log-level",
+            "--shutdown-grace",
+            "--max-streams-per-session",
+            "--config",
+            "--certificate-check-interval",
         ]:
             self.assertIn(name, text)
-        for default in ["ssl:8443", "[default: 10.0]", "[default: 300.0]", "[default: 2.0]", "else localhost]"]:
+        for default in [
+            "ssl:8443",
+            "[default: 10.0]",
+            "[default: 300.0]",
+            "[default: 2.0]",
+            "else localhost]",
+        ]:
             self.assertIn(default, text)
 
     def test_repeated_ports(self):
-        options = self.parse("--password", "x", "--port", "ssl:1:interface=127.0.0.1", "--port", "tcp:2")
+        options = self.parse(
+            "--password", "x", "--port", "ssl:1:interface=127.0.0.1", "--port", "tcp:2"
+        )
         self.assertEqual(options["port"], ["ssl:1:interface=127.0.0.1", "tcp:2"])
         self.assertEqual([s.tls for s in options["port-specs"]], [True, False])
 
@@ -101,7 +127,16 @@ class MakeServiceTests(SynchronousTestCase):
         state = self.mktemp()
         options = Options()
         options.parseOptions(
-            ["--password", "x", "--state-dir", state, "--port", "ssl:0:interface=127.0.0.1", "--port", "tcp:0"]
+            [
+                "--password",
+                "x",
+                "--state-dir",
+                state,
+                "--port",
+                "ssl:0:interface=127.0.0.1",
+                "--port",
+                "tcp:0",
+            ]
         )
         reactor = MemoryReactorClock()
         top = makeService(options, reactor=reactor)
@@ -123,7 +158,14 @@ class HAProxyPortTests(SynchronousTestCase):
         """haproxy:ssl: listens on TCP with the PROXY wrapper outside our TLS factory."""
         options = Options()
         options.parseOptions(
-            ["--password", "x", "--state-dir", self.mktemp(), "--port", "haproxy:ssl:0:interface=127.0.0.1"]
+            [
+                "--password",
+                "x",
+                "--state-dir",
+                self.mktemp(),
+                "--port",
+                "haproxy:ssl:0:interface=127.0.0.1",
+            ]
         )
         reactor = MemoryReactorClock()
         top = makeService(options, reactor=reactor)
@@ -140,8 +182,16 @@ class TwistdErrorTests(TestCase):
 
     def twistd(self, *args):
         env = dict(os.environ, PYTHONPATH=ROOT)
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                "--pidfile=", "anytls", "--state-dir", os.path.abspath(self.mktemp())] + list(args)
+        argv = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "anytls",
+            "--state-dir",
+            os.path.abspath(self.mktemp()),
+        ] + list(args)
         result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, timeout=60, text=True)
         return result.returncode, result.stdout + result.stderr
 
@@ -166,7 +216,9 @@ class TwistdErrorTests(TestCase):
         path = os.path.abspath(self.mktemp())
         with open(path, "wb") as f:
             f.write(b"1=10-20\n")
-        self.assertOneLineError(["--password", "x", "--padding-scheme", path], "invalid padding scheme")
+        self.assertOneLineError(
+            ["--password", "x", "--padding-scheme", path], "invalid padding scheme"
+        )
 
     def test_port_in_use(self):
         busy = socket.socket()
@@ -175,13 +227,16 @@ class TwistdErrorTests(TestCase):
         self.addCleanup(busy.close)
         port = busy.getsockname()[1]
         self.assertOneLineError(
-            ["--password", "x", "--port", f"ssl:{port}:interface=127.0.0.1"], f"cannot listen on 127.0.0.1:{port}"
+            ["--password", "x", "--port", f"ssl:{port}:interface=127.0.0.1"],
+            f"cannot listen on 127.0.0.1:{port}",
         )
 
     def test_port_twisted_cannot_use(self):
         """A --port Twisted cannot parse, or a systemd socket that was not passed, is one line
         at start (it used to be a traceback from makeService)."""
-        self.assertOneLineError(["--password", "x", "--port", "nosuch:8443"], "Unknown endpoint type")
+        self.assertOneLineError(
+            ["--password", "x", "--port", "nosuch:8443"], "Unknown endpoint type"
+        )
         self.assertOneLineError(
             ["--password", "x", "--port", "tls:systemd:domain=INET:index=0"],
             "systemd passed no socket matching systemd:domain=INET:index=0",

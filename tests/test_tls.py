@@ -9,12 +9,12 @@ from typing import List, Optional, Tuple
 
 from OpenSSL import SSL
 from twisted.internet import protocol
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import _SystemdParser, serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -24,8 +24,9 @@ from twisted.test.iosim import FakeTransport, connect, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from anytls_twisted import certs, codec, tls
-from anytls_twisted.auth import encode_preamble
+from anytls_twisted import certs, tls
+from anytls_twisted.protocol import codec
+from anytls_twisted.protocol.auth import encode_preamble
 from anytls_twisted.tls import PortSpec, parse_alpn, parse_port
 
 from .helpers import PASSWORD, SETTINGS_V2, Server
@@ -98,7 +99,10 @@ class HandshakeTests(SynchronousTestCase):
     def client(self, alpn: Optional[List[bytes]] = None, **kwargs):
         """A client that verifies the server against the generated certificate."""
         return optionsForClientTLS(
-            "localhost", trustRoot=Certificate.loadPEM(self.cert_pem), acceptableProtocols=alpn, **kwargs
+            "localhost",
+            trustRoot=Certificate.loadPEM(self.cert_pem),
+            acceptableProtocols=alpn,
+            **kwargs,
         )
 
     def test_no_alpn_offered(self) -> None:
@@ -107,14 +111,18 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_alpn_offered_default_server(self) -> None:
         """(b) A client offering h2,http/1.1 (sing-box with tls.alpn) gets no ALPN, no alert."""
-        Loopback(tls.server_tls_options(self.material), self.client(ALPN_OFFER)).assertWorks(self, None)
-        Loopback(tls.server_tls_options(self.material, tls.ALPN_NONE), self.client(ALPN_OFFER)).assertWorks(
+        Loopback(tls.server_tls_options(self.material), self.client(ALPN_OFFER)).assertWorks(
             self, None
         )
+        Loopback(
+            tls.server_tls_options(self.material, tls.ALPN_NONE), self.client(ALPN_OFFER)
+        ).assertWorks(self, None)
 
     def test_alpn_offered_tls12(self) -> None:
         """The same over TLS 1.2, where ALPN travels in the ServerHello rather than encrypted."""
-        client = self.client(ALPN_OFFER, extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2})
+        client = self.client(
+            ALPN_OFFER, extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2}
+        )
         loop = Loopback(tls.server_tls_options(self.material), client)
         loop.assertWorks(self, None)
         self.assertEqual(loop.client_tls.getHandle().get_protocol_version_name(), "TLSv1.2")
@@ -148,7 +156,9 @@ class HandshakeTests(SynchronousTestCase):
     def test_plain_twisted_fails(self) -> None:
         """Why the fix exists: Twisted's own CertificateOptions ends case (b) with a fatal
         internal_error alert."""
-        server = CertificateOptions(privateKey=self.material.private_key, certificate=self.material.certificate)
+        server = CertificateOptions(
+            privateKey=self.material.private_key, certificate=self.material.certificate
+        )
         loop = Loopback(server, self.client(ALPN_OFFER))
         self.assertFalse(loop.client.handshake_done)
         self.assertEqual(loop.server.received, b"")
@@ -166,7 +176,10 @@ class HandshakeTests(SynchronousTestCase):
         leaf = make_cert(leaf_key, "localhost", mid_key, "mid")
         directory = self.mktemp()
         os.makedirs(directory)
-        cert_path, key_path = os.path.join(directory, "full.pem"), os.path.join(directory, "key.pem")
+        cert_path, key_path = (
+            os.path.join(directory, "full.pem"),
+            os.path.join(directory, "key.pem"),
+        )
         with open(cert_path, "wb") as f:
             f.write(cert_pem(leaf) + cert_pem(mid))
         with open(key_path, "wb") as f:
@@ -226,14 +239,22 @@ class ParsePortTests(SynchronousTestCase):
             ("ssl:0", ssl("tcp:0", "ssl:0")),
             (
                 "ssl:443:interface=127.0.0.1:backlog=100",
-                ssl("tcp:443:interface=127.0.0.1:backlog=100", "ssl:443:interface=127.0.0.1:backlog=100"),
+                ssl(
+                    "tcp:443:interface=127.0.0.1:backlog=100",
+                    "ssl:443:interface=127.0.0.1:backlog=100",
+                ),
             ),
             ("ssl:backlog=7:port=443", ssl("tcp:443:backlog=7", "ssl:backlog=7:port=443")),
-            (r"ssl:443:interface=\:\:1", ssl(r"tcp:443:interface=\:\:1", r"ssl:443:interface=\:\:1")),
+            (
+                r"ssl:443:interface=\:\:1",
+                ssl(r"tcp:443:interface=\:\:1", r"ssl:443:interface=\:\:1"),
+            ),
             ("ssl:443:interface=", ssl("tcp:443", "ssl:443:interface=")),
             (
                 "ssl:443:privateKey=/k.pem",
-                ssl("tcp:443", "ssl:443:privateKey=/k.pem", private_key="/k.pem", cert_key="/k.pem"),
+                ssl(
+                    "tcp:443", "ssl:443:privateKey=/k.pem", private_key="/k.pem", cert_key="/k.pem"
+                ),
             ),
             (
                 "ssl:443:certKey=/c.pem",
@@ -251,7 +272,12 @@ class ParsePortTests(SynchronousTestCase):
             ),
             (
                 r"ssl:443:privateKey=C\:\\k=1.pem",
-                ssl("tcp:443", r"ssl:443:privateKey=C\:\\k=1.pem", private_key="C:\\k=1.pem", cert_key="C:\\k=1.pem"),
+                ssl(
+                    "tcp:443",
+                    r"ssl:443:privateKey=C\:\\k=1.pem",
+                    private_key="C:\\k=1.pem",
+                    cert_key="C:\\k=1.pem",
+                ),
             ),
             ("tcp:8080", plain("tcp:8080")),
             (r"tcp6:8080:interface=\:\:1", plain(r"tcp6:8080:interface=\:\:1")),
@@ -262,14 +288,31 @@ class ParsePortTests(SynchronousTestCase):
             ("unix:/tmp/odd\\", plain("unix:/tmp/odd\\")),
             ("tlsx:8443", plain("tlsx:8443")),
             # tls:ENDPOINT: our TLS on any endpoint, the endpoint string kept byte for byte.
-            ("tls:systemd:domain=INET:index=0", ssl("systemd:domain=INET:index=0", "tls:systemd:domain=INET:index=0")),
-            ("tls:systemd:domain=INET6:name=anytls", ssl("systemd:domain=INET6:name=anytls", "tls:systemd:domain=INET6:name=anytls")),
-            ("tls:unix:/run/anytls.sock", ssl("unix:/run/anytls.sock", "tls:unix:/run/anytls.sock")),
+            (
+                "tls:systemd:domain=INET:index=0",
+                ssl("systemd:domain=INET:index=0", "tls:systemd:domain=INET:index=0"),
+            ),
+            (
+                "tls:systemd:domain=INET6:name=anytls",
+                ssl("systemd:domain=INET6:name=anytls", "tls:systemd:domain=INET6:name=anytls"),
+            ),
+            (
+                "tls:unix:/run/anytls.sock",
+                ssl("unix:/run/anytls.sock", "tls:unix:/run/anytls.sock"),
+            ),
             ("tls:tcp:8443", ssl("tcp:8443", "tls:tcp:8443")),
-            (r"tls:tcp6:443:interface=\:\:1", ssl(r"tcp6:443:interface=\:\:1", r"tls:tcp6:443:interface=\:\:1")),
+            (
+                r"tls:tcp6:443:interface=\:\:1",
+                ssl(r"tcp6:443:interface=\:\:1", r"tls:tcp6:443:interface=\:\:1"),
+            ),
             (
                 "tls:unix:/run/a.sock:mode=660:privateKey=/k.pem",
-                ssl("unix:/run/a.sock:mode=660", "tls:unix:/run/a.sock:mode=660:privateKey=/k.pem", private_key="/k.pem", cert_key="/k.pem"),
+                ssl(
+                    "unix:/run/a.sock:mode=660",
+                    "tls:unix:/run/a.sock:mode=660:privateKey=/k.pem",
+                    private_key="/k.pem",
+                    cert_key="/k.pem",
+                ),
             ),
             (
                 r"tls:certKey=C\:\\c.pem:extraCertChain=/x.pem:unix:/a\:b.sock",
@@ -286,15 +329,34 @@ class ParsePortTests(SynchronousTestCase):
             ("haproxy:ssl:8443", ssl("haproxy:tcp:8443", "haproxy:ssl:8443")),
             (
                 "haproxy:ssl:8443:interface=127.0.0.1:backlog=9",
-                ssl("haproxy:tcp:8443:interface=127.0.0.1:backlog=9", "haproxy:ssl:8443:interface=127.0.0.1:backlog=9"),
+                ssl(
+                    "haproxy:tcp:8443:interface=127.0.0.1:backlog=9",
+                    "haproxy:ssl:8443:interface=127.0.0.1:backlog=9",
+                ),
             ),
-            (r"haproxy:ssl:443:interface=\:\:1", ssl(r"haproxy:tcp:443:interface=\:\:1", r"haproxy:ssl:443:interface=\:\:1")),
+            (
+                r"haproxy:ssl:443:interface=\:\:1",
+                ssl(r"haproxy:tcp:443:interface=\:\:1", r"haproxy:ssl:443:interface=\:\:1"),
+            ),
             (
                 "haproxy:ssl:443:privateKey=/k.pem:certKey=/c.pem",
-                ssl("haproxy:tcp:443", "haproxy:ssl:443:privateKey=/k.pem:certKey=/c.pem", private_key="/k.pem", cert_key="/c.pem"),
+                ssl(
+                    "haproxy:tcp:443",
+                    "haproxy:ssl:443:privateKey=/k.pem:certKey=/c.pem",
+                    private_key="/k.pem",
+                    cert_key="/c.pem",
+                ),
             ),
-            ("haproxy:tls:systemd:domain=INET:index=0", ssl("haproxy:systemd:domain=INET:index=0", "haproxy:tls:systemd:domain=INET:index=0")),
-            ("haproxy:tls:unix:/run/a.sock", ssl("haproxy:unix:/run/a.sock", "haproxy:tls:unix:/run/a.sock")),
+            (
+                "haproxy:tls:systemd:domain=INET:index=0",
+                ssl(
+                    "haproxy:systemd:domain=INET:index=0", "haproxy:tls:systemd:domain=INET:index=0"
+                ),
+            ),
+            (
+                "haproxy:tls:unix:/run/a.sock",
+                ssl("haproxy:unix:/run/a.sock", "haproxy:tls:unix:/run/a.sock"),
+            ),
         ]:
             self.assertEqual(parse_port(description), expected, description)
 
@@ -358,7 +420,9 @@ class ParsePortTests(SynchronousTestCase):
             factory = protocol.Factory()
             serverFromString(reactor, parse_port(description).endpoint).listen(factory)
             [(got_port, wrapper, got_backlog, got_interface)] = reactor.tcpServers
-            self.assertEqual((got_port, got_backlog, got_interface), (port, backlog, interface), description)
+            self.assertEqual(
+                (got_port, got_backlog, got_interface), (port, backlog, interface), description
+            )
             self.assertIsInstance(wrapper, HAProxyWrappingFactory, description)
             self.assertIs(wrapper.wrappedFactory, factory, description)
 
@@ -392,7 +456,11 @@ class ParsePortTests(SynchronousTestCase):
         """A socket passed by systemd must be of the declared domain: ListenStream=8443 gives
         an IPv6 socket, which Twisted would adopt as INET and then misreport every peer."""
         sockets = {}
-        for family, bind in [(socket.AF_INET, ("127.0.0.1", 0)), (socket.AF_INET6, ("::1", 0)), (socket.AF_UNIX, None)]:
+        for family, bind in [
+            (socket.AF_INET, ("127.0.0.1", 0)),
+            (socket.AF_INET6, ("::1", 0)),
+            (socket.AF_UNIX, None),
+        ]:
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
             except OSError:
@@ -435,7 +503,8 @@ class _Authenticator(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.transport.write(
-            encode_preamble(PASSWORD, 30) + codec.encode_frame(codec.Command.SETTINGS, 0, SETTINGS_V2)
+            encode_preamble(PASSWORD, 30)
+            + codec.encode_frame(codec.Command.SETTINGS, 0, SETTINGS_V2)
         )
 
 
@@ -471,7 +540,9 @@ class ProxyHeaderTests(SynchronousTestCase):
         wrapper.makeConnection(StringTransport(peerAddress=self.HAPROXY_SIDE))
         [session] = server.registry.sessions
         self.assertEqual(session.peer, "127.0.0.2:40001")  # nothing read yet
-        wrapper.dataReceived(b"PROXY TCP4 198.51.100.20 192.0.2.1 51234 8443\r\n" + encode_preamble(PASSWORD, 30))
+        wrapper.dataReceived(
+            b"PROXY TCP4 198.51.100.20 192.0.2.1 51234 8443\r\n" + encode_preamble(PASSWORD, 30)
+        )
         self.assertEqual((session.user, session.peer), ("alice", "198.51.100.20:51234"))
 
     def test_header_then_close_before_auth(self) -> None:
@@ -494,14 +565,20 @@ class ProxyHeaderTests(SynchronousTestCase):
             trust = Certificate.loadPEM(f.read())
         server = Server()
         clock = Clock()
-        listening = HAProxyWrappingFactory(tls.wrap_tls(server.factory, tls.server_tls_options(material), clock=clock))
+        listening = HAProxyWrappingFactory(
+            tls.wrap_tls(server.factory, tls.server_tls_options(material), clock=clock)
+        )
         client_app = protocol.Factory.forProtocol(_Authenticator)
-        client_factory = TLSMemoryBIOFactory(optionsForClientTLS("localhost", trustRoot=trust), True, client_app, clock=clock)
+        client_factory = TLSMemoryBIOFactory(
+            optionsForClientTLS("localhost", trustRoot=trust), True, client_app, clock=clock
+        )
         server_proto = listening.buildProtocol(self.HAPROXY_SIDE)
         client_proto = client_factory.buildProtocol(None)
         server_transport = FakeTransport(server_proto, True, peerAddress=self.HAPROXY_SIDE)
         client_transport = FakeTransport(client_proto, False)
-        client_transport.write(proxy_v2_header(("203.0.113.9", 4242), ("192.0.2.1", 8443)))  # before TLS
+        client_transport.write(
+            proxy_v2_header(("203.0.113.9", 4242), ("192.0.2.1", 8443))
+        )  # before TLS
         connect(server_proto, server_transport, client_proto, client_transport, clock=clock).flush()
         [session] = server.registry.sessions
         self.assertEqual(session.user, "alice")

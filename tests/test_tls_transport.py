@@ -14,7 +14,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import certs, codec, stream, tls, tls_transport
+from anytls_twisted import certs, tls, tls_transport
+from anytls_twisted.protocol import codec
+from anytls_twisted.server import stream
 
 from .test_tls import Peer
 
@@ -43,11 +45,15 @@ class _Pair:
         server_app, client_app = protocol.Factory(), protocol.Factory()
         server_app.protocol, client_app.protocol = (lambda: self.server), (lambda: self.client)
         self.clock = Clock()
-        server_factory = tls.wrap_tls(server_app, tls.server_tls_options(material), clock=self.clock)
-        client_factory = TLSMemoryBIOFactory(optionsForClientTLS("localhost", trustRoot=trust), True,
-                                             client_app, clock=self.clock)
+        server_factory = tls.wrap_tls(
+            server_app, tls.server_tls_options(material), clock=self.clock
+        )
+        client_factory = TLSMemoryBIOFactory(
+            optionsForClientTLS("localhost", trustRoot=trust), True, client_app, clock=self.clock
+        )
         self.client_tls, self.server_tls, self.pump = connectedServerAndClient(
-            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None),
+            lambda: server_factory.buildProtocol(None),
+            lambda: client_factory.buildProtocol(None),
             clock=self.clock,
         )
         self.pump.flush()
@@ -56,8 +62,10 @@ class _Pair:
         tcp = self.server_tls.transport
         original_write = tcp.write
         tcp.write = lambda data: (self.writes.append([len(data)]), original_write(data))[1]
-        tcp.writeSequence = lambda seq: (self.writes.append([len(d) for d in seq]),
-                                         original_write(b"".join(seq)))[1]
+        tcp.writeSequence = lambda seq: (
+            self.writes.append([len(d) for d in seq]),
+            original_write(b"".join(seq)),
+        )[1]
 
 
 class TwistedInternalsTests(SynchronousTestCase):

@@ -9,17 +9,18 @@ from __future__ import annotations
 import ipaddress
 import types
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, error, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import codec
-from anytls_twisted.address import Destination, DestinationPolicy
-from anytls_twisted.auth import UserTable
-from anytls_twisted.config import ServerConfig
 from anytls_twisted.metrics import NULL_METRICS
-from anytls_twisted.udp import (
+from anytls_twisted.protocol import codec
+from anytls_twisted.protocol.address import Destination, DestinationPolicy
+from anytls_twisted.protocol.auth import UserTable
+from anytls_twisted.server.settings import ServerConfig
+from anytls_twisted.server.udp import (
     MAGIC_V1,
     MAGIC_V2,
     NAME_CACHE_SECONDS,
@@ -337,7 +338,9 @@ class NonConnectModeTests(SynchronousTestCase):
 
     def test_private_domain_dropped(self):
         packet = unhex("02 09") + b"localhost" + unhex("00 35 00 04") + b"ping"
-        session, stream = open_stream(data=V17_HEADER + packet, names={"localhost": ips("::1", "127.0.0.1")})
+        session, stream = open_stream(
+            data=V17_HEADER + packet, names={"localhost": ips("::1", "127.0.0.1")}
+        )
         self.assertEqual(session.written(), [])
         self.assertEqual(stream.dropped, 1)
         self.assertFalse(stream.closed)
@@ -377,7 +380,9 @@ class NonConnectModeTests(SynchronousTestCase):
         session.resolver.names["dns.google"] = ips("8.8.4.4")
         stream.data_received(DOMAIN_PING)
         self.assertEqual(len(session.resolver.queries), 2)
-        self.assertEqual(session.written()[-2:], [(b"ping", ("8.8.8.8", 53)), (b"ping", ("8.8.4.4", 53))])
+        self.assertEqual(
+            session.written()[-2:], [(b"ping", ("8.8.8.8", 53)), (b"ping", ("8.8.4.4", 53))]
+        )
 
     def test_failed_refresh_keeps_previous_answer(self):
         session, stream = open_stream(
@@ -449,7 +454,9 @@ class LegacyTests(SynchronousTestCase):
     def test_v1_has_no_header(self):
         session, stream = open_stream(version=1, data=V4_PING + V6_PING)
         self.assertIsNone(stream.header)
-        self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53)), (b"ping", (GOOGLE_V6, 53))])
+        self.assertEqual(
+            session.written(), [(b"ping", ("8.8.8.8", 53)), (b"ping", (GOOGLE_V6, 53))]
+        )
         session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
         self.assertEqual(session.data, [(SID, V4_PONG)])
 
@@ -592,8 +599,7 @@ class SessionWiringTests(SynchronousTestCase):
         self.assertEqual(client.received(), [codec.Frame(codec.Command.SYNACK, 2, b"")])
         client.send(
             unhex(
-                "02 00 00 00 02 00 15 00 01 08 08 08 08 00 35 00"
-                "08 08 08 08 00 35 00 04 70 69 6e 67"
+                "02 00 00 00 02 00 15 00 01 08 08 08 08 00 35 0008 08 08 08 00 35 00 04 70 69 6e 67"
             )
         )
         [port] = server.udp_ports

@@ -7,8 +7,8 @@ from twisted.internet import task
 from twisted.python import failure, usage
 from twisted.trial import unittest
 
-from anytls_twisted import workers
-from anytls_twisted.tap import Options
+from anytls_twisted.server import workers
+from anytls_twisted.server.tap import Options
 
 
 class FakeProcess:
@@ -50,28 +50,57 @@ class OptionTests(unittest.TestCase):
         self.assertRaises(usage.UsageError, self.parse, "--workers", "x")
 
     def test_tcp_ports_accepted(self):
-        o = self.parse("--workers", "3", "--port", "tcp:8000:interface=127.0.0.1", "--port", r"ssl:8443:interface=\:\:1")
+        o = self.parse(
+            "--workers",
+            "3",
+            "--port",
+            "tcp:8000:interface=127.0.0.1",
+            "--port",
+            r"ssl:8443:interface=\:\:1",
+        )
         listen = o["worker-listen"]
-        self.assertEqual([(l.host, l.port, l.family) for l in listen],
-                         [("127.0.0.1", 8000, socket.AF_INET), ("::1", 8443, socket.AF_INET6)])
+        self.assertEqual(
+            [(w.host, w.port, w.family) for w in listen],
+            [("127.0.0.1", 8000, socket.AF_INET), ("::1", 8443, socket.AF_INET6)],
+        )
 
     def test_haproxy(self):
         o = self.parse("--workers", "2", "--port", "haproxy:ssl:8443")
         self.assertTrue(o["worker-listen"][0].haproxy)
 
     def test_unix_refused(self):
-        self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--port", "unix:/tmp/x.sock")
-        self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--port", "tls:systemd:domain=INET:index=0")
+        self.assertRaises(
+            usage.UsageError, self.parse, "--workers", "2", "--port", "unix:/tmp/x.sock"
+        )
+        self.assertRaises(
+            usage.UsageError,
+            self.parse,
+            "--workers",
+            "2",
+            "--port",
+            "tls:systemd:domain=INET:index=0",
+        )
 
     def test_unix_fine_with_one_worker(self):
         self.parse("--port", "unix:/tmp/x.sock")
 
     def test_metrics_must_be_tcp(self):
-        self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--port", "tcp:1", "--metrics", "unix:/tmp/m")
+        self.assertRaises(
+            usage.UsageError,
+            self.parse,
+            "--workers",
+            "2",
+            "--port",
+            "tcp:1",
+            "--metrics",
+            "unix:/tmp/m",
+        )
         self.parse("--workers", "2", "--port", "tcp:1", "--metrics", "tcp:9095:interface=127.0.0.1")
 
     def test_worker_fds(self):
-        o = self.parse("--port", "tcp:1", "--worker-fds", f"3:{int(socket.AF_INET)}", "--worker-index", "2")
+        o = self.parse(
+            "--port", "tcp:1", "--worker-fds", f"3:{int(socket.AF_INET)}", "--worker-index", "2"
+        )
         self.assertEqual(o["worker-fds-parsed"], [(3, socket.AF_INET)])
         self.assertEqual(o["worker-index"], 2)
         self.assertRaises(usage.UsageError, self.parse, "--worker-fds", "3:99")
@@ -80,13 +109,27 @@ class OptionTests(unittest.TestCase):
 class CommandLineTests(unittest.TestCase):
     def test_worker_argv(self):
         argv = workers.worker_argv(
-            "/py", ["--nodaemon", "--pidfile="],
-            ["--port", "ssl:1", "--workers", "4", "--workers=4", "--password", "x"], 2,
-            [socket.AF_INET, socket.AF_INET6])
+            "/py",
+            ["--nodaemon", "--pidfile="],
+            ["--port", "ssl:1", "--workers", "4", "--workers=4", "--password", "x"],
+            2,
+            [socket.AF_INET, socket.AF_INET6],
+        )
         self.assertEqual(argv[0], "/py")
-        tail = argv[argv.index("anytls") + 1:]
-        self.assertEqual(tail, ["--port", "ssl:1", "--password", "x", "--worker-index", "2",
-                                "--worker-fds", f"3:{int(socket.AF_INET)},4:{int(socket.AF_INET6)}"])
+        tail = argv[argv.index("anytls") + 1 :]
+        self.assertEqual(
+            tail,
+            [
+                "--port",
+                "ssl:1",
+                "--password",
+                "x",
+                "--worker-index",
+                "2",
+                "--worker-fds",
+                f"3:{int(socket.AF_INET)},4:{int(socket.AF_INET6)}",
+            ],
+        )
         self.assertIn("--pidfile=", argv)
 
     def test_child_fds(self):
@@ -94,7 +137,9 @@ class CommandLineTests(unittest.TestCase):
 
     def test_metrics_ports(self):
         self.assertEqual(workers.metrics_for("tcp:9095", 0), "tcp:9095")
-        self.assertEqual(workers.metrics_for("tcp:9095:interface=127.0.0.1", 2), "tcp:9097:interface=127.0.0.1")
+        self.assertEqual(
+            workers.metrics_for("tcp:9095:interface=127.0.0.1", 2), "tcp:9097:interface=127.0.0.1"
+        )
         self.assertEqual(workers.metrics_for("tcp:port=9095", 1), "tcp:port=9096")
         self.assertIsNone(workers.metrics_for(None, 3))
         self.assertRaises(ValueError, workers.metrics_for, "unix:/x", 1)
@@ -111,7 +156,9 @@ class SupervisorTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.spawn = FakeSpawner()
-        self.sup = workers.WorkerSupervisor(3, lambda i: ["/py", "w", str(i)], [5, 6], self.spawn, self.clock, stop_timeout=10)
+        self.sup = workers.WorkerSupervisor(
+            3, lambda i: ["/py", "w", str(i)], [5, 6], self.spawn, self.clock, stop_timeout=10
+        )
 
     def test_starts_n_minus_one(self):
         self.sup.startService()
@@ -164,7 +211,9 @@ class SupervisorTests(unittest.TestCase):
         self.sup.signal_all(signal.SIGHUP)
         self.sup.startService()
         self.sup.signal_all(signal.SIGHUP)
-        self.assertEqual([c[4].signals for c in self.spawn.calls], [[signal.SIGHUP], [signal.SIGHUP]])
+        self.assertEqual(
+            [c[4].signals for c in self.spawn.calls], [[signal.SIGHUP], [signal.SIGHUP]]
+        )
 
 
 class FakeReactor:
@@ -190,6 +239,7 @@ class FakeReactor:
 class ParentWatchTests(unittest.TestCase):
     def test_eof_stops_the_worker(self):
         import os
+
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         reactor = FakeReactor()
@@ -222,7 +272,9 @@ class SharedAcceptTests(unittest.TestCase):
             def connectionMade(self):
                 built.append(self)
 
-        adopted = workers.AdoptedPort(listener.fileno(), socket.AF_INET, Factory.forProtocol(Record), reactor)
+        adopted = workers.AdoptedPort(
+            listener.fileno(), socket.AF_INET, Factory.forProtocol(Record), reactor
+        )
         adopted.startService()
         self.addCleanup(adopted.stopService)
         self.addCleanup(listener.close)

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 anytls = ServiceMaker(
     "AnyTLS proxy server",
-    "anytls_twisted.tap",
+    "anytls_twisted.server.tap",
     "An AnyTLS proxy server for sing-box, mihomo and anytls-go clients.",
     "anytls",
 )

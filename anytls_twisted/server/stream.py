@@ -20,10 +20,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import logs
-from .address import Destination
+from .. import logs
+from ..logs import get_logger
+from ..protocol.address import Destination
 from .dialer import DialError
-from .logs import get_logger
 
 _log = get_logger("anytls_twisted.stream")
 
@@ -120,7 +120,7 @@ ORIGIN_READ_SIZE = 65536 - 256
 class _OriginProtocol(Protocol):
     """The origin end of a TCP stream: a thin shell that forwards to the stream."""
 
-    def __init__(self, stream: "TCPStream") -> None:
+    def __init__(self, stream: TCPStream) -> None:
         self.stream = stream
 
     def connectionMade(self) -> None:
@@ -138,7 +138,7 @@ class _OriginProtocol(Protocol):
 class _OriginFactory(Factory):
     noisy = False
 
-    def __init__(self, stream: "TCPStream") -> None:
+    def __init__(self, stream: TCPStream) -> None:
         self.stream = stream
 
     def buildProtocol(self, addr):
@@ -258,8 +258,14 @@ class TCPStream(BaseStream):
         self._dialing = None
         if self.closed:
             return
-        text = str(failure.value) if failure.check(DialError) else f"dial tcp {self.destination}: {failure.getErrorMessage()}"
-        self.session.metrics.connect_failed(failure.value.reason if failure.check(DialError) else "other")
+        text = (
+            str(failure.value)
+            if failure.check(DialError)
+            else f"dial tcp {self.destination}: {failure.getErrorMessage()}"
+        )
+        self.session.metrics.connect_failed(
+            failure.value.reason if failure.check(DialError) else "other"
+        )
         self.finish("connect failed: " + text, text)
 
     def origin_lost(self, reason: Failure) -> None:

@@ -20,8 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from twisted.application import service
 from twisted.internet import defer, protocol
 
-from .logs import get_logger
-from .tls import DEFAULT_BACKLOG
+from ..logs import get_logger
+from ..tls import DEFAULT_BACKLOG
 
 _log = get_logger("anytls_twisted.workers")
 
@@ -36,16 +36,24 @@ class TCPListen:
     """A plain ``tcp:``/``tcp6:`` endpoint (optionally under ``haproxy:``), as we bind it."""
 
     def __init__(self, host: str, port: int, backlog: int, family: int, haproxy: bool) -> None:
-        self.host, self.port, self.backlog, self.family, self.haproxy = host, port, backlog, family, haproxy
+        self.host, self.port, self.backlog, self.family, self.haproxy = (
+            host,
+            port,
+            backlog,
+            family,
+            haproxy,
+        )
 
 
 def parse_tcp(endpoint: str) -> TCPListen:
     """``[haproxy:]tcp[6]:PORT[:interface=X][:backlog=N]`` -> TCPListen; else ValueError."""
     haproxy = endpoint.startswith("haproxy:")
-    text = endpoint[len("haproxy:"):] if haproxy else endpoint
+    text = endpoint[len("haproxy:") :] if haproxy else endpoint
     kind, _, rest = text.partition(":")
     if kind not in ("tcp", "tcp6"):
-        raise ValueError(f"--workers supports only TCP ports (tcp:, ssl:, haproxy:ssl:), not {endpoint}")
+        raise ValueError(
+            f"--workers supports only TCP ports (tcp:, ssl:, haproxy:ssl:), not {endpoint}"
+        )
     # Split on unescaped colons (interface=\:\: for IPv6).
     parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", rest)]
     args = {"interface": "::" if kind == "tcp6" else "", "backlog": str(DEFAULT_BACKLOG)}
@@ -121,13 +129,26 @@ def strip_workers(argv: Sequence[str]) -> List[str]:
     return out
 
 
-def worker_argv(executable: str, twistd_argv: Sequence[str], anytls_argv: Sequence[str], index: int, families: Sequence[int]) -> List[str]:
+def worker_argv(
+    executable: str,
+    twistd_argv: Sequence[str],
+    anytls_argv: Sequence[str],
+    index: int,
+    families: Sequence[int],
+) -> List[str]:
     """The worker's command line: twistd (run by the same Python) with twistd's own options (minus
     pidfile, logfile, daemonizing), ``anytls``, ours, and the internal options."""
     return [
-        executable, "-c", "from twisted.scripts.twistd import run; run()", *twistd_argv, "anytls",
+        executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        *twistd_argv,
+        "anytls",
         *strip_workers(anytls_argv),
-        "--worker-index", str(index), "--worker-fds", worker_fds_arg(families),
+        "--worker-index",
+        str(index),
+        "--worker-fds",
+        worker_fds_arg(families),
     ]
 
 
@@ -135,7 +156,9 @@ def metrics_for(description: Optional[str], index: int) -> Optional[str]:
     """Worker i serves metrics on the ``--metrics`` port plus i (tcp: endpoints only)."""
     if description is None or index == 0:
         return description
-    m = re.match(r"^(tcp6?:)(\d+)(.*)$", description) or re.match(r"^(tcp6?:.*?port=)(\d+)(.*)$", description)
+    m = re.match(r"^(tcp6?:)(\d+)(.*)$", description) or re.match(
+        r"^(tcp6?:.*?port=)(\d+)(.*)$", description
+    )
     if not m:
         raise ValueError(f"--metrics {description}: with --workers give a tcp:PORT endpoint")
     return f"{m.group(1)}{int(m.group(2)) + index}{m.group(3)}"
@@ -233,7 +256,7 @@ def watch_parent(reactor, fd: int = 0) -> _ParentWatch:
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
-    def __init__(self, supervisor: "WorkerSupervisor", index: int) -> None:
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
         self.supervisor, self.index = supervisor, index
 
     def processEnded(self, reason) -> None:
@@ -243,7 +266,15 @@ class _WorkerProtocol(protocol.ProcessProtocol):
 class WorkerSupervisor(service.Service):
     """Starts workers 1..N-1, restarts them with backoff, forwards SIGHUP, stops them."""
 
-    def __init__(self, count: int, argv_for: Callable[[int], List[str]], fds: Sequence[int], spawn: Callable, clock, stop_timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        count: int,
+        argv_for: Callable[[int], List[str]],
+        fds: Sequence[int],
+        spawn: Callable,
+        clock,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
         self.count = count
         self.argv_for = argv_for
         self.fds = list(fds)
@@ -261,7 +292,11 @@ class WorkerSupervisor(service.Service):
         super().startService()
         for index in range(1, self.count):
             self.start_worker(index)
-        if hasattr(signal, "SIGHUP") and self.clock is not None and hasattr(self.clock, "callFromThread"):
+        if (
+            hasattr(signal, "SIGHUP")
+            and self.clock is not None
+            and hasattr(self.clock, "callFromThread")
+        ):
             self._previous_hup = signal.getsignal(signal.SIGHUP)
             signal.signal(signal.SIGHUP, self._on_sighup)
 
@@ -273,10 +308,18 @@ class WorkerSupervisor(service.Service):
     def start_worker(self, index: int) -> None:
         self.pending.pop(index, None)
         argv = self.argv_for(index)
-        proc = self.spawn(_WorkerProtocol(self, index), argv[0], argv, env=os.environ.copy(), childFDs=child_fds(self.fds))
+        proc = self.spawn(
+            _WorkerProtocol(self, index),
+            argv[0],
+            argv,
+            env=os.environ.copy(),
+            childFDs=child_fds(self.fds),
+        )
         self.processes[index] = proc
         self.started_at[index] = self.clock.seconds()
-        _log.info("started worker {worker} (pid {pid})", worker=index, pid=getattr(proc, "pid", None))
+        _log.info(
+            "started worker {worker} (pid {pid})", worker=index, pid=getattr(proc, "pid", None)
+        )
 
     def signal_all(self, sig) -> None:
         for proc in list(self.processes.values()):
@@ -296,7 +339,12 @@ class WorkerSupervisor(service.Service):
         delay = self.backoff.get(index, 0.0)
         delay = BACKOFF_INITIAL if ran >= STABLE_AFTER or not delay else min(delay * 2, BACKOFF_MAX)
         self.backoff[index] = delay
-        _log.warn("worker {worker} exited unexpectedly ({reason}); restarting in {delay}s", worker=index, reason=str(reason.value), delay=delay)
+        _log.warn(
+            "worker {worker} exited unexpectedly ({reason}); restarting in {delay}s",
+            worker=index,
+            reason=str(reason.value),
+            delay=delay,
+        )
         self.pending[index] = self.clock.callLater(delay, self.start_worker, index)
 
     def stopService(self):

@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Tuple
 
 import attr
 
-from .padding import PaddingScheme, PaddingSchemeError
+from ..protocol.padding import PaddingScheme, PaddingSchemeError
 
 #: Fields of a sing-box inbound that make no difference here (informational or defaults).
 _IGNORED_QUIETLY = {"type", "tag"}
@@ -68,7 +68,7 @@ def _pick_inbound(path: str, document: Any) -> dict:
         inbounds = document["inbounds"]
         if not isinstance(inbounds, list):
             raise _fail(path, "inbounds", "must be a list")
-        for index, inbound in enumerate(inbounds):
+        for inbound in inbounds:
             if isinstance(inbound, dict) and inbound.get("type") == "anytls":
                 return inbound
         raise _fail(path, "inbounds", "no inbound of type anytls")
@@ -86,7 +86,12 @@ def _users(path: str, value: Any) -> Tuple[Tuple[str, str], ...]:
         if not isinstance(entry, dict):
             raise _fail(path, field, "must be an object with name and password")
         name = entry.get("name", f"user{index + 1}")
-        users.append((_string(path, field + ".name", name), _string(path, field + ".password", entry.get("password"))))
+        users.append(
+            (
+                _string(path, field + ".name", name),
+                _string(path, field + ".password", entry.get("password")),
+            )
+        )
     return tuple(users)
 
 

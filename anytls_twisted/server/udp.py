@@ -18,7 +18,9 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
-from .address import (
+from .. import logs
+from ..logs import get_logger
+from ..protocol.address import (
     AddressError,
     Destination,
     IPAddress,
@@ -27,8 +29,6 @@ from .address import (
     parse_socks_address,
     parse_uot_address,
 )
-from . import logs
-from .logs import get_logger
 from .stream import BaseStream
 
 _log = get_logger("anytls_twisted.udp")
@@ -67,7 +67,7 @@ class _Socket(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, stream: "UoTStream") -> None:
+    def __init__(self, stream: UoTStream) -> None:
         self.stream = stream
 
     def datagramReceived(self, data: bytes, addr) -> None:
@@ -107,7 +107,7 @@ class UoTStream(BaseStream):
         self._need_header = version == 2
         self._buffer = bytearray()
         self._ports: Dict[int, object] = {}  # IP version -> listening port
-        self._names: "OrderedDict[str, _Name]" = OrderedDict()
+        self._names: OrderedDict[str, _Name] = OrderedDict()
         self._resolving: Dict[str, List[Tuple[int, bytes]]] = {}
         self._paused = False
         self._timer = None

@@ -19,7 +19,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from .logs import get_logger
+from ..logs import get_logger
 
 _log = get_logger("anytls_twisted.reload")
 

@@ -50,7 +50,7 @@ class PaddingScheme:
         return hashlib.md5(self.raw).hexdigest()
 
     @classmethod
-    def parse(cls, raw: bytes) -> "PaddingScheme":
+    def parse(cls, raw: bytes) -> PaddingScheme:
         """Validate ``raw`` as clients do; raise :class:`PaddingSchemeError` with the reason."""
         if len(raw) > MAX_DATA:
             raise PaddingSchemeError(f"scheme is {len(raw)} bytes; at most {MAX_DATA} fit a frame")

@@ -5,7 +5,7 @@ The session is a thin Twisted ``Protocol`` around a small state machine:
 ``AUTH`` (collecting the preamble) -> ``SETTINGS`` (authenticated, no Settings yet)
 -> ``OPEN`` (streams allowed) -> ``CLOSED``.
 
-Frames come from the pure :class:`~anytls_twisted.codec.FrameDecoder`; the rules applied to each
+Frames come from the pure :class:`~anytls_twisted.protocol.codec.FrameDecoder`; the rules applied to each
 command are those of anytls-protocol.md section 4.2, with the robustness recommendations of
 section 12 (data on data-less commands is skipped, unknown commands are ignored).
 
@@ -24,11 +24,12 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import codec, logs
-from .address import AddressError, MAX_ADDRESS_SIZE, parse_socks_address
-from .auth import PreambleReader
-from .codec import Command, Frame
-from .logs import get_logger
+from .. import logs
+from ..logs import get_logger
+from ..protocol import codec
+from ..protocol.address import MAX_ADDRESS_SIZE, AddressError, parse_socks_address
+from ..protocol.auth import PreambleReader
+from ..protocol.codec import Command, Frame
 from .stream import no_delay
 
 _log = get_logger("anytls_twisted.session")
@@ -53,7 +54,7 @@ class _PendingStream:
     destination = None
     bytes_in = bytes_out = 0
 
-    def __init__(self, session: "SessionProtocol", sid: int) -> None:
+    def __init__(self, session: SessionProtocol, sid: int) -> None:
         self.session = session
         self.sid = sid
         self.buffer = b""

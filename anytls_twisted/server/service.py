@@ -16,13 +16,13 @@ from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 
-from . import tls
-from .address import Destination
-from .config import ServerConfig
+from .. import tls
+from ..logs import get_logger
+from ..metrics import NULL_METRICS
+from ..protocol.address import Destination
 from .dialer import OriginDialer
-from .logs import get_logger
-from .metrics import NULL_METRICS
 from .session import SessionProtocol
+from .settings import ServerConfig
 from .stream import TCPStream
 from .udp import UoTStream, uot_version
 
@@ -140,8 +140,7 @@ def _exit_on_listen_failure():
         yield
     except CannotListenError as e:
         raise SystemExit(
-            f"twistd anytls: error: cannot listen on {e.interface or '*'}:{e.port}: "
-            f"{e.socketError}"
+            f"twistd anytls: error: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}"
         ) from None
 
 

@@ -12,10 +12,9 @@ from typing import List, Optional, Sequence
 from twisted.internet import defer, error
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IResolutionReceiver
-
 from zope.interface import implementer
 
-from .address import Destination, DestinationPolicy, IPAddress, parse_ip
+from ..protocol.address import Destination, DestinationPolicy, IPAddress, parse_ip
 
 
 class DialError(Exception):
@@ -63,7 +62,9 @@ class Resolver:
     def __init__(self, reactor) -> None:
         self._reactor = reactor
 
-    def resolve(self, host: str, port: int = 0, udp: bool = False) -> "defer.Deferred[List[IPAddress]]":
+    def resolve(
+        self, host: str, port: int = 0, udp: bool = False
+    ) -> defer.Deferred[List[IPAddress]]:
         ip = parse_ip(host)
         if ip is not None:
             return defer.succeed([ip])

@@ -11,14 +11,19 @@ from typing import List, Optional, Tuple
 
 from twisted.python import usage
 
-from . import banner, certs, config as defaults, configfile, logs, metrics as metrics_, tls, workers as workers_
-from ._version import __version__
-from .address import DestinationPolicy
-from .auth import UserTable
-from .config import ServerConfig
-from .padding import DEFAULT_SCHEME, PaddingScheme, PaddingSchemeError
+from .. import certs, logs, tls
+from .. import clientconfig as banner
+from .. import metrics as metrics_
+from .._version import __version__
+from ..protocol.address import DestinationPolicy
+from ..protocol.auth import UserTable
+from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme, PaddingSchemeError
+from . import configfile
+from . import settings as defaults
+from . import workers as workers_
 from .reload import Reloaded, Reloader, SwappableTLS
 from .service import build_service
+from .settings import ServerConfig
 
 _log = logs.get_logger("anytls_twisted.tap")
 
@@ -46,37 +51,169 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["config", None, None, "A JSON file in the shape of a sing-box anytls inbound (users, listen, listen_port, padding_scheme, tls), or a whole sing-box config whose first anytls inbound is used. Command-line options override it; SIGHUP reloads it."],
-        ["password", None, None, "The password clients authenticate with (user 'default'; replaces the config file's users). Visible in ps; prefer --password-file."],
-        ["password-file", None, None, "A file holding the password (first line; surrounding whitespace stripped)."],
-        ["state-dir", None, None, "Where the generated certificate is kept. [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/anytls-twisted, else ~/.local/state/anytls-twisted]"],
-        ["server-name", None, None, "The name in the generated certificate (clients' tls.server_name). [default: the config file's tls.server_name, else localhost]"],
-        ["cert", None, None, "Certificate file (PEM, chain after the leaf) for ssl: ports that name no certKey."],
+        [
+            "config",
+            None,
+            None,
+            "A JSON file in the shape of a sing-box anytls inbound (users, listen, listen_port, padding_scheme, tls), or a whole sing-box config whose first anytls inbound is used. Command-line options override it; SIGHUP reloads it.",
+        ],
+        [
+            "password",
+            None,
+            None,
+            "The password clients authenticate with (user 'default'; replaces the config file's users). Visible in ps; prefer --password-file.",
+        ],
+        [
+            "password-file",
+            None,
+            None,
+            "A file holding the password (first line; surrounding whitespace stripped).",
+        ],
+        [
+            "state-dir",
+            None,
+            None,
+            "Where the generated certificate is kept. [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/anytls-twisted, else ~/.local/state/anytls-twisted]",
+        ],
+        [
+            "server-name",
+            None,
+            None,
+            "The name in the generated certificate (clients' tls.server_name). [default: the config file's tls.server_name, else localhost]",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "Certificate file (PEM, chain after the leaf) for ssl: ports that name no certKey.",
+        ],
         ["key", None, None, "Private key file (PEM) for ssl: ports that name no privateKey."],
-        ["alpn", None, None, "ALPN protocols to select from, comma-separated (e.g. h2,http/1.1). [default: the config file's tls.alpn, else none: negotiate no ALPN, like the reference servers; clients offering ALPN are accepted either way]"],
-        ["padding-scheme", None, None, "A padding scheme file sent to clients whose scheme differs. [default: the protocol's default scheme]"],
-        ["auth-timeout", None, defaults.AUTH_TIMEOUT, "Seconds allowed for the TLS handshake plus the auth preamble.", _positive(float)],
-        ["connect-timeout", None, defaults.CONNECT_TIMEOUT, "Seconds allowed to resolve and connect to an origin.", _positive(float)],
-        ["synack-guard", None, defaults.SYNACK_GUARD, "Seconds after which a still-pending connect is acknowledged anyway, so sing-box's 3 s watchdog does not close reused sessions; a later failure ends the stream with FIN.", _positive(float)],
-        ["idle-session-timeout", None, defaults.IDLE_SESSION_TIMEOUT, "Close sessions with no streams and no frames for this many seconds. Longer than clients' own pools (sing-box: 30-60 s), so clients normally close first.", _positive(float)],
-        ["idle-session-check-interval", None, defaults.IDLE_SESSION_CHECK_INTERVAL, "Seconds between idle-session checks.", _positive(float)],
-        ["udp-timeout", None, defaults.UDP_TIMEOUT, "Close a UDP-over-TCP stream after this many seconds without datagrams.", _positive(float)],
-        ["max-streams-per-session", None, defaults.MAX_STREAMS_PER_SESSION, "Concurrent streams one session may open.", _positive(int)],
-        ["shutdown-grace", None, defaults.SHUTDOWN_GRACE, "Seconds sessions get to close at shutdown before they are aborted.", _positive(float)],
-        ["certificate-check-interval", None, defaults.CERTIFICATE_CHECK_INTERVAL, "Seconds between checks of the certificate and key files; a change reloads them (as SIGHUP does).", _positive(float)],
-        ["log-level", None, "info", "Lowest level logged: debug (per-stream events), info, warn or error."],
-        ["log-format", None, "text", "text (twistd's lines) or json: one JSON object per line on stdout (for journald and log shippers; use with -n, without --logfile)."],
-        ["public-address", None, None, "HOST or HOST:PORT clients dial ([IPV6]:PORT), for the client config logged at start. [default: the listening interface if specific, else a placeholder]"],
-        ["metrics", None, None, "A Twisted endpoint serving Prometheus metrics at /metrics and a health check at /healthz, e.g. tcp:9095:interface=127.0.0.1. [default: off]"],
-        ["workers", None, 1, "Processes serving the (TCP) ports, each with its own reactor; worker i serves --metrics on its port plus i (docs/scaling.md).", _positive(int)],
+        [
+            "alpn",
+            None,
+            None,
+            "ALPN protocols to select from, comma-separated (e.g. h2,http/1.1). [default: the config file's tls.alpn, else none: negotiate no ALPN, like the reference servers; clients offering ALPN are accepted either way]",
+        ],
+        [
+            "padding-scheme",
+            None,
+            None,
+            "A padding scheme file sent to clients whose scheme differs. [default: the protocol's default scheme]",
+        ],
+        [
+            "auth-timeout",
+            None,
+            defaults.AUTH_TIMEOUT,
+            "Seconds allowed for the TLS handshake plus the auth preamble.",
+            _positive(float),
+        ],
+        [
+            "connect-timeout",
+            None,
+            defaults.CONNECT_TIMEOUT,
+            "Seconds allowed to resolve and connect to an origin.",
+            _positive(float),
+        ],
+        [
+            "synack-guard",
+            None,
+            defaults.SYNACK_GUARD,
+            "Seconds after which a still-pending connect is acknowledged anyway, so sing-box's 3 s watchdog does not close reused sessions; a later failure ends the stream with FIN.",
+            _positive(float),
+        ],
+        [
+            "idle-session-timeout",
+            None,
+            defaults.IDLE_SESSION_TIMEOUT,
+            "Close sessions with no streams and no frames for this many seconds. Longer than clients' own pools (sing-box: 30-60 s), so clients normally close first.",
+            _positive(float),
+        ],
+        [
+            "idle-session-check-interval",
+            None,
+            defaults.IDLE_SESSION_CHECK_INTERVAL,
+            "Seconds between idle-session checks.",
+            _positive(float),
+        ],
+        [
+            "udp-timeout",
+            None,
+            defaults.UDP_TIMEOUT,
+            "Close a UDP-over-TCP stream after this many seconds without datagrams.",
+            _positive(float),
+        ],
+        [
+            "max-streams-per-session",
+            None,
+            defaults.MAX_STREAMS_PER_SESSION,
+            "Concurrent streams one session may open.",
+            _positive(int),
+        ],
+        [
+            "shutdown-grace",
+            None,
+            defaults.SHUTDOWN_GRACE,
+            "Seconds sessions get to close at shutdown before they are aborted.",
+            _positive(float),
+        ],
+        [
+            "certificate-check-interval",
+            None,
+            defaults.CERTIFICATE_CHECK_INTERVAL,
+            "Seconds between checks of the certificate and key files; a change reloads them (as SIGHUP does).",
+            _positive(float),
+        ],
+        [
+            "log-level",
+            None,
+            "info",
+            "Lowest level logged: debug (per-stream events), info, warn or error.",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text (twistd's lines) or json: one JSON object per line on stdout (for journald and log shippers; use with -n, without --logfile).",
+        ],
+        [
+            "public-address",
+            None,
+            None,
+            "HOST or HOST:PORT clients dial ([IPV6]:PORT), for the client config logged at start. [default: the listening interface if specific, else a placeholder]",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "A Twisted endpoint serving Prometheus metrics at /metrics and a health check at /healthz, e.g. tcp:9095:interface=127.0.0.1. [default: off]",
+        ],
+        [
+            "workers",
+            None,
+            1,
+            "Processes serving the (TCP) ports, each with its own reactor; worker i serves --metrics on its port plus i (docs/scaling.md).",
+            _positive(int),
+        ],
         ["worker-fds", None, None, "Internal (set by the parent for its workers)."],
         ["worker-index", None, 0, "Internal (set by the parent for its workers).", int],
     ]
     optFlags = [
-        ["allow-private", None, "Allow destinations on loopback, private, link-local and other non-global addresses (off by default: a proxy reaching its own host's services is a hole)."],
+        [
+            "allow-private",
+            None,
+            "Allow destinations on loopback, private, link-local and other non-global addresses (off by default: a proxy reaching its own host's services is a hole).",
+        ],
         ["version", None, "Print the version and exit."],
-        ["show-password", None, "Put the real password (the first user's) in the client config logged at start or printed, instead of <password>."],
-        ["print-client-config", None, "Print a sing-box outbound and an anytls:// URI for every port to stdout and exit, without listening."],
+        [
+            "show-password",
+            None,
+            "Put the real password (the first user's) in the client config logged at start or printed, instead of <password>.",
+        ],
+        [
+            "print-client-config",
+            None,
+            "Print a sing-box outbound and an anytls:// URI for every port to stdout and exit, without listening.",
+        ],
     ]
     compData = usage.Completions(
         optActions={
@@ -171,7 +308,9 @@ def _apply_log_format(options: Options) -> None:
     if twistd.get("logfile") not in (None, "", "-"):
         raise usage.UsageError("--log-format json writes to stdout; drop twistd's --logfile")
     if twistd.get("logger") not in (None, logs.JSON_OBSERVER):
-        raise usage.UsageError("--log-format json and twistd's --logger are two observers; give one")
+        raise usage.UsageError(
+            "--log-format json and twistd's --logger are two observers; give one"
+        )
     twistd["logger"] = logs.JSON_OBSERVER
 
 
@@ -186,7 +325,9 @@ def _check_workers(options: Options) -> None:
         return
     if options["workers"] > 1:
         try:
-            options["worker-listen"] = [workers_.parse_tcp(spec.endpoint) for spec in options["port-specs"]]
+            options["worker-listen"] = [
+                workers_.parse_tcp(spec.endpoint) for spec in options["port-specs"]
+            ]
             workers_.metrics_for(options["metrics"], 1)
         except ValueError as e:
             raise usage.UsageError(str(e))
@@ -228,7 +369,9 @@ def _print_client_config(options: Options) -> None:
     """``--print-client-config``: the blocks on stdout, the hints on stderr, exit 0."""
     endpoints = _client_endpoints(options)
     if not endpoints:
-        sys.stderr.write("twistd anytls: no port has a port number clients could dial; give --public-address HOST:PORT\n")
+        sys.stderr.write(
+            "twistd anytls: no port has a port number clients could dial; give --public-address HOST:PORT\n"
+        )
         raise SystemExit(1)
     password = _shown_password(options)
     sys.stdout.write(banner.render(endpoints, password))
@@ -259,7 +402,9 @@ def _users(password: Optional[str], path: Optional[str], settings) -> Tuple[Tupl
 
 def _read_password(password: Optional[str], path: Optional[str]) -> str:
     if (password is None) == (path is None):
-        raise usage.UsageError("give exactly one of --password or --password-file (or users in --config)")
+        raise usage.UsageError(
+            "give exactly one of --password or --password-file (or users in --config)"
+        )
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
@@ -296,7 +441,9 @@ def _load_material(options: Options, specs) -> dict:
         cert_path, key_path, chain = key
         try:
             if cert_path is None:
-                cert_path, key_path = certs.ensure_self_signed(options["state-dir"], options["server-name"])
+                cert_path, key_path = certs.ensure_self_signed(
+                    options["state-dir"], options["server-name"]
+                )
             material[key] = certs.load_certificate_files(cert_path, key_path, chain)
         except certs.CertificateError as e:
             raise usage.UsageError(str(e))
@@ -369,7 +516,9 @@ def makeService(options: Options, reactor=None):
             creator, material = tls_ports[id(spec)]
             slot = SwappableTLS(creator)
             slots.append(slot)
-            listeners.append((shared.pop(0) if shared else spec.endpoint, lambda f, c=slot: tls.wrap_tls(f, c)))
+            listeners.append(
+                (shared.pop(0) if shared else spec.endpoint, lambda f, c=slot: tls.wrap_tls(f, c))
+            )
             _log.info(
                 "listening on {port} with TLS; certificate_public_key_sha256={pin} "
                 "(expires {not_after})",
@@ -391,7 +540,9 @@ def makeService(options: Options, reactor=None):
     top = build_service(config, listeners, reactor, metrics=metrics)
     if metrics is not None:
         options["metrics"] = workers_.metrics_for(options["metrics"], index)
-        metrics_.metrics_service(options["metrics"], metrics, lambda: bool(top.running), reactor).setServiceParent(top)
+        metrics_.metrics_service(
+            options["metrics"], metrics, lambda: bool(top.running), reactor
+        ).setServiceParent(top)
         _log.info("metrics on {endpoint} (/metrics, /healthz)", endpoint=options["metrics"])
     argv = list(getattr(options, "argv", []))
     reloader = Reloader(
@@ -430,7 +581,8 @@ def _shared_sockets(options: Options, reactor) -> list:
 
     def adopt(fd, family, proxied):
         return lambda factory: workers_.AdoptedPort(
-            fd, family, workers_.wrap_haproxy(factory) if proxied else factory, reactor)
+            fd, family, workers_.wrap_haproxy(factory) if proxied else factory, reactor
+        )
 
     return [adopt(fd, family, proxied) for (fd, family), proxied in zip(pairs, haproxy)]
 
@@ -451,4 +603,6 @@ def _supervise(options: Options, top, reactor) -> None:
     )
     supervisor.setServiceParent(top)
     top.supervisor = supervisor
-    _log.info("worker 0 serving (pid {pid}); starting {n} more", pid=os.getpid(), n=options["workers"] - 1)
+    _log.info(
+        "worker 0 serving (pid {pid}); starting {n} more", pid=os.getpid(), n=options["workers"] - 1
+    )

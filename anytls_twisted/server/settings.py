@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import attr
 
-from .address import DestinationPolicy
-from .auth import UserTable
-from .padding import DEFAULT_SCHEME, PaddingScheme
+from ..protocol.address import DestinationPolicy
+from ..protocol.auth import UserTable
+from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme
 
 #: Defaults, shared by the command line, the docs and the tests.
 AUTH_TIMEOUT = 10.0

@@ -234,7 +234,9 @@ def client_endpoint(
     if not server_port:  # unix:, systemd:, or port 0 (chosen by the system)
         return None
     if certificate is not None:
-        server_name = choose_server_name(certificate_names(certificate), public_host, server_name_option)
+        server_name = choose_server_name(
+            certificate_names(certificate), public_host, server_name_option
+        )
         pin = pin if is_self_signed(certificate) else None
     else:
         # Behind a TLS-terminating proxy: its certificate is unknown here.
@@ -273,7 +275,9 @@ def unique(endpoints: Iterable[Optional[ClientEndpoint]]) -> List[ClientEndpoint
     return result
 
 
-def outbound(endpoint: ClientEndpoint, password: Optional[str] = None, tag: str = "anytls") -> JSONText:
+def outbound(
+    endpoint: ClientEndpoint, password: Optional[str] = None, tag: str = "anytls"
+) -> JSONText:
     """A sing-box ``anytls`` outbound (1.12 to 1.14; a pin needs 1.13+)."""
     tls: dict = {"enabled": True, "server_name": endpoint.server_name}
     if endpoint.pin is not None:
@@ -338,11 +342,18 @@ def render(endpoints: Sequence[ClientEndpoint], password: Optional[str] = None) 
     """``--print-client-config``: per endpoint, the outbound as indented JSON, then the URI."""
     blocks = []
     for endpoint, tag in zip(endpoints, tags(len(endpoints))):
-        blocks.append(to_json(outbound(endpoint, password, tag), indent=2) + "\n" + uri(endpoint, password) + "\n")
+        blocks.append(
+            to_json(outbound(endpoint, password, tag), indent=2)
+            + "\n"
+            + uri(endpoint, password)
+            + "\n"
+        )
     return "\n".join(blocks)
 
 
-def log_client_configs(endpoints: Sequence[ClientEndpoint], password: Optional[str] = None, log=None) -> None:
+def log_client_configs(
+    endpoints: Sequence[ClientEndpoint], password: Optional[str] = None, log=None
+) -> None:
     """Log the outbound and the URI for every endpoint, then the hints (info level)."""
     log = log or _log
     for endpoint, tag in zip(endpoints, tags(len(endpoints))):
@@ -351,7 +362,11 @@ def log_client_configs(endpoints: Sequence[ClientEndpoint], password: Optional[s
             port=endpoint.port_description,
             outbound=outbound(endpoint, password, tag),
         )
-        log.info("client config for {port}: URI {uri}", port=endpoint.port_description, uri=uri(endpoint, password))
+        log.info(
+            "client config for {port}: URI {uri}",
+            port=endpoint.port_description,
+            uri=uri(endpoint, password),
+        )
     if endpoints:
         for note in hints(endpoints, password is not None):
             log.info("client config: {hint}", hint=note)
