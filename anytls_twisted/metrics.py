@@ -158,10 +158,10 @@ class Metrics(NullMetrics):
             self._dropped += stream.dropped
 
     def synack_sent(self, stream, error: str = "") -> None:
-        session = stream.session
-        if session.peer_version < 2:
-            return  # protocol v1 has no SYNACK
-        latency = max(session.clock.seconds() - stream.opened_at, 0.0)
+        context = stream.context
+        if context.peer_version < 2 or stream.kind not in STREAM_KINDS:
+            return  # protocol v1 has no SYNACK; a refused address opened no stream
+        latency = max(context.clock.seconds() - stream.opened_at, 0.0)
         result = "error" if error else "ok"
         self.synack_latency.labels(stream.kind, result).observe(latency)
 
@@ -195,7 +195,7 @@ class Metrics(NullMetrics):
 
 
 def _user_of(stream) -> str:
-    return stream.session.user or ""
+    return stream.context.user or ""
 
 
 class _LiveCollector:

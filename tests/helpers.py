@@ -82,9 +82,7 @@ class Server:
             **overrides,
         )
         self.resolver = FakeResolver(names)
-        self.dialer = OriginDialer(
-            self.reactor, self.config.policy, self.config.connect_timeout, self.resolver
-        )
+        self.dialer = OriginDialer(self.reactor, self.config.connect_timeout, self.resolver)
         self.udp_ports: List[FakeUDPPort] = []
         self.registry = SessionRegistry(self.reactor, self.config)
         self.factory = AnyTLSFactory(

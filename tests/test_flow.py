@@ -42,11 +42,11 @@ class FlowTests(SynchronousTestCase):
         """Client -> origin: a full origin transport stops reading TLS until it drains."""
         open_stream(self.client)
         _, origin = self.server.origin_connect()
-        stream = origin.producer
-        self.assertIs(stream, self.client.proto.streams[1])
-        stream.pauseProducing()  # what the origin transport does when its buffer is full
+        producer = origin.producer  # the client's side of stream 1, as the origin sees it
+        self.assertIs(producer.stream, self.client.proto.streams[1])
+        producer.pauseProducing()  # what the origin transport does when its buffer is full
         self.assertEqual(self.client.transport.producerState, "paused")
-        stream.resumeProducing()
+        producer.resumeProducing()
         self.assertEqual(self.client.transport.producerState, "producing")
 
     def test_reading_resumes_when_blocked_stream_ends(self):

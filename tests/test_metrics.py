@@ -22,9 +22,9 @@ from anytls_twisted.metrics import (
 from anytls_twisted.protocol.address import Destination, encode_socks_address, encode_uot_address
 from anytls_twisted.protocol.auth import encode_preamble
 from anytls_twisted.protocol.codec import Command
+from anytls_twisted.protocol.uot import MAGIC_V2
 from anytls_twisted.server.service import ReaperService, build_service
 from anytls_twisted.server.tap import Options, makeService
-from anytls_twisted.server.udp import MAGIC_V2
 
 from .helpers import SETTINGS_V2, Server
 from .test_session import ADDR_V4, open_stream

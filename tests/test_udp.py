@@ -19,15 +19,9 @@ from anytls_twisted.metrics import NULL_METRICS
 from anytls_twisted.protocol import codec
 from anytls_twisted.protocol.address import Destination, DestinationPolicy
 from anytls_twisted.protocol.auth import UserTable
+from anytls_twisted.protocol.uot import MAGIC_V1, MAGIC_V2, uot_version
 from anytls_twisted.server.settings import ServerConfig
-from anytls_twisted.server.udp import (
-    MAGIC_V1,
-    MAGIC_V2,
-    NAME_CACHE_SECONDS,
-    NAME_CACHE_SIZE,
-    UoTStream,
-    uot_version,
-)
+from anytls_twisted.server.udp import NAME_CACHE_SECONDS, NAME_CACHE_SIZE, UoTStream
 
 
 def unhex(text: str) -> bytes:
@@ -110,35 +104,56 @@ class FakeFactory:
 
 
 class FakeSession:
-    """The attributes and callbacks a stream uses, recording what the stream does."""
+    """The stream context (IStreamContext) a stream uses, recording what the stream does."""
 
     def __init__(self, names=None, allow_private=False, manual=False) -> None:
         self.session_id = 1
-        self.paused = False
+        self.write_paused = False
         self.clock = task.Clock()
-        self.config = ServerConfig(users=UserTable([("u", "p")]), udp_timeout=UDP_TIMEOUT)
-        self.resolver = FakeResolver(names, manual)
-        self.dialer = types.SimpleNamespace(
-            resolver=self.resolver, policy=DestinationPolicy(allow_private=allow_private)
+        self.config = ServerConfig(
+            users=UserTable([("u", "p")]),
+            udp_timeout=UDP_TIMEOUT,
+            policy=DestinationPolicy(allow_private=allow_private),
         )
+        self.resolver = FakeResolver(names, manual)
+        self.dialer = types.SimpleNamespace(resolver=self.resolver)
         self.factory = FakeFactory()
+        self.listen_udp = self.factory.listen_udp
         self.metrics = NULL_METRICS
         self.synacks = []
         self.data = []
         self.finished = []
         self.blocked = []
+        self.refusals = []
+        self._acknowledged = set()
 
-    def send_synack(self, sid, error=""):
-        self.synacks.append((sid, error))
+    def acknowledge(self, stream, error=""):
+        if stream.sid not in self._acknowledged:
+            self._acknowledged.add(stream.sid)
+            self.synacks.append((stream.sid, error))
 
-    def send_data(self, sid, data):
-        self.data.append((sid, data))
+    def write(self, stream, data):
+        self.data.append((stream.sid, data))
 
-    def stream_finished(self, stream, reason, send_fin):
-        self.finished.append((stream, reason, send_fin))
+    def end(self, stream, reason, error=None):
+        if error is not None:
+            self.acknowledge(stream, error)
+        self.finished.append((stream, reason, True))
+        stream.connectionLost(reason)
 
-    def set_stream_blocked(self, stream, blocked):
-        self.blocked.append((stream, blocked))
+    def pausePeer(self, stream):
+        self.blocked.append((stream, True))
+
+    def resumePeer(self, stream):
+        self.blocked.append((stream, False))
+
+    def policy_refused(self, kind, why):
+        self.refusals.append((kind, why))
+
+    def peer_closed(self, stream, reason):
+        """What the session does on a FIN from the client or its own close."""
+        self.finished.append((stream, reason, False))
+        stream.connectionLost(reason)
 
     # Conveniences for the tests.
     def port(self, interface):
@@ -152,7 +167,7 @@ class FakeSession:
 def open_stream(version=2, data=b"", **kwargs):
     session = FakeSession(**kwargs)
     magic = MAGIC_V2 if version == 2 else MAGIC_V1
-    stream = UoTStream(session, SID, Destination(magic, 0), version)
+    stream = UoTStream(session, SID, Destination(magic, 0), session.clock.seconds(), version)
     stream.start(data)
     return session, stream
 
@@ -174,7 +189,7 @@ class StartTests(SynchronousTestCase):
         self.assertEqual(session.synacks, [(SID, "")])
         self.assertEqual(session.factory.ports, [])
         self.assertEqual(stream.kind, "udp")
-        stream.data_received(V17_HEADER + V4_PING)
+        stream.dataReceived(V17_HEADER + V4_PING)
         self.assertEqual(session.synacks, [(SID, "")])
 
 
@@ -319,7 +334,7 @@ class NonConnectModeTests(SynchronousTestCase):
         session, stream = open_stream(data=V17_HEADER + V4_PING * 3 + V4_PING[:7])
         self.assertEqual(len(session.written()), 3)
         self.assertEqual(bytes(stream._buffer), V4_PING[:7])
-        stream.data_received(V4_PING[7:])
+        stream.dataReceived(V4_PING[7:])
         self.assertEqual(len(session.written()), 4)
         self.assertEqual(len(stream._buffer), 0)
 
@@ -360,7 +375,7 @@ class NonConnectModeTests(SynchronousTestCase):
     def test_datagrams_wait_for_resolution_in_order(self):
         session, stream = open_stream(manual=True)
         other = unhex("02 0a") + b"dns.google" + unhex("00 36 00 04") + b"pang"
-        stream.data_received(V17_HEADER + DOMAIN_PING + V4_PING + other)
+        stream.dataReceived(V17_HEADER + DOMAIN_PING + V4_PING + other)
         self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))])
         self.assertEqual([q for q, _ in session.resolver.queries], ["dns.google"])
         session.resolver.pending["dns.google"].callback(ips("8.8.4.4"))
@@ -374,11 +389,11 @@ class NonConnectModeTests(SynchronousTestCase):
         )
         self.assertEqual(len(session.resolver.queries), 1)
         session.clock.advance(NAME_CACHE_SECONDS / 2)
-        stream.data_received(DOMAIN_PING)
+        stream.dataReceived(DOMAIN_PING)
         self.assertEqual(len(session.resolver.queries), 1)
         session.clock.advance(NAME_CACHE_SECONDS / 2)
         session.resolver.names["dns.google"] = ips("8.8.4.4")
-        stream.data_received(DOMAIN_PING)
+        stream.dataReceived(DOMAIN_PING)
         self.assertEqual(len(session.resolver.queries), 2)
         self.assertEqual(
             session.written()[-2:], [(b"ping", ("8.8.8.8", 53)), (b"ping", ("8.8.4.4", 53))]
@@ -389,11 +404,11 @@ class NonConnectModeTests(SynchronousTestCase):
             data=V17_HEADER + DOMAIN_PING, names={"dns.google": ips("8.8.8.8")}
         )
         session.clock.advance(NAME_CACHE_SECONDS / 2)
-        stream.data_received(DOMAIN_PING)
+        stream.dataReceived(DOMAIN_PING)
         session.clock.advance(NAME_CACHE_SECONDS / 2)
         del session.resolver.names["dns.google"]
-        stream.data_received(DOMAIN_PING)
-        stream.data_received(DOMAIN_PING)
+        stream.dataReceived(DOMAIN_PING)
+        stream.dataReceived(DOMAIN_PING)
         self.assertEqual(len(session.resolver.queries), 2)
         self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))] * 4)
         self.assertEqual(stream.dropped, 0)
@@ -402,7 +417,7 @@ class NonConnectModeTests(SynchronousTestCase):
         names = {f"h{i}.example": ips("8.8.8.8") for i in range(NAME_CACHE_SIZE + 10)}
         session, stream = open_stream(data=V17_HEADER, names=names)
         for name in names:
-            stream.data_received(bytes([2, len(name)]) + name.encode() + unhex("00 35 00 01 78"))
+            stream.dataReceived(bytes([2, len(name)]) + name.encode() + unhex("00 35 00 01 78"))
         self.assertEqual(len(session.written()), len(names))
         self.assertLessEqual(len(stream._names), NAME_CACHE_SIZE)
 
@@ -412,7 +427,7 @@ class NonConnectModeTests(SynchronousTestCase):
         header = unhex("00 03 0a") + b"dns.google" + unhex("00 35")
         session, stream = open_stream(data=header, names=names)
         for name in others:
-            stream.data_received(bytes([2, len(name)]) + name.encode() + unhex("00 35 00 01 78"))
+            stream.dataReceived(bytes([2, len(name)]) + name.encode() + unhex("00 35 00 01 78"))
         self.assertIn("dns.google", stream._names)
         session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
         self.assertEqual(session.data, [(SID, DOMAIN_PING[:16] + b"pong")])
@@ -429,7 +444,7 @@ class SplitTests(SynchronousTestCase):
     def test_one_byte_at_a_time(self):
         session, stream = open_stream(names=self.NAMES)
         for i in range(len(self.STREAM)):
-            stream.data_received(self.STREAM[i : i + 1])
+            stream.dataReceived(self.STREAM[i : i + 1])
         self.assertEqual(session.written(), self.expected())
         self.assertEqual(len(session.written()), 4)
 
@@ -439,14 +454,14 @@ class SplitTests(SynchronousTestCase):
         cuts = sorted(set(cuts) | {0, len(self.STREAM)})
         session, stream = open_stream(names=self.NAMES)
         for a, b in zip(cuts, cuts[1:]):
-            stream.data_received(self.STREAM[a:b])
+            stream.dataReceived(self.STREAM[a:b])
         self.assertEqual(session.written(), self.expected())
 
     def test_connect_mode_one_byte_at_a_time(self):
         data = V16_HEADER + CONNECT_PING * 3
         session, stream = open_stream()
         for i in range(len(data)):
-            stream.data_received(data[i : i + 1])
+            stream.dataReceived(data[i : i + 1])
         self.assertEqual(session.written(), [(b"ping", ("8.8.8.8", 53))] * 3)
 
 
@@ -478,10 +493,10 @@ class BadDataTests(SynchronousTestCase):
 
     def test_unknown_packet_address_type(self):
         session, stream = open_stream(data=V17_HEADER + V4_PING)
-        stream.data_received(unhex("05 01 02 03 04 00 35 00 01 78"))
+        stream.dataReceived(unhex("05 01 02 03 04 00 35 00 01 78"))
         self.assertFinishedWithFin(session, stream)
         self.assertTrue(session.port("0.0.0.0").stopped)
-        stream.data_received(V4_PING)
+        stream.dataReceived(V4_PING)
         self.assertEqual(len(session.written()), 1)
 
     def test_unknown_header_address_type(self):
@@ -496,7 +511,7 @@ class BadDataTests(SynchronousTestCase):
     def test_cannot_listen(self):
         session = FakeSession()
         session.factory.refuse = True
-        stream = UoTStream(session, SID, Destination(MAGIC_V2, 0), 2)
+        stream = UoTStream(session, SID, Destination(MAGIC_V2, 0), 0.0, 2)
         stream.start(V17_HEADER + V4_PING)
         self.assertTrue(stream.closed)
         self.assertTrue(session.finished[0][2])
@@ -520,7 +535,7 @@ class TimeoutTests(SynchronousTestCase):
     def test_reset_by_traffic_both_ways(self):
         session, stream = open_stream(data=V17_HEADER + V4_PING)
         session.clock.advance(UDP_TIMEOUT - 1)
-        stream.data_received(V4_PING)
+        stream.dataReceived(V4_PING)
         session.clock.advance(UDP_TIMEOUT - 1)
         session.port("0.0.0.0").reply(b"pong", ("8.8.8.8", 53))
         session.clock.advance(UDP_TIMEOUT - 1)
@@ -531,7 +546,7 @@ class TimeoutTests(SynchronousTestCase):
     def test_partial_packet_is_not_traffic(self):
         session, stream = open_stream(data=V17_HEADER)
         session.clock.advance(UDP_TIMEOUT - 1)
-        stream.data_received(V4_PING[:5])
+        stream.dataReceived(V4_PING[:5])
         session.clock.advance(1)
         self.assertTrue(stream.closed)
 
@@ -540,12 +555,12 @@ class FlowTests(SynchronousTestCase):
     def test_dropped_while_paused(self):
         session, stream = open_stream(data=V17_HEADER + V4_PING)
         port = session.port("0.0.0.0")
-        stream.pause_reading()
+        stream.pauseProducing()
         port.reply(b"pong", ("8.8.8.8", 53))
         port.reply(b"pong", ("8.8.8.8", 53))
         self.assertEqual(session.data, [])
         self.assertEqual(stream.dropped, 2)
-        stream.resume_reading()
+        stream.resumeProducing()
         port.reply(b"pong", ("8.8.8.8", 53))
         self.assertEqual(session.data, [(SID, V4_PONG)])
         self.assertEqual((stream.dropped, stream.datagrams_out), (2, 1))
@@ -553,28 +568,28 @@ class FlowTests(SynchronousTestCase):
 
     def test_sending_continues_while_paused(self):
         session, stream = open_stream()
-        stream.pause_reading()
-        stream.data_received(V17_HEADER + V4_PING)
+        stream.pauseProducing()
+        stream.dataReceived(V17_HEADER + V4_PING)
         self.assertEqual(len(session.written()), 1)
 
 
 class TeardownTests(SynchronousTestCase):
     def test_close_stops_ports_and_timer(self):
         session, stream = open_stream(data=V17_HEADER + V4_PING + V6_PING)
-        stream.close("client closed the stream")
+        session.peer_closed(stream, "client closed the stream")
         self.assertEqual(session.finished, [(stream, "client closed the stream", False)])
         self.assertTrue(all(p.stopped for p in session.factory.ports))
         self.assertEqual(len(session.factory.ports), 2)
         self.assertEqual(session.clock.getDelayedCalls(), [])
         session.factory.ports[0].reply(b"pong", ("8.8.8.8", 53))
-        stream.data_received(V4_PING)
+        stream.dataReceived(V4_PING)
         self.assertEqual(session.data, [])
         self.assertEqual(len(session.written()), 2)
 
     def test_resolution_after_close_is_ignored(self):
         session, stream = open_stream(manual=True)
-        stream.data_received(V17_HEADER + DOMAIN_PING)
-        stream.close("session closed")
+        stream.dataReceived(V17_HEADER + DOMAIN_PING)
+        session.peer_closed(stream, "session closed")
         session.resolver.pending["dns.google"].callback(ips("8.8.8.8"))
         self.assertEqual(session.factory.ports, [])
 

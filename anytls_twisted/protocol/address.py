@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import attr
 
@@ -177,3 +177,13 @@ class DestinationPolicy:
 
     def permits(self, ip: IPAddress) -> bool:
         return self.allow_private or is_public(ip)
+
+    def permitted(self, addresses: Sequence[IPAddress]) -> List[IPAddress]:
+        """The addresses we may reach, IPv4 first (origins answer on IPv4 more reliably);
+        TCP dials and UDP-over-TCP sends both choose through this."""
+        return sorted((ip for ip in addresses if self.permits(ip)), key=lambda ip: ip.version)
+
+    @staticmethod
+    def refusal(ip: IPAddress) -> str:
+        """Why ``ip`` was refused, in the words both TCP and UDP use."""
+        return f"destination {ip} is not a public address (refused by server policy)"

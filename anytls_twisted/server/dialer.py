@@ -7,7 +7,7 @@ Error texts follow Go's wording because sing-box clients log them as ``remote: <
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -81,61 +81,52 @@ def allowed_addresses(
     """Filter resolved addresses through the policy, IPv4 first; raise if nothing is left."""
     if not addresses:
         raise DialError(f"lookup {dest.host}: no such host", "no_such_host")
-    allowed = [ip for ip in addresses if policy.permits(ip)]
+    allowed = policy.permitted(addresses)
     if not allowed:
-        raise DestinationRefused(
-            f"dial {dest}: destination {addresses[0]} is not a public address "
-            "(refused by server policy)"
-        )
-    return sorted(allowed, key=lambda ip: ip.version)
+        raise DestinationRefused(f"dial {dest}: {policy.refusal(addresses[0])}")
+    return allowed
 
 
-def _reason(failure_value: BaseException) -> str:
+def classify(failure_value: Optional[BaseException]) -> Tuple[str, str]:
+    """A failed lookup or connect as ``(Go's wording, the metrics label)``: clients log the
+    text as ``remote: <text>``; docs/metrics.md lists the labels."""
     if isinstance(failure_value, error.DNSLookupError):
-        return "no such host"
+        return "no such host", "no_such_host"
     if isinstance(failure_value, (error.TimeoutError, defer.CancelledError)):
-        return "i/o timeout"
+        return "i/o timeout", "timeout"
     if isinstance(failure_value, error.ConnectionRefusedError):
-        return "connect: connection refused"
+        return "connect: connection refused", "refused"
     if isinstance(failure_value, error.NoRouteError):
-        return "connect: no route to host"
+        return "connect: no route to host", "other"
     if isinstance(failure_value, error.ConnectError) and failure_value.osError:
-        return "connect: " + str(failure_value.osError)
+        return "connect: " + str(failure_value.osError), "other"
+    if failure_value is None:
+        return "connection failed", "other"
     text = str(failure_value) or failure_value.__class__.__name__
-    return text.splitlines()[0][:200]
-
-
-def _metric_reason(failure_value: Optional[BaseException]) -> str:
-    """The metrics label for a failed lookup or connect (docs/metrics.md)."""
-    if isinstance(failure_value, error.DNSLookupError):
-        return "no_such_host"
-    if isinstance(failure_value, (error.TimeoutError, defer.CancelledError)):
-        return "timeout"
-    if isinstance(failure_value, error.ConnectionRefusedError):
-        return "refused"
-    return "other"
+    return text.splitlines()[0][:200], "other"
 
 
 class OriginDialer:
     """Connects streams to origins: resolve, filter by policy, then try each address in turn.
 
-    The whole attempt (resolution included) is bounded by ``timeout`` seconds.
+    The whole attempt (resolution included) is bounded by ``timeout`` seconds. The policy
+    comes with each dial, from the live configuration, so a reload applies to the next stream.
+
+    @ivar timeout: seconds allowed for one dial, resolution included.
+    @ivar resolver: the name resolver (:class:`Resolver`, or a test double); UDP-over-TCP
+        streams resolve through it too.
     """
 
-    def __init__(
-        self,
-        reactor,
-        policy: DestinationPolicy,
-        timeout: float,
-        resolver: Optional[Resolver] = None,
-    ) -> None:
+    def __init__(self, reactor, timeout: float, resolver: Optional[Resolver] = None) -> None:
         self._reactor = reactor
-        self.policy = policy
         self.timeout = timeout
         self.resolver = resolver if resolver is not None else Resolver(reactor)
 
-    def dial(self, dest: Destination, factory: IProtocolFactory) -> defer.Deferred:
-        """Fire with the connected protocol, or fail with :class:`DialError`. Cancellable."""
+    def dial(
+        self, dest: Destination, factory: IProtocolFactory, policy: DestinationPolicy
+    ) -> defer.Deferred:
+        """Fire with the connected protocol, or fail with :class:`DialError` (only).
+        Cancellable."""
         deadline = self._reactor.seconds() + self.timeout
         attempt: List[Optional[defer.Deferred]] = [None]
 
@@ -151,9 +142,13 @@ class OriginDialer:
                 timer.cancel()
             return value
 
-        def timed_out(failure):
-            failure.trap(defer.CancelledError)
-            raise DialError(f"dial tcp {dest}: i/o timeout", "timeout")
+        def as_dial_error(failure):
+            if failure.check(DialError):
+                return failure
+            if failure.check(defer.CancelledError):
+                raise DialError(f"dial tcp {dest}: i/o timeout", "timeout")
+            text, label = classify(failure.value)
+            raise DialError(f"dial tcp {dest}: {text}", label)
 
         @defer.inlineCallbacks
         def run():
@@ -163,8 +158,9 @@ class OriginDialer:
             except defer.CancelledError:
                 raise
             except Exception as e:
-                raise DialError(f"lookup {dest.host}: {_reason(e)}", _metric_reason(e))
-            candidates = allowed_addresses(dest, addresses, self.policy)
+                text, label = classify(e)
+                raise DialError(f"lookup {dest.host}: {text}", label) from None
+            candidates = allowed_addresses(dest, addresses, policy)
             last = None
             for ip in candidates:
                 remaining = max(deadline - self._reactor.seconds(), 0.001)
@@ -181,12 +177,12 @@ class OriginDialer:
                     last = e
                     continue
                 return protocol
+            text, label = classify(last)
             raise DialError(
-                f"dial tcp {Destination(str(candidates[-1]), dest.port)}: {_reason(last)}",
-                _metric_reason(last),
+                f"dial tcp {Destination(str(candidates[-1]), dest.port)}: {text}", label
             )
 
         run().chainDeferred(result)
         result.addBoth(done)
-        result.addErrback(timed_out)
+        result.addErrback(as_dial_error)
         return result

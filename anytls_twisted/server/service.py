@@ -19,12 +19,10 @@ from twisted.internet.protocol import Factory
 from .. import tls
 from ..logs import get_logger
 from ..metrics import NULL_METRICS
-from ..protocol.address import Destination
 from .dialer import OriginDialer
 from .session import SessionProtocol
 from .settings import ServerConfig
-from .stream import TCPStream
-from .udp import UoTStream, uot_version
+from .udp import listen_udp as quiet_listen_udp
 
 _log = get_logger("anytls_twisted.service")
 
@@ -106,13 +104,6 @@ class AnyTLSFactory(Factory):
         self.listen_udp = listen_udp
         self.registry = registry
         self.metrics = metrics  # metrics.Metrics, or NullMetrics (does nothing)
-
-    def open_stream(self, session: SessionProtocol, sid: int, destination: Destination):
-        """The stream for a destination: UDP-over-TCP for the magic names, else TCP."""
-        version = uot_version(destination)
-        if version is not None:
-            return UoTStream(session, sid, destination, version)
-        return TCPStream(session, sid, destination)
 
 
 class ReaperService(service.Service):
@@ -204,11 +195,9 @@ def build_service(
         metrics = NULL_METRICS
     registry = SessionRegistry(reactor, config, metrics)
     if dialer is None:
-        dialer = OriginDialer(reactor, config.policy, config.connect_timeout)
+        dialer = OriginDialer(reactor, config.connect_timeout)
     if listen_udp is None:
-
-        def listen_udp(port, protocol, interface=""):
-            return reactor.listenUDP(port, protocol, interface=interface)
+        listen_udp = quiet_listen_udp(reactor)
 
     factory = AnyTLSFactory(config, reactor, dialer, listen_udp, registry, metrics)
     top = AnyTLSService(config, registry)

@@ -9,12 +9,13 @@ are dropped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import struct
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, udp
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
@@ -33,9 +34,6 @@ from .stream import BaseStream
 
 _log = get_logger("anytls_twisted.udp")
 
-MAGIC_V2 = "sp.v2.udp-over-tcp.arpa"
-MAGIC_V1 = "sp.udp-over-tcp.arpa"
-
 #: Names whose resolution a stream remembers, and for how long (getaddrinfo gives no TTL).
 NAME_CACHE_SIZE = 64
 NAME_CACHE_SECONDS = 60.0
@@ -47,19 +45,61 @@ MAX_DATAGRAM = 65535
 _LENGTH = struct.Struct(">H")
 
 
-def uot_version(dest: Destination) -> Optional[int]:
-    """2 or 1 for the magic destinations (exact, case-sensitive, any port), else ``None``."""
-    if dest.host == MAGIC_V2:
-        return 2
-    if dest.host == MAGIC_V1:
-        return 1
-    return None
-
-
 def _unmap(ip: IPAddress) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+class _QuietLog:
+    """Stands in for ``twisted.python.log`` inside :class:`QuietUDPPort`: drops ``msg``."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def msg(self, *message: Any, **kw: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    real = udp.log
+    udp.log = _QuietLog(real)
+    try:
+        yield
+    finally:
+        udp.log = real
+
+
+class QuietUDPPort(udp.Port):
+    """A UDP port that does not log its start and close.
+
+    Twisted's ``udp.Port`` logs "<protocol> starting on N" and "(UDP Port N Closed)" at info
+    for every port, with no session or stream; each UDP-over-TCP stream opens one or two, so
+    those lines drowned the server's own events. Ours say the same with the ids.
+    """
+
+    def startListening(self) -> None:
+        with _quiet():
+            super().startListening()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        with _quiet():
+            super().connectionLost(reason)
+
+
+def listen_udp(reactor: Any) -> Callable[..., QuietUDPPort]:
+    """``listen_udp(port, protocol, interface)`` for streams: quiet ports on ``reactor``."""
+
+    def listen(port: int, protocol: DatagramProtocol, interface: str = "") -> QuietUDPPort:
+        listening = QuietUDPPort(port, protocol, interface, MAX_DATAGRAM, reactor)
+        listening.startListening()
+        return listening
+
+    return listen
 
 
 class _Socket(DatagramProtocol):
@@ -96,8 +136,10 @@ class UoTStream(BaseStream):
 
     kind = "udp"
 
-    def __init__(self, session, sid: int, destination: Destination, version: int) -> None:
-        super().__init__(session, sid, destination)
+    def __init__(
+        self, context, sid: int, destination: Destination, opened_at: float, version: int
+    ) -> None:
+        super().__init__(context, sid, destination, opened_at)
         self.version = version
         self.datagrams_in = 0  # client -> origin
         self.datagrams_out = 0  # origin -> client
@@ -112,15 +154,15 @@ class UoTStream(BaseStream):
         self._paused = False
         self._timer = None
 
-    # From the session.
+    # IStream.
     def start(self, data: bytes = b"") -> None:
         """Report success at once (protocol 10.6): the header only comes with the first datagram."""
-        self.report()
-        self._timer = self.session.clock.callLater(self.session.config.udp_timeout, self._idle)
+        self.context.acknowledge(self)
+        self._timer = self.context.clock.callLater(self.context.config.udp_timeout, self._idle)
         if data:
-            self.data_received(data)
+            self.dataReceived(data)
 
-    def data_received(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:
         if self.closed:
             return
         self.bytes_in += len(data)
@@ -130,19 +172,21 @@ class UoTStream(BaseStream):
         except AddressError as e:
             _log.info(
                 "stream {session_id}/{stream_id}: bad UDP-over-TCP data: {error}",
-                session_id=self.session.session_id,
+                session_id=self.context.session_id,
                 stream_id=self.sid,
                 error=str(e),
             )
-            self.finish(f"bad udp-over-tcp data: {e}", str(e))
+            self.end(f"bad udp-over-tcp data: {e}", str(e))
 
-    def pause_reading(self) -> None:
+    def pauseProducing(self) -> None:
+        """The client is backed up: UDP cannot be slowed, so replies are dropped meanwhile."""
         self._paused = True
 
-    def resume_reading(self) -> None:
+    def resumeProducing(self) -> None:
         self._paused = False
 
-    def teardown(self) -> None:
+    def connectionLost(self, reason: str) -> None:
+        super().connectionLost(reason)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -194,7 +238,7 @@ class UoTStream(BaseStream):
         if logs.DEBUG:  # skip building an event the filter drops
             _log.debug(
                 "stream {session_id}/{stream_id}: udp {mode} to {destination}",
-                session_id=self.session.session_id,
+                session_id=self.context.session_id,
                 stream_id=self.sid,
                 mode="connect" if self.connect else "packets",
                 destination=str(self.header),
@@ -226,9 +270,10 @@ class UoTStream(BaseStream):
             self._lookup(dest.host, dest.port, [(dest.port, payload)])
 
     def _send_ip(self, ip: IPAddress, dest: Destination, payload: bytes) -> None:
-        if not self.session.dialer.policy.permits(ip):
-            self.session.metrics.destination_refused("udp")
-            self._drop(dest, f"destination {ip} is not a public address (refused by server policy)")
+        policy = self.context.config.policy
+        if not policy.permits(ip):
+            self._refused(policy.refusal(ip))
+            self._drop(dest, policy.refusal(ip))
             return
         port = self._port_for(ip.version)
         if port is None:
@@ -241,7 +286,7 @@ class UoTStream(BaseStream):
     def _send_name(self, name: _Name, dest: Destination, payload: bytes) -> None:
         if name.target is None:
             if name.addresses:  # resolved, but only to addresses the policy refuses
-                self.session.metrics.destination_refused("udp")
+                self._refused(name.error)
             self._drop(dest, name.error)
         else:
             self._send_ip(name.target, dest, payload)
@@ -251,7 +296,7 @@ class UoTStream(BaseStream):
         if logs.DEBUG:  # skip building an event the filter drops
             _log.debug(
                 "stream {session_id}/{stream_id}: dropped datagram to {destination}: {why}",
-                session_id=self.session.session_id,
+                session_id=self.context.session_id,
                 stream_id=self.sid,
                 destination=str(dest),
                 why=why,
@@ -262,9 +307,9 @@ class UoTStream(BaseStream):
         if port is None:
             interface = "0.0.0.0" if version == 4 else "::"
             try:
-                port = self.session.factory.listen_udp(0, _Socket(self), interface=interface)
+                port = self.context.listen_udp(0, _Socket(self), interface=interface)
             except error.CannotListenError as e:
-                self.finish(f"cannot open a UDP socket on {interface}: {e.socketError}", str(e))
+                self.end(f"cannot open a UDP socket on {interface}: {e.socketError}", str(e))
                 return None
             port.maxPacketSize = MAX_DATAGRAM
             self._ports[version] = port
@@ -276,7 +321,7 @@ class UoTStream(BaseStream):
         name = self._names.get(host)
         if name is not None:
             self._names.move_to_end(host)
-            if name.expires <= self.session.clock.seconds():
+            if name.expires <= self.context.clock.seconds():
                 self._lookup(host, 0)
                 name = self._names.get(host)
         return name
@@ -287,7 +332,7 @@ class UoTStream(BaseStream):
         if host in self._resolving:
             return
         self._resolving[host] = queued or []
-        d = defer.maybeDeferred(self.session.dialer.resolver.resolve, host, port, udp=True)
+        d = defer.maybeDeferred(self.context.dialer.resolver.resolve, host, port, udp=True)
         d.addCallbacks(
             self._resolved, self._resolve_failed, callbackArgs=(host,), errbackArgs=(host,)
         )
@@ -295,16 +340,16 @@ class UoTStream(BaseStream):
     def _resolved(self, addresses: List[IPAddress], host: str) -> None:
         """Remember every address (for replies); send to the first permitted one, IPv4 first."""
         addresses = [_unmap(ip) for ip in addresses]
-        permitted = [ip for ip in addresses if self.session.dialer.policy.permits(ip)]
-        permitted.sort(key=lambda ip: ip.version)
+        policy = self.context.config.policy
+        permitted = policy.permitted(addresses)
         if permitted:
             why = ""
         elif addresses:
-            why = f"{host} resolves to {addresses[0]}: not a public address (server policy)"
+            why = f"{host} resolves to {addresses[0]}: {policy.refusal(addresses[0])}"
         else:
             why = f"lookup {host}: no such host"
         target = permitted[0] if permitted else None
-        expires = self.session.clock.seconds() + NAME_CACHE_SECONDS
+        expires = self.context.clock.seconds() + NAME_CACHE_SECONDS
         self._store(host, _Name(addresses, target, why, expires))
 
     def _resolve_failed(self, failure: Failure, host: str) -> None:
@@ -316,10 +361,10 @@ class UoTStream(BaseStream):
             return
         stale = self._names.get(host)
         if stale is not None:
-            stale.expires = self.session.clock.seconds() + NAME_CACHE_SECONDS
+            stale.expires = self.context.clock.seconds() + NAME_CACHE_SECONDS
             return
         if self.connect and self.header is not None and host == self.header.host:
-            self.finish(f"udp destination failed: {text}")
+            self.end(f"udp destination failed: {text}")
             return
         for port, _ in queued:
             self._drop(Destination(host, port), text)
@@ -354,15 +399,20 @@ class UoTStream(BaseStream):
         """Connect mode has one destination; if the policy refuses it the stream is useless."""
         literal = self.header.ip
         if literal is not None:
-            if not self.session.dialer.policy.permits(_unmap(literal)):
-                self.session.metrics.destination_refused("udp")
-                self.finish(f"udp destination {self.header} refused by server policy")
+            policy = self.context.config.policy
+            if not policy.permits(_unmap(literal)):
+                self._refused(policy.refusal(_unmap(literal)))
+                self.end(f"udp destination {self.header} refused by server policy")
             return
         name = self._names.get(self.header.host)
         if name is not None and name.target is None:
             if name.addresses:
-                self.session.metrics.destination_refused("udp")
-            self.finish(f"udp destination refused: {name.error}")
+                self._refused(name.error)
+            self.end(f"udp destination refused: {name.error}")
+
+    def _refused(self, why: str) -> None:
+        self.context.metrics.destination_refused("udp")
+        self.context.policy_refused("udp", why)
 
     # Origin -> client.
     def datagram_received(self, data: bytes, addr) -> None:
@@ -383,7 +433,7 @@ class UoTStream(BaseStream):
             self.dropped += 1
             return
         self.datagrams_out += 1
-        self.send(frame + _LENGTH.pack(len(data)) + data)
+        self.relay(frame + _LENGTH.pack(len(data)) + data)
 
     def _reported_source(self, source: Destination) -> Destination:
         """sing-box fidelity (protocol 10.5): replies from the header's name keep that name."""
@@ -398,8 +448,8 @@ class UoTStream(BaseStream):
     # Idle timeout.
     def _touch(self) -> None:
         if self._timer is not None and self._timer.active():
-            self._timer.reset(self.session.config.udp_timeout)
+            self._timer.reset(self.context.config.udp_timeout)
 
     def _idle(self) -> None:
         self._timer = None
-        self.finish("udp idle timeout")
+        self.end("udp idle timeout")
