@@ -519,3 +519,51 @@ class DebugLoggingTests(SynchronousTestCase):
 
         self.assertEqual(self.stream_lines("info"), [])
         self.assertFalse(logs.DEBUG)
+
+
+class PolicyLoggingTests(SynchronousTestCase):
+    """A refused destination is visible at the default level, names --allow-private, and is
+    rate-limited per session."""
+
+    setUp = LoggingTests.setUp
+    texts = LoggingTests.texts
+
+    def refusals(self):
+        return [t for t in self.texts() if "destination refused" in t]
+
+    def test_tcp_refusal_logged_once_per_interval(self):
+        from anytls_twisted.server.session import POLICY_LOG_INTERVAL
+
+        server = Server(allow_private=False)
+        client = server.connect()
+        client.auth()
+        for sid in (1, 3, 5):
+            open_stream(client, sid)
+        [line] = self.refusals()
+        self.assertIn("--allow-private", line)
+        self.assertIn("127.0.0.1", line)
+        self.assertIn("tcp", line)
+        info = [e for e in self.events if "destination refused" in str(e.get("log_format"))]
+        self.assertEqual(info[0]["log_level"].name, "info")
+        server.reactor.advance(POLICY_LOG_INTERVAL)
+        open_stream(client, 7)
+        self.assertEqual(len(self.refusals()), 2)
+        # Another session has its own allowance.
+        other = server.connect()
+        other.auth()
+        open_stream(other, 1)
+        self.assertEqual(len(self.refusals()), 3)
+
+    def test_udp_refusal_logged(self):
+        from anytls_twisted.protocol.address import Destination, encode_socks_address
+        from anytls_twisted.protocol.uot import MAGIC_V2
+
+        server = Server(allow_private=False)
+        client = server.connect()
+        client.auth()
+        header = b"\x01" + encode_socks_address(Destination("10.1.2.3", 53))
+        open_stream(client, 1, encode_socks_address(Destination(MAGIC_V2, 0)), header)
+        [line] = self.refusals()
+        self.assertIn("udp", line)
+        self.assertIn("10.1.2.3", line)
+        self.assertIn("--allow-private", line)

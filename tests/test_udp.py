@@ -624,3 +624,28 @@ class SessionWiringTests(SynchronousTestCase):
             client.transport.value(),
             unhex("02 00 00 00 02 00 0d 00 08 08 08 08 00 35 00 04 70 6f 6e 67"),
         )
+
+
+class QuietPortTests(SynchronousTestCase):
+    """UDP-over-TCP sockets open and close without Twisted's per-port info lines."""
+
+    def test_no_port_lines(self):
+        from twisted.internet import reactor
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from anytls_twisted.server.udp import MAX_DATAGRAM, listen_udp
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        port = listen_udp(reactor)(0, DatagramProtocol(), interface="127.0.0.1")
+        self.assertEqual(port.maxPacketSize, MAX_DATAGRAM)
+        self.assertTrue(port.getHost().port)
+        port.connectionLost()  # what stopListening schedules on the reactor
+        texts = [formatEvent(e) for e in events]
+        self.assertFalse([t for t in texts if "starting on" in t or "Closed" in t], texts)
+        # Logging elsewhere is untouched once the port is done.
+        from twisted.internet import udp
+        from twisted.python import log
+
+        self.assertIs(udp.log, log)
