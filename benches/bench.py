@@ -48,12 +48,18 @@ class Procs:
         self.live: List[subprocess.Popen] = []
 
     def spawn(
-        self, name: str, argv: List[str], env=None, stdin=subprocess.DEVNULL, stdout=None
+        self,
+        name: str,
+        argv: List[str],
+        env=None,
+        stdin=subprocess.DEVNULL,
+        stdout=None,
+        cwd: str = ROOT,
     ) -> subprocess.Popen:
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
         proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=stdin,
             stdout=stdout or log,
@@ -257,17 +263,14 @@ def start_origins(procs: Procs) -> dict:
     return json.loads(line)
 
 
-def start_ours(procs: Procs, rundir: str, name: str, workers: int = 1):
+def start_ours(procs: Procs, rundir: str, name: str, build: Build, workers: int = 1):
     state = os.path.join(rundir, "state")
     os.makedirs(state, exist_ok=True)
     port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    twistd = os.path.join(os.path.dirname(PY), "twistd")
     proc = procs.spawn(
         name,
         [
-            twistd,
+            build.twistd,
             "-n",
             "--pidfile=",
             "anytls",
@@ -283,7 +286,8 @@ def start_ours(procs: Procs, rundir: str, name: str, workers: int = 1):
             "--workers",
             str(workers),
         ],
-        env=env,
+        env=build.env,
+        cwd=build.cwd,
     )
     wait_for_port(port, proc, 60.0)
     cert = os.path.join(state, "self-signed-cert.pem")
@@ -350,6 +354,83 @@ def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: s
     }
     proc = run_singbox(procs, rundir, "client", config, name, socks)
     return proc, socks
+
+
+# --------------------------------------------------------------------------------------------
+# builds of our server
+
+
+class Build:
+    """One copy of our server: the twistd that runs it, with its environment and working
+    directory. ``home`` is where its ``anytls_twisted`` must be imported from."""
+
+    def __init__(self, label: str, twistd: str, env: dict, cwd: str, home: str, info: dict):
+        self.label = label
+        self.twistd = twistd
+        self.env = env
+        self.cwd = cwd
+        self.home = home
+        self.info = info
+
+    def verify(self) -> None:
+        """Check, with the server's own environment and working directory, that both
+        ``anytls_twisted`` and the module behind ``twistd anytls`` come from ``home``; record
+        where they come from in ``info``."""
+        python = os.path.join(os.path.dirname(self.twistd), "python")
+        result = subprocess.run(
+            [python, "-c", WHICH_CODE],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            what = "could not say where our package and its twistd plugin come from"
+            raise BenchError(f"{self.label}: {python} {what}:\n{result.stderr}")
+        found = json.loads(result.stdout.strip().splitlines()[-1])
+        paths = found["package_path"] + found["tap_files"]
+        inside = all((p + os.sep).startswith(self.home + os.sep) for p in paths)
+        if len(found["tap_files"]) != 1 or not inside:
+            raise BenchError(
+                f"{self.label}: twistd anytls would not run the code under {self.home}: {found}"
+            )
+        self.info.update(found, twistd=self.twistd)
+
+
+# Run by each build's python: where ``anytls_twisted`` (its __path__: older revisions have it as
+# a namespace package, with no __file__) and the ``twistd anytls`` plugin's module are imported
+# from, and the versions that matter.
+WHICH_CODE = """
+import importlib, json, platform
+import anytls_twisted, OpenSSL, twisted
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+taps = [p.module for p in getPlugins(IServiceMaker) if p.tapname == "anytls"]
+print(json.dumps({
+    "package_path": list(anytls_twisted.__path__),
+    "tap_files": [importlib.import_module(m).__file__ for m in taps],
+    "python": platform.python_version(),
+    "twisted": twisted.__version__,
+    "pyopenssl": OpenSSL.__version__,
+}))
+"""
+
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise BenchError(f"git {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def current_build() -> Build:
+    """The checkout, run by .venv's twistd with the checkout first on sys.path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    info = {"revision": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    twistd = os.path.join(os.path.dirname(PY), "twistd")
+    return Build("ours", twistd, env, ROOT, os.path.join(ROOT, "anytls_twisted"), info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,14 +534,18 @@ def workloads(
     return res
 
 
-def one_run(procs: Procs, origins: dict, cfg, kind: str, index: int, base: str) -> dict:
+def one_run(
+    procs: Procs, origins: dict, cfg, kind: str, index: int, base: str, builds: Dict[str, Build]
+) -> dict:
     rundir = os.path.join(base, f"run{index}-{kind}")
     os.makedirs(rundir, exist_ok=True)
     tag = f"run{index}-{kind}"
     if kind == "anchor":
         server, port, cert = start_anchor(procs, rundir, f"{tag}-server")
     else:
-        server, port, cert = start_ours(procs, rundir, f"{tag}-server", workers_of(kind))
+        server, port, cert = start_ours(
+            procs, rundir, f"{tag}-server", builds["ours"], workers_of(kind)
+        )
     client = None
     try:
         client, socks = start_client(procs, rundir, port, cert, f"{tag}-client")
@@ -658,9 +743,15 @@ def main(argv=None) -> int:
         [] if cfg.only == "ours" else ["anchor"]
     )
     results: Dict[str, List[dict]] = {kind: [] for kind in kinds}
+    builds: Dict[str, Build] = {}
     status = 0
     ceiling: dict = {}
     try:
+        if cfg.only != "anchor":
+            builds["ours"] = current_build()
+        for build in builds.values():
+            build.verify()
+            print(f"{build.label}: {', '.join(build.info['tap_files'])}", flush=True)
         origins = start_origins(procs)
         print(f"logs and results under {base}", flush=True)
         print("ceiling (drivers straight to the origins) ...", flush=True)
@@ -669,7 +760,7 @@ def main(argv=None) -> int:
             for kind in kinds:
                 t = time.monotonic()
                 print(f"run {i + 1}/{cfg.runs}: {kind} ...", end=" ", flush=True)
-                res = one_run(procs, origins, cfg, kind, i + 1, base)
+                res = one_run(procs, origins, cfg, kind, i + 1, base, builds)
                 results[kind].append(res)
                 print(
                     f"{time.monotonic() - t:.1f}s  down {res['download']['mib_s']:.0f} up {res['upload']['mib_s']:.0f} "
@@ -700,6 +791,7 @@ def main(argv=None) -> int:
             "quick": cfg.quick,
             "workers": worker_counts,
         },
+        "builds": {label: build.info for label, build in builds.items()},
         "elapsed_s": elapsed,
         "complete": status == 0,
         "ceiling": ceiling,
