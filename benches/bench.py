@@ -3,8 +3,10 @@
 Runs the servers in turns (ours, anchor, ours, anchor, ...), each run with a fresh server and a
 fresh sing-box 1.14 client (mixed inbound in, anytls out), against the same loopback origins
 (benches/loadgen.py, a separate process). Every workload is also run once straight to the
-origins (no proxy): the ceiling of the drivers and origins. Writes .cache/bench/<timestamp>.json
-and prints a table of medians over runs with our/anchor ratios. See docs/performance.md.
+origins (no proxy): the ceiling of the drivers and origins. With --baseline REV our server as of
+git revision REV takes its turn too (ours, baseline, anchor, ...). Writes
+.cache/bench/<timestamp>.json and prints a table of medians over runs with our/anchor ratios
+(and ours/baseline). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -48,12 +51,18 @@ class Procs:
         self.live: List[subprocess.Popen] = []
 
     def spawn(
-        self, name: str, argv: List[str], env=None, stdin=subprocess.DEVNULL, stdout=None
+        self,
+        name: str,
+        argv: List[str],
+        env=None,
+        stdin=subprocess.DEVNULL,
+        stdout=None,
+        cwd: str = ROOT,
     ) -> subprocess.Popen:
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
         proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=stdin,
             stdout=stdout or log,
@@ -257,17 +266,14 @@ def start_origins(procs: Procs) -> dict:
     return json.loads(line)
 
 
-def start_ours(procs: Procs, rundir: str, name: str, workers: int = 1):
+def start_ours(procs: Procs, rundir: str, name: str, build: Build, workers: int = 1):
     state = os.path.join(rundir, "state")
     os.makedirs(state, exist_ok=True)
     port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    twistd = os.path.join(os.path.dirname(PY), "twistd")
     proc = procs.spawn(
         name,
         [
-            twistd,
+            build.twistd,
             "-n",
             "--pidfile=",
             "anytls",
@@ -283,7 +289,8 @@ def start_ours(procs: Procs, rundir: str, name: str, workers: int = 1):
             "--workers",
             str(workers),
         ],
-        env=env,
+        env=build.env,
+        cwd=build.cwd,
     )
     wait_for_port(port, proc, 60.0)
     cert = os.path.join(state, "self-signed-cert.pem")
@@ -350,6 +357,148 @@ def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: s
     }
     proc = run_singbox(procs, rundir, "client", config, name, socks)
     return proc, socks
+
+
+# --------------------------------------------------------------------------------------------
+# builds of our server: the checkout, and with --baseline an older revision
+
+
+class Build:
+    """One copy of our server: the twistd that runs it, with its environment and working
+    directory. ``home`` is where its ``anytls_twisted`` must be imported from."""
+
+    def __init__(self, label: str, twistd: str, env: dict, cwd: str, home: str, info: dict):
+        self.label = label
+        self.twistd = twistd
+        self.env = env
+        self.cwd = cwd
+        self.home = home
+        self.info = info
+
+    def verify(self) -> None:
+        """Check, with the server's own environment and working directory, that both
+        ``anytls_twisted`` and the module behind ``twistd anytls`` come from ``home``; record
+        where they come from in ``info``."""
+        python = os.path.join(os.path.dirname(self.twistd), "python")
+        result = subprocess.run(
+            [python, "-c", WHICH_CODE],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            what = "could not say where our package and its twistd plugin come from"
+            raise BenchError(f"{self.label}: {python} {what}:\n{result.stderr}")
+        found = json.loads(result.stdout.strip().splitlines()[-1])
+        paths = found["package_path"] + found["tap_files"]
+        inside = all((p + os.sep).startswith(self.home + os.sep) for p in paths)
+        if len(found["tap_files"]) != 1 or not inside:
+            raise BenchError(
+                f"{self.label}: twistd anytls would not run the code under {self.home}: {found}"
+            )
+        self.info.update(found, twistd=self.twistd)
+
+
+# Run by each build's python: where ``anytls_twisted`` (its __path__: older revisions have it as
+# a namespace package, with no __file__) and the ``twistd anytls`` plugin's module are imported
+# from, and the versions that matter.
+WHICH_CODE = """
+import importlib, json, platform
+import anytls_twisted, OpenSSL, twisted
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+taps = [p.module for p in getPlugins(IServiceMaker) if p.tapname == "anytls"]
+print(json.dumps({
+    "package_path": list(anytls_twisted.__path__),
+    "tap_files": [importlib.import_module(m).__file__ for m in taps],
+    "python": platform.python_version(),
+    "twisted": twisted.__version__,
+    "pyopenssl": OpenSSL.__version__,
+}))
+"""
+
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise BenchError(f"git {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def current_build() -> Build:
+    """The checkout, run by .venv's twistd with the checkout first on sys.path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    info = {"revision": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    twistd = os.path.join(os.path.dirname(PY), "twistd")
+    return Build("ours", twistd, env, ROOT, os.path.join(ROOT, "anytls_twisted"), info)
+
+
+def run_logged(argv: List[str], log: str, what: str, timeout: float) -> None:
+    with open(log, "ab") as f:
+        result = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if result.returncode != 0:
+        raise BenchError(f"{what} failed (exit {result.returncode}):\n{tail(log)}")
+
+
+def read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def pinned_versions() -> str:
+    """.venv's packages as pip constraints (all but our own), so that the baseline runs on the
+    same Twisted, pyOpenSSL and cryptography as the checkout."""
+    frozen = subprocess.run(
+        [PY, "-m", "pip", "freeze", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    return "".join(
+        line + "\n"
+        for line in frozen.splitlines()
+        if "==" in line and not line.lower().replace("_", "-").startswith("anytls-twisted")
+    )
+
+
+def baseline_build(rev: str) -> Build:
+    """Revision ``rev`` of our server, exported (git archive) and installed into a venv of its
+    own under .cache/bench/baseline-<sha>/ on first use; run from that directory with no
+    PYTHONPATH, so that nothing of the checkout is on its sys.path."""
+    sha = git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
+    home = os.path.join(ROOT, ".cache", "bench", f"baseline-{sha}")
+    tree, venv = os.path.join(home, "tree"), os.path.join(home, "venv")
+    log = os.path.join(home, "setup.log")
+    pins = pinned_versions()
+    done = os.path.join(home, "installed-with.txt")  # written last: the constraints it has
+    if read_text(done) != pins:
+        print(f"installing baseline {rev} ({sha[:12]}) into {venv} ...", flush=True)
+        if not os.path.isdir(tree):
+            shutil.rmtree(tree + ".part", ignore_errors=True)
+            os.makedirs(tree + ".part")
+            export = 'git -C "$0" archive "$1" | tar -x -C "$2"'
+            argv = ["bash", "-o", "pipefail", "-c", export, ROOT, sha, tree + ".part"]
+            run_logged(argv, log, "git archive | tar -x", 300)
+            os.rename(tree + ".part", tree)
+        if not os.path.exists(os.path.join(venv, "bin", "python")):
+            run_logged([PY, "-m", "venv", venv], log, "python -m venv", 300)
+        constraints = os.path.join(home, "constraints.txt")
+        with open(constraints, "w") as f:
+            f.write(pins)
+        pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "--disable-pip-version-check"]
+        run_logged(pip + ["install", "-c", constraints, tree], log, "pip install", 900)
+        with open(done, "w") as f:
+            f.write(pins)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subject = git("log", "-1", "--format=%s", sha)
+    info = {"rev": rev, "revision": sha, "subject": subject}
+    return Build("baseline", os.path.join(venv, "bin", "twistd"), env, home, venv, info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,14 +602,17 @@ def workloads(
     return res
 
 
-def one_run(procs: Procs, origins: dict, cfg, kind: str, index: int, base: str) -> dict:
+def one_run(
+    procs: Procs, origins: dict, cfg, kind: str, index: int, base: str, builds: Dict[str, Build]
+) -> dict:
     rundir = os.path.join(base, f"run{index}-{kind}")
     os.makedirs(rundir, exist_ok=True)
     tag = f"run{index}-{kind}"
     if kind == "anchor":
         server, port, cert = start_anchor(procs, rundir, f"{tag}-server")
     else:
-        server, port, cert = start_ours(procs, rundir, f"{tag}-server", workers_of(kind))
+        label, workers = parse_kind(kind)
+        server, port, cert = start_ours(procs, rundir, f"{tag}-server", builds[label], workers)
     client = None
     try:
         client, socks = start_client(procs, rundir, port, cert, f"{tag}-client")
@@ -503,14 +655,21 @@ ROWS = [
 ]
 
 
-def ours_kind(workers: int, several: bool) -> str:
-    """The results key of our server with ``workers`` processes: "ours", or "ours-wN" when
-    the run compares several worker counts."""
-    return f"ours-w{workers}" if several else "ours"
+def ours_kind(label: str, workers: int, several: bool) -> str:
+    """The results key of a build of our server ("ours" or "baseline") with ``workers``
+    processes: the label, or "<label>-wN" when the run compares several worker counts."""
+    return f"{label}-w{workers}" if several else label
 
 
-def workers_of(kind: str) -> int:
-    return int(kind[len("ours-w") :]) if kind.startswith("ours-w") else 1
+def parse_kind(kind: str):
+    """(label, workers) of a results key made by ours_kind."""
+    label, _, workers = kind.partition("-w")
+    return label, int(workers) if workers else 1
+
+
+def column_name(kind: str) -> str:
+    label, workers = parse_kind(kind)
+    return f"{label}, {workers} worker{'s' * (workers > 1)}" if "-w" in kind else label
 
 
 def get(res: dict, path) -> Optional[float]:
@@ -534,45 +693,46 @@ def table(summary: dict) -> str:
             return f"{int(v)}"
         return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
-    kinds = summary.get("ours_kinds", ["ours"])
-    names = (
-        ["ours"]
-        if kinds == ["ours"]
-        else [f"ours, {workers_of(k)} worker{'s' * (workers_of(k) > 1)}" for k in kinds]
-    )
-    head = (
-        "| metric | unit | "
-        + " | ".join(names)
-        + " | anchor | "
-        + " | ".join(f"{n} / anchor" for n in names)
-    )
-    lines = [head + " | ceiling (no proxy) |", "|---|---|" + "---:|" * (2 * len(kinds) + 2)]
+    def fmt_ratio(r):
+        return "-" if r is None else f"{r:.2f}"
+
+    ours = summary.get("ours_kinds", ["ours"])
+    kinds = ours + summary.get("baseline_kinds", [])
+    paired = [k for k in ours if "vs_baseline" in summary["rows"][0]["by_kind"][k]]
+    names = [column_name(k) for k in kinds]
+    head = ["metric", "unit", *names, "anchor", *(f"{n} / anchor" for n in names)]
+    # "ours / baseline", or "ours / baseline, 2 workers"
+    head += ["ours / baseline" + column_name(k)[len("ours") :] for k in paired]
+    head.append("ceiling (no proxy)")
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for row in summary["rows"]:
-        ours = " | ".join(
-            fmt(row["ours"] if k == kinds[0] else row["by_kind"][k]["ours"]) for k in kinds
-        )
-        ratios = " | ".join(
-            "-" if r is None else f"{r:.2f}"
-            for r in (row["ratio"] if k == kinds[0] else row["by_kind"][k]["ratio"] for k in kinds)
-        )
-        lines.append(
-            f"| {row['metric']} | {row['unit']} | {ours} | {fmt(row['anchor'])} | {ratios} | {fmt(row['ceiling'])} |"
-        )
+        by_kind = row["by_kind"]
+        cells = [row["metric"], row["unit"]]
+        cells += [fmt(by_kind[k]["ours"]) for k in kinds] + [fmt(row["anchor"])]
+        cells += [fmt_ratio(by_kind[k]["ratio"]) for k in kinds]
+        cells += [fmt_ratio(by_kind[k]["vs_baseline"]) for k in paired]
+        lines.append("| " + " | ".join(cells + [fmt(row["ceiling"])]) + " |")
     return "\n".join(lines)
 
 
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
 def summarize(results: Dict[str, List[dict]], ceiling: dict) -> dict:
-    """Medians per metric. ``ours``/``ratio`` are for the first of our kinds; with several
-    worker counts every kind is also under ``by_kind``."""
+    """Medians per metric. ``by_kind`` has every build and worker count of our server, with its
+    ratio to the anchor (and for the checkout, ``vs_baseline``: to the baseline with the same
+    worker count); ``ours``/``ratio``/``vs_baseline`` at the top are for the first of them."""
     kinds = [k for k in results if k != "anchor"]
     rows = []
     for label, path, unit, _better in ROWS:
         anchor = med(results.get("anchor", []), path)
-        by_kind = {}
-        for kind in kinds:
-            ours = med(results[kind], path)
-            ratio = ours / anchor if ours is not None and anchor not in (None, 0) else None
-            by_kind[kind] = {"ours": ours, "ratio": ratio}
+        by_kind = {kind: {"ours": med(results[kind], path)} for kind in kinds}
+        for kind, cell in by_kind.items():
+            cell["ratio"] = ratio(cell["ours"], anchor)
+            partner = "baseline" + kind[len("ours") :]
+            if kind.startswith("ours") and partner in by_kind:
+                cell["vs_baseline"] = ratio(cell["ours"], by_kind[partner]["ours"])
         first = by_kind[kinds[0]] if kinds else {"ours": None, "ratio": None}
         row = {
             "metric": label,
@@ -581,11 +741,16 @@ def summarize(results: Dict[str, List[dict]], ceiling: dict) -> dict:
             "anchor": anchor,
             "ratio": first["ratio"],
             "ceiling": get(ceiling, path),
+            "by_kind": by_kind,
         }
-        if len(kinds) > 1:
-            row["by_kind"] = by_kind
+        if "vs_baseline" in first:
+            row["vs_baseline"] = first["vs_baseline"]
         rows.append(row)
-    return {"rows": rows, "ours_kinds": kinds}
+    return {
+        "rows": rows,
+        "ours_kinds": [k for k in kinds if parse_kind(k)[0] == "ours"],
+        "baseline_kinds": [k for k in kinds if parse_kind(k)[0] == "baseline"],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,7 +793,17 @@ def main(argv=None) -> int:
         help="processes our server runs (--workers); CPU and RSS include them all. "
         "A list such as 1,2 runs our server with each count in turn, in the same run",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="also run our server as of git revision REV (installed once into its own venv "
+        "under .cache/bench/baseline-<sha>/), in turns with the others: a column per worker "
+        "count, and ours/baseline ratios",
+    )
     cfg = parser.parse_args(argv)
+    if cfg.baseline and cfg.only == "anchor":
+        parser.error("--baseline runs our server: not with --only anchor")
     try:
         worker_counts = [int(w) for w in str(cfg.workers).split(",")]
         if not worker_counts or min(worker_counts) < 1:
@@ -653,14 +828,23 @@ def main(argv=None) -> int:
     os.makedirs(base, exist_ok=True)
     procs = Procs(base)
     began = time.monotonic()
-    ours_kinds = [ours_kind(w, len(worker_counts) > 1) for w in worker_counts]
+    labels = ["ours"] + (["baseline"] if cfg.baseline else [])
+    ours_kinds = [ours_kind(b, w, len(worker_counts) > 1) for w in worker_counts for b in labels]
     kinds = ([] if cfg.only == "anchor" else ours_kinds) + (
         [] if cfg.only == "ours" else ["anchor"]
     )
     results: Dict[str, List[dict]] = {kind: [] for kind in kinds}
+    builds: Dict[str, Build] = {}
     status = 0
     ceiling: dict = {}
     try:
+        if cfg.only != "anchor":
+            builds["ours"] = current_build()
+        if cfg.baseline:
+            builds["baseline"] = baseline_build(cfg.baseline)
+        for build in builds.values():
+            build.verify()
+            print(f"{build.label}: {', '.join(build.info['tap_files'])}", flush=True)
         origins = start_origins(procs)
         print(f"logs and results under {base}", flush=True)
         print("ceiling (drivers straight to the origins) ...", flush=True)
@@ -669,7 +853,7 @@ def main(argv=None) -> int:
             for kind in kinds:
                 t = time.monotonic()
                 print(f"run {i + 1}/{cfg.runs}: {kind} ...", end=" ", flush=True)
-                res = one_run(procs, origins, cfg, kind, i + 1, base)
+                res = one_run(procs, origins, cfg, kind, i + 1, base, builds)
                 results[kind].append(res)
                 print(
                     f"{time.monotonic() - t:.1f}s  down {res['download']['mib_s']:.0f} up {res['upload']['mib_s']:.0f} "
@@ -699,7 +883,9 @@ def main(argv=None) -> int:
             "udp_count": cfg.udp_count,
             "quick": cfg.quick,
             "workers": worker_counts,
+            "baseline": cfg.baseline,
         },
+        "builds": {label: build.info for label, build in builds.items()},
         "elapsed_s": elapsed,
         "complete": status == 0,
         "ceiling": ceiling,
@@ -711,6 +897,9 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=1)
     if any(results.values()) or ceiling:
         print()
+        if "baseline" in builds:
+            info = builds["baseline"].info
+            print(f"baseline: {info['rev']} = {info['revision'][:12]} {info['subject']}\n")
         print(table(summary))
     print(
         f"\nmedians over {max(len(r) for r in results.values())} run(s); "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark our anytls server against sing-box's own anytls inbound, on loopback.
-# Usage: ./scripts/bench.sh [--quick] [--runs N] [--size MiB] [...]; see benches/bench.py --help
-# and docs/performance.md. Results: .cache/bench/<timestamp>.json (plus logs in .cache/bench/<timestamp>/).
+# Usage: ./scripts/bench.sh [--quick] [--runs N] [--size MiB] [--workers 1,2] [--baseline REV] [...];
+# see benches/bench.py --help and docs/performance.md. Results: .cache/bench/<timestamp>.json
+# (plus logs in .cache/bench/<timestamp>/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
