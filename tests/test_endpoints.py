@@ -1,12 +1,17 @@
 """The one endpoint-string parser: Twisted's syntax both ways, and its helpers."""
 
+import socket
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.endpoints import _parse, quoteStringArgument
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from anytls_twisted import clientconfig, tls
 from anytls_twisted.endpoints import EndpointString, parse, quote
+from anytls_twisted.server import workers
+from anytls_twisted.server.configfile import FileSettings
 from anytls_twisted.server.tap import Options
 
 # Arguments made mostly of the characters the syntax gives a meaning to.
@@ -170,6 +175,59 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(parse("haproxy:haproxy:tcp:1:k=v").innermost(), parse("tcp:1:k=v"))
         self.assertEqual(parse("tcp:1").innermost(), parse("tcp:1"))
         self.assertEqual(parse("haproxy").innermost(), parse("haproxy"))
+
+
+class CallerTests(SynchronousTestCase):
+    """Every place that reads or writes endpoint strings escapes as Twisted does."""
+
+    def test_parse_tcp(self):
+        t = workers.parse_tcp(r"haproxy:tcp:8443:interface=\:\:1:backlog=9")
+        self.assertEqual(
+            (t.host, t.port, t.backlog, t.family, t.haproxy),
+            ("::1", 8443, 9, socket.AF_INET6, True),
+        )
+        t = workers.parse_tcp("tcp6:port=1")
+        self.assertEqual((t.host, t.port, t.family, t.haproxy), ("::", 1, socket.AF_INET6, False))
+        for endpoint, fragment in [
+            ("tcp:1:backlog=x", "backlog 'x' is not a number"),
+            ("tcp:1\\", "lone backslash"),
+            ("tcp:1:127.0.0.1", "unexpected '127.0.0.1'"),
+            ("tcp:interface=a", "no port number"),
+        ]:
+            e = self.assertRaises(ValueError, workers.parse_tcp, endpoint)
+            self.assertIn(fragment, str(e), endpoint)
+            self.assertNotIn("\n", str(e))
+
+    def test_metrics_for(self):
+        self.assertEqual(
+            workers.metrics_for(r"tcp6:9095:interface=\:\:1", 1), r"tcp6:9096:interface=\:\:1"
+        )
+        self.assertEqual(
+            workers.metrics_for("tcp:interface=a:port=9095", 2), "tcp:interface=a:port=9097"
+        )
+        for description in ["tcp:9095abc", "tcp:interface=a", "haproxy:tcp:1", "tcp:1\\"]:
+            e = self.assertRaises(ValueError, workers.metrics_for, description, 1)
+            self.assertIn("with --workers give a tcp:PORT endpoint", str(e))
+
+    def test_listen_address(self):
+        self.assertEqual(
+            clientconfig.listen_address(r"haproxy:haproxy:tcp:443:interface=a\\b"), ("a\\b", 443)
+        )
+        self.assertEqual(clientconfig.listen_address("tcp:1\\"), (None, None))
+
+    def test_config_file_listen_round_trips(self):
+        """A config file's listen address reaches the listening endpoint unchanged, whatever
+        characters it holds."""
+        for listen in ["::1", "fe80::1%eth0", "a\\b", "a=b"]:
+            settings = FileSettings("f.json", listen=listen, listen_port=8443)
+            spec = tls.parse_port(settings.port_description())
+            self.assertEqual(
+                parse(spec.endpoint), EndpointString("tcp", ("8443",), (("interface", listen),))
+            )
+
+    def test_listen_endpoint_positional_backlog(self):
+        """A backlog given by position (tcp:PORT:INTERFACE:BACKLOG) is not given twice."""
+        self.assertEqual(tls.listen_endpoint("tcp:8443::7"), "tcp:8443::7")
 
 
 class PortOptionErrorTests(SynchronousTestCase):
