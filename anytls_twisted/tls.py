@@ -193,11 +193,8 @@ def _with_tls(endpoint: EndpointString) -> Optional[Tuple[EndpointString, Dict[s
     return None
 
 
-#: The listen backlog of TCP ports that do not give one. Twisted's default is 50: a client
-#: opening 100 sessions at once (sing-box does, for 100 concurrent streams) overflowed it, and
-#: the refused handshakes were retried a second later (benches/: 100-stream aggregate 58 MiB/s
-#: instead of 240). Go servers, sing-box's among them, ask for the system's maximum; so do we:
-#: the kernel caps this at ``net.core.somaxconn`` (4096 by default on Linux).
+#: The listen backlog of TCP ports that give none: Twisted's 50 overflows when a client opens
+#: many sessions at once, so we ask for the maximum, as Go servers do (docs/performance.md).
 DEFAULT_BACKLOG = 65535
 
 

@@ -189,12 +189,8 @@ class AdoptedPort(service.Service):
 def accept_one_at_a_time(port) -> None:
     """Make a shared listening port accept one connection per readiness event.
 
-    Every process watching a shared socket is woken for a new connection, and Twisted's
-    ``tcp.Port.doRead`` then accepts up to ``numberAccepts`` connections in a loop (100 at
-    first, growing by 20 after a full batch). The first process awake took a whole burst: a
-    sing-box client opening 100 sessions at once left 63 in one process and 31 in the other.
-    Accepting one at a time lets the processes take turns, and the busier one, slower to come
-    back to its reactor, takes fewer.
+    Twisted's port accepts a whole burst per wakeup, so the first process awake took most of it;
+    one at a time, the processes take turns (docs/performance.md has the figures).
     """
     read = port.doRead
 
