@@ -31,6 +31,15 @@ def endpoint_strings(keywords=_TEXT):
     )
 
 
+def assert_one_line_errors(case, function, cases):
+    """``function(argument)`` raises a one-line ValueError containing ``fragment``, for each
+    ``(argument, fragment)`` in ``cases``."""
+    for argument, fragment in cases:
+        e = case.assertRaises(ValueError, function, argument)
+        case.assertIn(fragment, str(e), argument)
+        case.assertNotIn("\n", str(e), argument)
+
+
 def twisted_reading(endpoint: EndpointString):
     """What Twisted's ``_parse`` returns for a string meaning ``endpoint``."""
     return [endpoint.kind, *endpoint.args], dict(endpoint.kwargs)
@@ -108,14 +117,15 @@ class SyntaxTests(SynchronousTestCase):
         )
 
     def test_errors_are_one_line(self):
-        for text, fragment in [
-            ("ssl:443\\", "lone backslash"),
-            ("a=b", "names no endpoint type"),
-            ("a=b:c=d", "names no endpoint type"),
-        ]:
-            e = self.assertRaises(ValueError, parse, text)
-            self.assertIn(fragment, str(e), text)
-            self.assertNotIn("\n", str(e))
+        assert_one_line_errors(
+            self,
+            parse,
+            [
+                ("ssl:443\\", "lone backslash"),
+                ("a=b", "names no endpoint type"),
+                ("a=b:c=d", "names no endpoint type"),
+            ],
+        )
 
 
 class HelperTests(SynchronousTestCase):
@@ -188,15 +198,16 @@ class CallerTests(SynchronousTestCase):
         )
         t = workers.parse_tcp("tcp6:port=1")
         self.assertEqual((t.host, t.port, t.family, t.haproxy), ("::", 1, socket.AF_INET6, False))
-        for endpoint, fragment in [
-            ("tcp:1:backlog=x", "backlog 'x' is not a number"),
-            ("tcp:1\\", "lone backslash"),
-            ("tcp:1:127.0.0.1", "unexpected '127.0.0.1'"),
-            ("tcp:interface=a", "no port number"),
-        ]:
-            e = self.assertRaises(ValueError, workers.parse_tcp, endpoint)
-            self.assertIn(fragment, str(e), endpoint)
-            self.assertNotIn("\n", str(e))
+        assert_one_line_errors(
+            self,
+            workers.parse_tcp,
+            [
+                ("tcp:1:backlog=x", "backlog 'x' is not a number"),
+                ("tcp:1\\", "lone backslash"),
+                ("tcp:1:127.0.0.1", "unexpected '127.0.0.1'"),
+                ("tcp:interface=a", "no port number"),
+            ],
+        )
 
     def test_metrics_for(self):
         self.assertEqual(
@@ -205,9 +216,14 @@ class CallerTests(SynchronousTestCase):
         self.assertEqual(
             workers.metrics_for("tcp:interface=a:port=9095", 2), "tcp:interface=a:port=9097"
         )
-        for description in ["tcp:9095abc", "tcp:interface=a", "haproxy:tcp:1", "tcp:1\\"]:
-            e = self.assertRaises(ValueError, workers.metrics_for, description, 1)
-            self.assertIn("with --workers give a tcp:PORT endpoint", str(e))
+        assert_one_line_errors(
+            self,
+            lambda description: workers.metrics_for(description, 1),
+            [
+                (description, "with --workers give a tcp:PORT endpoint")
+                for description in ["tcp:9095abc", "tcp:interface=a", "haproxy:tcp:1", "tcp:1\\"]
+            ],
+        )
 
     def test_listen_address(self):
         self.assertEqual(
