@@ -37,6 +37,7 @@ import attr
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .endpoints import HAPROXY, EndpointString
 from .logs import get_logger
 
 _log = get_logger("anytls_twisted.banner")
@@ -113,39 +114,20 @@ def parse_public_address(text: str) -> Tuple[str, Optional[int]]:
     return host, int(port_text)
 
 
-def _endpoint_arguments(endpoint: str) -> List[str]:
-    """Split a Twisted endpoint string at unescaped colons, dropping the escapes."""
-    parts, current, chars = [], "", iter(endpoint)
-    for char in chars:
-        if char == "\\":
-            current += next(chars, "")
-        elif char == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
 def listen_address(endpoint: str) -> Tuple[Optional[str], Optional[int]]:
     """``(interface or None, port or None)`` of a ``tcp:``/``tcp6:``/``ssl:`` endpoint string,
     also under ``haproxy:``; ``(None, None)`` for kinds without a port (unix, systemd)."""
-    arguments = _endpoint_arguments(endpoint)
-    while arguments and arguments[0] == "haproxy":
-        arguments = arguments[1:]
-    if not arguments or arguments[0] not in ("tcp", "tcp6", "ssl"):
+    try:
+        parsed = EndpointString.parse(endpoint).innermost(HAPROXY)
+    except ValueError:
         return None, None
-    interface, port = None, None
-    for argument in arguments[1:]:
-        key, equals, value = argument.partition("=")
-        if not equals:
-            key, value = "port", key
-        if key == "port" and re.fullmatch(r"[0-9]{1,5}", value):
-            port = int(value)
-        elif key == "interface":
-            interface = value
-    return interface, port
+    if parsed.kind not in ("tcp", "tcp6", "ssl"):
+        return None, None
+    port = parsed.argument(0, "port")
+    return (
+        parsed.keyword("interface"),
+        int(port) if port is not None and re.fullmatch(r"[0-9]{1,5}", port) else None,
+    )
 
 
 def specific_interface(interface: Optional[str]) -> Optional[str]:

@@ -34,6 +34,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .certs import TLSMaterial
+from .endpoints import HAPROXY, EndpointString
 from .tls_transport import BulkTLSFactory
 
 ALPN_NONE: Tuple[str, ...] = ()
@@ -130,44 +131,19 @@ _FILE_OPTIONS = {
 _SUPPORTED = "port, interface, backlog, privateKey, certKey, extraCertChain"
 
 
-def _pieces(description: str) -> List[Tuple[str, Tuple[str, Optional[str]]]]:
-    """Split an endpoint string as Twisted does: ``:`` separates arguments, the first ``=`` in
-    an argument separates key from value, and a backslash makes the next character literal.
-    Returns, per argument, its raw text (escapes kept, so it can be joined back unchanged) and
-    ``(text, None)`` for a positional argument or ``(key, value)`` for a keyword one."""
-    pieces: List[Tuple[str, Tuple[str, Optional[str]]]] = []
-    raw = ""
-    parts: List[str] = [""]
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            escaped = next(chars, None)
-            if escaped is None:
-                raise ValueError("the port description ends with a lone backslash")
-            parts[-1] += escaped
-            raw += char + escaped
-            continue
-        if char == ":":
-            pieces.append((raw, (parts[0], parts[1]) if len(parts) == 2 else (parts[0], None)))
-            raw, parts = "", [""]
-            continue
-        raw += char
-        if char == "=" and len(parts) == 1:
-            parts.append("")
-        else:
-            parts[-1] += char
-    pieces.append((raw, (parts[0], parts[1]) if len(parts) == 2 else (parts[0], None)))
-    return pieces
-
-
-def _escape(value: str) -> str:
-    return re.sub(r"([\\:=])", r"\\\1", value)
-
-
-def _number(name: str, text: str, low: int, high: int) -> str:
+def _number(what: str, text: str, low: int, high: int) -> str:
     if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
-        raise ValueError(f"ssl port {name} must be a number from {low} to {high}, got {text!r}")
+        raise ValueError(f"{what} must be a number from {low} to {high}, got {text!r}")
     return str(int(text))
+
+
+def _port_number(kind: str, endpoint: EndpointString) -> str:
+    """The port of a ``tcp:``/``tcp6:``/``ssl:`` endpoint (positional or ``port=``)."""
+    port = endpoint.argument(0, "port")
+    if not port:
+        article = "an" if kind == "ssl" else "a"
+        raise ValueError(f"{article} {kind} port needs a port number, e.g. {kind}:8443")
+    return _number(f"{kind} port", port, 0, 65535)
 
 
 def parse_port(description: str) -> PortSpec:
@@ -184,31 +160,41 @@ def parse_port(description: str) -> PortSpec:
 
     As in Twisted, ``certKey`` defaults to ``privateKey`` (and here also the other way round).
     Other ``ssl:`` options are refused rather than ignored; so is TLS twice (``tls:ssl:...``).
-    Any other endpoint string is listened on unchanged, without TLS.
+    Any other endpoint string is listened on unchanged, without TLS; a ``tcp:``/``tcp6:`` one
+    must name its port.
     """
     text = f"ssl:{description}" if re.fullmatch(r"[0-9]+", description) else description
     try:
-        pieces = _pieces(text)
+        endpoint = EndpointString.parse(text)
     except ValueError:
         if text.startswith(("ssl:", "tls:", "haproxy:ssl:", "haproxy:tls:")):
             raise
         return PortSpec(endpoint=description, tls=False, description=description)
-    kind = pieces[0][0]
-    if kind == "ssl":
-        return _parse_ssl(description, [parsed for _, parsed in pieces[1:]])
-    if kind == "tls":
-        return _parse_tls(description, pieces[1:])
-    if kind == "haproxy" and len(pieces) > 1 and pieces[1][0] in ("ssl", "tls"):
-        inner = parse_port(text[len("haproxy:") :])
-        return attr.evolve(inner, endpoint=f"haproxy:{inner.endpoint}", description=description)
-    return PortSpec(endpoint=description, tls=False, description=description)
+    ours = _with_tls(endpoint)
+    if ours is None:
+        plain = endpoint.innermost(HAPROXY)
+        if plain.kind in ("tcp", "tcp6"):
+            _port_number(plain.kind, plain)
+        return PortSpec(endpoint=description, tls=False, description=description)
+    listened, files = ours
+    return PortSpec(endpoint=listened.format(), tls=True, description=description, **files)
 
 
-#: The listen backlog of TCP ports that do not give one. Twisted's default is 50: a client
-#: opening 100 sessions at once (sing-box does, for 100 concurrent streams) overflowed it, and
-#: the refused handshakes were retried a second later (benches/: 100-stream aggregate 58 MiB/s
-#: instead of 240). Go servers, sing-box's among them, ask for the system's maximum; so do we:
-#: the kernel caps this at ``net.core.somaxconn`` (4096 by default on Linux).
+def _with_tls(endpoint: EndpointString) -> Optional[Tuple[EndpointString, Dict[str, str]]]:
+    """For a port we put TLS on, the endpoint to listen on and the certificate files."""
+    if endpoint.kind == "ssl":
+        return _parse_ssl(endpoint)
+    if endpoint.kind == "tls":
+        return _parse_tls(endpoint)
+    inner = endpoint.unwrap(HAPROXY)
+    if inner is not None and inner.kind in ("ssl", "tls"):
+        listened, files = _parse_ssl(inner) if inner.kind == "ssl" else _parse_tls(inner)
+        return listened.wrap(HAPROXY), files
+    return None
+
+
+#: The listen backlog of TCP ports that give none: Twisted's 50 overflows when a client opens
+#: many sessions at once, so we ask for the maximum, as Go servers do (docs/performance.md).
 DEFAULT_BACKLOG = 65535
 
 
@@ -216,74 +202,65 @@ def listen_endpoint(endpoint: str) -> str:
     """``endpoint`` with ``backlog=DEFAULT_BACKLOG`` added when it is a (``haproxy:``) ``tcp:``
     or ``tcp6:`` endpoint that gives no backlog; any other endpoint unchanged."""
     try:
-        pieces = _pieces(endpoint)
+        parsed = EndpointString.parse(endpoint)
     except ValueError:
         return endpoint
-    kinds = [parsed for _, parsed in pieces]
-    start = 1 if kinds and kinds[0] == ("haproxy", None) else 0
-    if len(kinds) <= start or kinds[start] not in (("tcp", None), ("tcp6", None)):
+    inner = parsed.unwrap(HAPROXY) or parsed
+    if inner.kind not in ("tcp", "tcp6") or inner.argument(2, "backlog") is not None:
         return endpoint
-    if any(value is not None and key == "backlog" for key, value in kinds[start + 1 :]):
-        return endpoint
-    return f"{endpoint}:backlog={DEFAULT_BACKLOG}"
+    return parsed.with_keyword("backlog", str(DEFAULT_BACKLOG)).format()
 
 
-def _parse_ssl(description: str, arguments: List[Tuple[str, Optional[str]]]) -> PortSpec:
+def _parse_ssl(endpoint: EndpointString) -> Tuple[EndpointString, Dict[str, str]]:
+    if len(endpoint.args) > 1:
+        raise ValueError(
+            "an ssl port takes one positional argument, the port number; "
+            f"give the others as key=value ({_SUPPORTED})"
+        )
     options: Dict[str, str] = {}
-    for key, value in arguments:
-        if value is None:
-            key, value = "port", key  # Twisted's first positional ssl argument
-            if "port" in options:
-                raise ValueError(
-                    "an ssl port takes one positional argument, the port number; "
-                    f"give the others as key=value ({_SUPPORTED})"
-                )
+    for key, value in endpoint.kwargs:
         if key not in ("port", "interface", "backlog") and key not in _FILE_OPTIONS:
             raise ValueError(
                 f"ssl port option {key} is not supported; supported options: {_SUPPORTED}"
             )
-        if key in options:
+        if key in options or (key == "port" and endpoint.args):
             raise ValueError(f"ssl port option {key} is given twice")
         if not value and key in _FILE_OPTIONS:
             raise ValueError(f"ssl port option {key} is empty")
         options[key] = value
-    if "port" not in options:
-        raise ValueError("an ssl port needs a port number, e.g. ssl:8443")
-    endpoint = f"tcp:{_number('port', options['port'], 0, 65535)}"
+    listened = EndpointString("tcp", (_port_number("ssl", endpoint),))
     if options.get("interface"):
-        endpoint += f":interface={_escape(options['interface'])}"
+        listened = listened.with_keyword("interface", options["interface"])
     if "backlog" in options:
-        endpoint += f":backlog={_number('backlog', options['backlog'], 1, 65535)}"
+        backlog = _number("ssl port backlog", options["backlog"], 1, 65535)
+        listened = listened.with_keyword("backlog", backlog)
     files = {_FILE_OPTIONS[k]: v for k, v in options.items() if k in _FILE_OPTIONS}
-    return PortSpec(endpoint=endpoint, tls=True, description=description, **_paired(files))
+    return listened, _paired(files)
 
 
-def _parse_tls(description: str, pieces: List[Tuple[str, Tuple[str, Optional[str]]]]) -> PortSpec:
+def _parse_tls(endpoint: EndpointString) -> Tuple[EndpointString, Dict[str, str]]:
     files: Dict[str, str] = {}
-    kept: List[str] = []
-    for raw, (key, value) in pieces:
-        if value is None or key not in _FILE_OPTIONS:
-            kept.append(raw)
+    for key, value in endpoint.kwargs:
+        if key not in _FILE_OPTIONS:
             continue
         if _FILE_OPTIONS[key] in files:
             raise ValueError(f"tls port option {key} is given twice")
         if not value:
             raise ValueError(f"tls port option {key} is empty")
         files[_FILE_OPTIONS[key]] = value
-    kinds = list(kept)
-    while kinds and kinds[0] == "haproxy":
-        kinds.pop(0)
-    if not kinds or not kinds[0]:
+    inner = endpoint.without_keywords(*_FILE_OPTIONS).unwrap("tls")
+    innermost = inner.innermost(HAPROXY) if inner is not None else None
+    if inner is None or innermost is None or innermost.kind == HAPROXY or not innermost.kind:
         raise ValueError(
             "tls: needs an endpoint to put TLS on, e.g. tls:tcp:8443 or "
             "tls:systemd:domain=INET:name=anytls"
         )
-    if kinds[0] in ("ssl", "tls"):
+    if innermost.kind in ("ssl", "tls"):
         raise ValueError(
-            f"tls: on an {kinds[0]}: endpoint would apply TLS twice; use ssl:PORT, or tls: with a plain "
-            "endpoint such as tls:tcp:PORT"
+            f"tls: on an {innermost.kind}: endpoint would apply TLS twice; use ssl:PORT, or tls: "
+            "with a plain endpoint such as tls:tcp:PORT"
         )
-    return PortSpec(endpoint=":".join(kept), tls=True, description=description, **_paired(files))
+    return inner, _paired(files)
 
 
 def _paired(files: Dict[str, str]) -> Dict[str, str]:

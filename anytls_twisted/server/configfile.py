@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Tuple
 
 import attr
 
+from ..endpoints import EndpointString
 from ..protocol.padding import PaddingScheme, PaddingSchemeError
 
 #: Fields of a sing-box inbound that make no difference here (informational or defaults).
@@ -45,10 +46,8 @@ class FileSettings:
         if self.listen_port is None:
             return None
         kind = "ssl" if self.tls_enabled else "tcp"
-        parts = [kind, str(self.listen_port)]
-        if self.listen:
-            parts.append("interface=" + self.listen.replace(":", "\\:"))
-        return ":".join(parts)
+        interface = (("interface", self.listen),) if self.listen else ()
+        return EndpointString(kind, (str(self.listen_port),), interface).format()
 
 
 def _fail(path: str, field: str, reason: str) -> ConfigFileError:

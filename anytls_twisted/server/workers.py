@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from twisted.application import service
 from twisted.internet import defer, protocol
 
+from ..endpoints import HAPROXY, EndpointString
 from ..logs import get_logger
 from ..tls import DEFAULT_BACKLOG
 
@@ -47,34 +48,34 @@ class TCPListen:
 
 def parse_tcp(endpoint: str) -> TCPListen:
     """``[haproxy:]tcp[6]:PORT[:interface=X][:backlog=N]`` -> TCPListen; else ValueError."""
-    haproxy = endpoint.startswith("haproxy:")
-    text = endpoint[len("haproxy:") :] if haproxy else endpoint
-    kind, _, rest = text.partition(":")
-    if kind not in ("tcp", "tcp6"):
+    try:
+        parsed = EndpointString.parse(endpoint)
+    except ValueError as e:
+        raise ValueError(f"--workers cannot bind {endpoint}: {e}") from None
+    inner = parsed.unwrap(HAPROXY)
+    tcp = inner or parsed
+    if tcp.kind not in ("tcp", "tcp6"):
         raise ValueError(
             f"--workers supports only TCP ports (tcp:, ssl:, haproxy:ssl:), not {endpoint}"
         )
-    # Split on unescaped colons (interface=\:\: for IPv6).
-    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", rest)]
-    args = {"interface": "::" if kind == "tcp6" else "", "backlog": str(DEFAULT_BACKLOG)}
-    port = None
-    for part in parts:
-        name, eq, value = part.partition("=")
-        if not eq:
-            if port is not None:
-                raise ValueError(f"unexpected {part!r} in {endpoint}")
-            name, value = "port", part
+    if len(tcp.args) > 1:
+        raise ValueError(f"unexpected {tcp.args[1]!r} in {endpoint}")
+    for name, _ in tcp.kwargs:
         if name not in ("port", "interface", "backlog"):
             raise ValueError(f"--workers cannot bind {endpoint}: unsupported option {name}")
-        if name == "port":
-            port = value
-        else:
-            args[name] = value
-    if port is None or not port.isdigit():
+    port = tcp.argument(0, "port")
+    if port is None or not re.fullmatch(r"[0-9]+", port):
         raise ValueError(f"no port number in {endpoint}")
-    host = args["interface"]
+    backlog = tcp.keyword("backlog")
+    if backlog is None:
+        backlog = str(DEFAULT_BACKLOG)
+    elif not re.fullmatch(r"[0-9]+", backlog):
+        raise ValueError(f"--workers cannot bind {endpoint}: backlog {backlog!r} is not a number")
+    host = tcp.keyword("interface")
+    if host is None:
+        host = "::" if tcp.kind == "tcp6" else ""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return TCPListen(host, int(port), int(args["backlog"]), family, haproxy)
+    return TCPListen(host, int(port), int(backlog), family, inner is not None)
 
 
 def bind(spec: TCPListen) -> socket.socket:
@@ -156,12 +157,14 @@ def metrics_for(description: Optional[str], index: int) -> Optional[str]:
     """Worker i serves metrics on the ``--metrics`` port plus i (tcp: endpoints only)."""
     if description is None or index == 0:
         return description
-    m = re.match(r"^(tcp6?:)(\d+)(.*)$", description) or re.match(
-        r"^(tcp6?:.*?port=)(\d+)(.*)$", description
-    )
-    if not m:
+    try:
+        parsed = EndpointString.parse(description)
+        port = parsed.argument(0, "port") if parsed.kind in ("tcp", "tcp6") else None
+    except ValueError:
+        port = None
+    if port is None or not re.fullmatch(r"[0-9]+", port):
         raise ValueError(f"--metrics {description}: with --workers give a tcp:PORT endpoint")
-    return f"{m.group(1)}{int(m.group(2)) + index}{m.group(3)}"
+    return parsed.with_argument(0, "port", str(int(port) + index)).format()
 
 
 class AdoptedPort(service.Service):
@@ -186,12 +189,8 @@ class AdoptedPort(service.Service):
 def accept_one_at_a_time(port) -> None:
     """Make a shared listening port accept one connection per readiness event.
 
-    Every process watching a shared socket is woken for a new connection, and Twisted's
-    ``tcp.Port.doRead`` then accepts up to ``numberAccepts`` connections in a loop (100 at
-    first, growing by 20 after a full batch). The first process awake took a whole burst: a
-    sing-box client opening 100 sessions at once left 63 in one process and 31 in the other.
-    Accepting one at a time lets the processes take turns, and the busier one, slower to come
-    back to its reactor, takes fewer.
+    Twisted's port accepts a whole burst per wakeup, so the first process awake took most of it;
+    one at a time, the processes take turns (docs/performance.md has the figures).
     """
     read = port.doRead
 
