@@ -312,20 +312,23 @@ class OptionTests(SynchronousTestCase):
         )
 
     def test_print_client_config_exits(self):
-        """If --print-client-config is given, then option parsing prints the blocks and exits
+        """If --print-client-config is given, then makeService prints the blocks and exits
         0, before anything could listen."""
         out = []
         self.patch(sys, "stdout", _Writer(out))
         self.patch(sys, "stderr", _Writer([]))
+        options = self.parse(
+            "--password",
+            "sekrit",
+            "--port",
+            "ssl:8443:interface=127.0.0.1",
+            "--print-client-config",
+        )
+        reactor = MemoryReactorClock()
         with self.assertRaises(SystemExit) as raised:
-            self.parse(
-                "--password",
-                "sekrit",
-                "--port",
-                "ssl:8443:interface=127.0.0.1",
-                "--print-client-config",
-            )
+            makeService(options, reactor=reactor)
         self.assertEqual(raised.exception.code, 0)
+        self.assertEqual((reactor.tcpServers, reactor.adoptedPorts), ([], []))
         [(outbound, uri)] = _split_printed("".join(out))
         self.assertEqual(outbound["server"], "127.0.0.1")
         self.assertEqual(outbound["password"], "<password>")
@@ -335,7 +338,7 @@ class OptionTests(SynchronousTestCase):
         )
 
     def test_logged_at_start_without_password(self):
-        """If makeService runs, then it logs the outbound and URI for each port, with the
+        """If the service starts, then it logs the outbound and URI for each port, with the
         password only when --show-password is given."""
         for show, expected in [((), "<password>"), (("--show-password",), "sekrit")]:
             events = self.capture_events()
@@ -348,7 +351,9 @@ class OptionTests(SynchronousTestCase):
                 "ssl:9443:interface=127.0.0.1",
                 *show,
             )
-            makeService(options, reactor=MemoryReactorClock())
+            top = makeService(options, reactor=MemoryReactorClock())
+            top.startService()
+            self.addCleanup(top.stopService)
             ours = [e for e in events if e.get("log_namespace") == "anytls_twisted.banner"]
             outbounds = [e["outbound"] for e in ours if "outbound" in e]
             uris = [e["uri"] for e in ours if "uri" in e]

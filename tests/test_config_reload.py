@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from anytls_twisted.protocol.auth import encode_preamble
 from anytls_twisted.protocol.padding import DEFAULT_SCHEME
 from anytls_twisted.server import configfile
+from anytls_twisted.server.load import load
 from anytls_twisted.server.tap import Options, makeService
 
 INBOUND = {
@@ -86,27 +87,28 @@ class ConfigFileTests(SynchronousTestCase):
 
 class OptionsWithConfigTests(SynchronousTestCase):
     def parse(self, *args):
+        """Parse, then load the settings (the config file is read by load)."""
         options = Options()
         options.parseOptions(["--state-dir", self.mktemp()] + list(args))
-        return options
+        return load(options)
 
     def config(self, document=INBOUND):
         return ConfigFileTests.write(self, document)
 
     def test_file_values_used(self):
-        options = self.parse("--config", self.config())
-        self.assertEqual(options["users"], (("alice", "a-pass"), ("bob", "b-pass")))
-        self.assertEqual(options["port"], ["ssl:8443:interface=\\:\\:"])
-        self.assertEqual(options["server-name"], "proxy.example")
-        self.assertEqual(options["alpn-list"], ("h2", "http/1.1"))
-        self.assertNotEqual(options["padding"], DEFAULT_SCHEME)
+        settings = self.parse("--config", self.config())
+        self.assertEqual(settings.users, (("alice", "a-pass"), ("bob", "b-pass")))
+        self.assertEqual([p.description for p in settings.ports], ["ssl:8443:interface=\\:\\:"])
+        self.assertEqual(settings.client.server_name, "proxy.example")
+        self.assertEqual(settings.alpn, ("h2", "http/1.1"))
+        self.assertNotEqual(settings.config.padding, DEFAULT_SCHEME)
 
     def test_command_line_overrides(self):
         """--password, --port, --server-name, --alpn and --padding-scheme beat the file."""
         scheme = self.mktemp()
         with open(scheme, "wb") as f:
             f.write(DEFAULT_SCHEME.raw)
-        options = self.parse(
+        settings = self.parse(
             "--config",
             self.config(),
             "--password",
@@ -120,11 +122,11 @@ class OptionsWithConfigTests(SynchronousTestCase):
             "--padding-scheme",
             scheme,
         )
-        self.assertEqual(options["users"], (("default", "cli"),))
-        self.assertEqual(options["port"], ["ssl:9443"])
-        self.assertEqual(options["server-name"], "other")
-        self.assertEqual(options["alpn-list"], ())
-        self.assertEqual(options["padding"].raw, DEFAULT_SCHEME.raw)
+        self.assertEqual(settings.users, (("default", "cli"),))
+        self.assertEqual([p.description for p in settings.ports], ["ssl:9443"])
+        self.assertEqual(settings.client.server_name, "other")
+        self.assertEqual(settings.alpn, ())
+        self.assertEqual(settings.config.padding.raw, DEFAULT_SCHEME.raw)
 
     def test_invalid_file_is_usage_error(self):
         self.assertRaises(
@@ -236,14 +238,13 @@ class CertificateReloadTests(SynchronousTestCase):
         top = makeService(options, reactor=reactor)
         top.startService()
         self.addCleanup(top.stopService)
-        slot = top.reloader.slots[0]
-        old_options = slot.options
+        old_options = top.live.tls_options("ssl:0")
         for src, dst in ((key2, live_key), (cert2, live_cert)):
             with open(src, "rb") as a, open(dst, "wb") as b:
                 b.write(a.read())
         os.utime(live_cert, (1, 1))  # make the change visible even within one mtime tick
         reactor.advance(10)
-        self.assertIsNot(slot.options, old_options)
+        self.assertIsNot(top.live.tls_options("ssl:0"), old_options)
         self.assertEqual(top.reloader.reloads, 1)
         reactor.advance(10)
         self.assertEqual(top.reloader.reloads, 1)  # no change, no reload

@@ -8,6 +8,7 @@ from twisted.python import failure, usage
 from twisted.trial import unittest
 
 from anytls_twisted.server import workers
+from anytls_twisted.server.load import load
 from anytls_twisted.server.tap import Options
 
 
@@ -36,14 +37,15 @@ def _ended(proto):
 
 class OptionTests(unittest.TestCase):
     def parse(self, *args):
+        """Parse, then load: this process's part in --workers is a loaded setting."""
         o = Options()
         o.parseOptions(["--password", "x", "--state-dir", self.mktemp(), *args])
-        return o
+        return load(o).workers
 
     def test_default_one(self):
         o = self.parse("--port", "tcp:0")
-        self.assertEqual(o["workers"], 1)
-        self.assertIsNone(o["worker-listen"])
+        self.assertEqual(o.count, 1)
+        self.assertEqual(o.shared, ())
 
     def test_workers_must_be_positive(self):
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
@@ -58,7 +60,7 @@ class OptionTests(unittest.TestCase):
             "--port",
             r"ssl:8443:interface=\:\:1",
         )
-        listen = o["worker-listen"]
+        listen = o.shared
         self.assertEqual(
             [(w.host, w.port, w.family) for w in listen],
             [("127.0.0.1", 8000, socket.AF_INET), ("::1", 8443, socket.AF_INET6)],
@@ -66,7 +68,7 @@ class OptionTests(unittest.TestCase):
 
     def test_haproxy(self):
         o = self.parse("--workers", "2", "--port", "haproxy:ssl:8443")
-        self.assertTrue(o["worker-listen"][0].haproxy)
+        self.assertTrue(o.shared[0].haproxy)
 
     def test_unix_refused(self):
         self.assertRaises(
@@ -101,8 +103,8 @@ class OptionTests(unittest.TestCase):
         o = self.parse(
             "--port", "tcp:1", "--worker-fds", f"3:{int(socket.AF_INET)}", "--worker-index", "2"
         )
-        self.assertEqual(o["worker-fds-parsed"], [(3, socket.AF_INET)])
-        self.assertEqual(o["worker-index"], 2)
+        self.assertEqual(o.inherited, ((3, socket.AF_INET),))
+        self.assertEqual(o.index, 2)
         self.assertRaises(usage.UsageError, self.parse, "--worker-fds", "3:99")
 
 
@@ -157,7 +159,12 @@ class SupervisorTests(unittest.TestCase):
         self.clock = task.Clock()
         self.spawn = FakeSpawner()
         self.sup = workers.WorkerSupervisor(
-            3, lambda i: ["/py", "w", str(i)], [5, 6], self.spawn, self.clock, stop_timeout=10
+            3,
+            lambda i: ["/py", "w", str(i)],
+            lambda: [5, 6],
+            self.spawn,
+            self.clock,
+            stop_timeout=10,
         )
 
     def test_starts_n_minus_one(self):
