@@ -369,6 +369,30 @@ class OptionTests(SynchronousTestCase):
                 self.assertNotIn("sekrit", texts)
                 self.assertIn("--show-password", texts)
 
+    def test_generated_certificate_named(self):
+        """If the generated certificate is used, then the banner says where it is, and the
+        sing-box 1.12 hint names that file."""
+        state = os.path.abspath(self.mktemp())
+        events = self.capture_events()
+        options = Options()
+        options.parseOptions(
+            ["--state-dir", state, "--password", "x", "--port", "ssl:8443:interface=127.0.0.1"]
+        )
+        top = makeService(options, reactor=MemoryReactorClock())
+        texts = " ".join(formatEvent(e) for e in events)
+        self.assertNotIn("self-signed-cert.pem", texts)  # nothing before the ports listen
+        top.startService()
+        self.addCleanup(top.stopService)
+        cert_path = os.path.join(state, "self-signed-cert.pem")
+        texts = [formatEvent(e) for e in events]
+        self.assertIn(f"generated self-signed certificate for localhost: {cert_path}", texts)
+        self.assertIn(
+            "client config: tls.certificate_public_key_sha256 needs sing-box 1.13 or later "
+            f"(for 1.12 use tls.certificate_path with a copy of {cert_path}); the URI cannot "
+            "carry the pin, so it says insecure=1",
+            texts,
+        )
+
 
 class _Writer:
     def __init__(self, sink):
@@ -443,6 +467,43 @@ class PrintClientConfigTwistdTests(SynchronousTestCase):
             ("2001:db8::7", 443, "pw:é"),
         )
         self.assertEqual(uri, "anytls://pw%3A%C3%A9@[2001:db8::7]:443/?sni=localhost&insecure=1")
+
+    def test_json_format_is_one_document(self):
+        """If --client-config-format json is given, then stdout is exactly one JSON document,
+        {"outbounds": [...]}, one outbound per port (hints stay on stderr)."""
+        result = self.run_twistd(
+            "--password",
+            "pw",
+            "--port",
+            "ssl:8443:interface=127.0.0.1",
+            "--port",
+            "ssl:9443:interface=\\:\\:1",
+            "--print-client-config",
+            "--client-config-format",
+            "json",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        document = json.loads(result.stdout)
+        self.assertEqual(list(document), ["outbounds"])
+        self.assertEqual(
+            [(o["tag"], o["server"], o["server_port"]) for o in document["outbounds"]],
+            [("anytls", "127.0.0.1", 8443), ("anytls-2", "::1", 9443)],
+        )
+        self.assertIn("self-signed-cert.pem", result.stderr)  # the 1.12 hint names the file
+
+    def test_uri_format(self):
+        result = self.run_twistd(
+            "--password",
+            "pw",
+            "--print-client-config",
+            "--client-config-format",
+            "uri",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(
+            result.stdout,
+            "anytls://<password>@YOUR_SERVER_ADDRESS:8443/?sni=localhost&insecure=1\n",
+        )
 
     def test_nothing_to_print(self):
         result = self.run_twistd(

@@ -4,8 +4,11 @@ import json
 import os
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from anytls_twisted.protocol.auth import encode_preamble
@@ -57,6 +60,56 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertIn("'sniff'", warnings[0])
         self.assertIn("'tls.acme'", warnings[1])
         self.assertTrue(all(w.startswith(path) for w in warnings))
+
+    def test_misspelt_fields_are_errors(self):
+        """A typo is not a default: the error names the file, the field and the likely fix."""
+        cases = [
+            (
+                dict(INBOUND, listen_prot=9443),
+                "listen_prot: unknown field; did you mean 'listen_port'?",
+            ),
+            (
+                dict(INBOUND, tls=dict(INBOUND["tls"], certficate_path="/c", key_path="/k")),
+                "tls.certficate_path: unknown field; did you mean 'tls.certificate_path'?",
+            ),
+            (dict(INBOUND, zzz=1), "zzz: unknown field; known: "),
+        ]
+        for document, expected in cases:
+            path = self.write(document)
+            e = self.assertRaises(configfile.ConfigFileError, configfile.load, path)
+            self.assertTrue(str(e).startswith(f"{path}: {expected}"), str(e))
+            self.assertNotIn("\n", str(e))
+
+    def test_singbox_fields_ignored_with_one_warning(self):
+        """sing-box fields we do not implement are accepted, and named in one warning per
+        object; type and tag are quiet."""
+        document = dict(
+            INBOUND,
+            sniff=True,
+            tcp_fast_open=True,
+            domain_strategy="ipv4_only",
+            tls=dict(INBOUND["tls"], min_version="1.3", reality={"enabled": False}),
+        )
+        path = self.write(document)
+        warnings = configfile.load(path).warnings
+        self.assertEqual(
+            warnings,
+            (
+                f"{path}: sing-box fields 'sniff', 'tcp_fast_open', 'domain_strategy' are not "
+                "supported by anytls-twisted and ignored",
+                f"{path}: sing-box fields 'tls.min_version', 'tls.reality' are not supported by "
+                "anytls-twisted and ignored",
+            ),
+        )
+
+    def test_inline_certificate_refused(self):
+        """Inline PEM would otherwise be ignored and a self-signed certificate served."""
+        path = self.write(dict(INBOUND, tls=dict(INBOUND["tls"], certificate=["-----BEGIN"])))
+        e = self.assertRaises(configfile.ConfigFileError, configfile.load, path)
+        self.assertEqual(
+            str(e),
+            f"{path}: tls.certificate: inline PEM is not supported; use tls.certificate_path",
+        )
 
     def test_no_tls_object_is_plain(self):
         document = {k: v for k, v in INBOUND.items() if k != "tls"}
@@ -193,6 +246,59 @@ class ReloadTests(SynchronousTestCase):
         self.save()
         self.top.reloader.reload("test")
         self.assertEqual(self.factory.config.padding.raw, b"stop=3\n0=10-10")
+
+    def events(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def test_reload_loads_the_saved_options(self):
+        """A reload loads the settings from the options parsed at start; it parses no command
+        line again."""
+
+        def no_parsing(self, options=None):
+            raise AssertionError("options parsed again")
+
+        self.patch(Options, "parseOptions", no_parsing)
+        self.document["users"] = [{"name": "dave", "password": "d-pass"}]
+        self.save()
+        self.assertTrue(self.top.reloader.reload("test"))
+        self.assertEqual(self.session("d-pass")[0].user, "dave")
+
+    def test_changed_ports_refused(self):
+        """A file naming another port is not half applied: the reload fails as a whole,
+        saying ports need a restart, and the users stay as they were."""
+        alice, transport = self.session("a-pass")
+        before = self.factory.config
+        events = self.events()
+        self.document.update(listen_port=8443, users=[{"name": "x", "password": "x"}])
+        self.save()
+        self.assertFalse(self.top.reloader.reload("SIGHUP"))
+        self.assertIs(self.factory.config, before)
+        self.assertFalse(transport.disconnecting)
+        [line] = [formatEvent(e) for e in events if e.get("log_namespace", "").endswith("reload")]
+        self.assertIn("reload (SIGHUP) failed, keeping the current configuration", line)
+        self.assertIn("ssl:8443:interface=127.0.0.1", line)
+        self.assertIn("listening ports need a restart", line)
+
+    def test_messages_count_in_words(self):
+        """1 user, 2 users; closed 1 session, closed 0 sessions."""
+        alice, _ = self.session("a-pass")
+        bob, _ = self.session("b-pass")
+        events = self.events()
+        self.document["users"] = [{"name": "alice", "password": "a-pass"}]
+        self.save()
+        self.assertTrue(self.top.reloader.reload("test"))
+        bob.connectionLost(Failure(ConnectionDone()))  # the closed session goes
+        self.document["users"].append({"name": "carol", "password": "c"})
+        self.save()
+        self.assertTrue(self.top.reloader.reload("test"))
+        texts = [formatEvent(e) for e in events if "users" in e]
+        self.assertIn(": 1 user, padding md5", texts[0])
+        self.assertIn("; closed 1 session of removed users", texts[0])
+        self.assertIn(": 2 users, padding md5", texts[1])
+        self.assertIn("; closed 0 sessions of removed users", texts[1])
 
     def test_invalid_file_keeps_old_configuration(self):
         """A reload from a broken file fails, logs why, and changes nothing."""

@@ -108,6 +108,53 @@ class OptionTests(unittest.TestCase):
         self.assertRaises(usage.UsageError, self.parse, "--worker-fds", "3:99")
 
 
+class ParentServiceTests(unittest.TestCase):
+    """makeService with --workers: the parent binds when the service starts, not before."""
+
+    def test_shared_ports_bound_at_start(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from anytls_twisted.server.tap import makeService
+
+        o = Options()
+        o.parseOptions(
+            ["--password", "x", "--state-dir", self.mktemp(), "--workers", "3"]
+            + ["--port", "tcp:0:interface=127.0.0.1"]
+        )
+        reactor = MemoryReactorClock()
+        self.patch(workers, "accept_one_at_a_time", lambda port: None)  # a memory port
+        top = makeService(o, reactor=reactor)
+        [shared] = top.listeners
+        self.assertIsInstance(shared, workers.SharedPort)
+        self.assertIsNone(shared.socket)  # makeService binds nothing
+        spawn = FakeSpawner()
+        top.supervisor.spawn = spawn
+        top.privilegedStartService()
+        self.addCleanup(shared.socket.close)
+        self.assertEqual(shared.socket.getsockname()[0], "127.0.0.1")
+        top.startService()
+        self.assertEqual(reactor.adoptedPorts[0][:2], (shared.fd, socket.AF_INET))
+        self.assertEqual([call[3][3] for call in spawn.calls], [shared.fd, shared.fd])
+        argv = spawn.calls[0][2]
+        self.assertEqual(argv[argv.index("--worker-fds") + 1], f"3:{int(socket.AF_INET)}")
+        stopped = top.stopService()
+        for call in spawn.calls:
+            self.assertEqual(call[4].signals, ["TERM"])
+            _ended(call[0])
+        self.successResultOf(stopped)
+
+    def test_twistd_logger_passed_by_name(self):
+        """twistd has replaced --logger by the observer factory before makeService: workers
+        get its name, not its repr."""
+        from anytls_twisted import logs
+
+        plan = workers.plan(2, 0, None, ["tcp:1"], None, ["--workers", "2"], logs.json_observer)
+        self.assertEqual(
+            plan.twistd_argv,
+            ("--nodaemon", "--pidfile=", "--logger=anytls_twisted.logs.json_observer"),
+        )
+
+
 class CommandLineTests(unittest.TestCase):
     def test_worker_argv(self):
         argv = workers.worker_argv(

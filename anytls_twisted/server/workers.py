@@ -274,7 +274,7 @@ def supervisor(plan: Workers, shared: Sequence[SharedPort], reactor) -> Optional
         plan.count,
         lambda i: worker_argv(sys.executable, plan.twistd_argv, plan.argv, i, families),
         lambda: [port.fd for port in shared],
-        reactor.spawnProcess,
+        lambda *args, **kwargs: reactor.spawnProcess(*args, **kwargs),
         reactor,
     )
 
