@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, utils
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -38,6 +38,7 @@ from .e2e_support import (
     wait_for_port,
     within,
 )
+from .helpers import capture_events
 
 PIN = "qQkVG6sdJt+K9xg8FdG04dvp4ThnnRICa8Pf583tqmI="
 
@@ -301,10 +302,7 @@ class OptionTests(SynchronousTestCase):
         return options
 
     def capture_events(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
+        return capture_events(self)
 
     def test_bad_public_address(self):
         self.assertRaises(

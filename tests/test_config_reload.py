@@ -6,7 +6,7 @@ import os
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,6 +16,8 @@ from anytls_twisted.protocol.padding import DEFAULT_SCHEME
 from anytls_twisted.server import configfile
 from anytls_twisted.server.load import load
 from anytls_twisted.server.tap import Options, makeService
+
+from .helpers import capture_events
 
 INBOUND = {
     "type": "anytls",
@@ -247,12 +249,6 @@ class ReloadTests(SynchronousTestCase):
         self.top.reloader.reload("test")
         self.assertEqual(self.factory.config.padding.raw, b"stop=3\n0=10-10")
 
-    def events(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
-
     def test_reload_loads_the_saved_options(self):
         """A reload loads the settings from the options parsed at start; it parses no command
         line again."""
@@ -271,7 +267,7 @@ class ReloadTests(SynchronousTestCase):
         saying ports need a restart, and the users stay as they were."""
         alice, transport = self.session("a-pass")
         before = self.factory.config
-        events = self.events()
+        events = capture_events(self)
         self.document.update(listen_port=8443, users=[{"name": "x", "password": "x"}])
         self.save()
         self.assertFalse(self.top.reloader.reload("SIGHUP"))
@@ -286,7 +282,7 @@ class ReloadTests(SynchronousTestCase):
         """1 user, 2 users; closed 1 session, closed 0 sessions."""
         alice, _ = self.session("a-pass")
         bob, _ = self.session("b-pass")
-        events = self.events()
+        events = capture_events(self)
         self.document["users"] = [{"name": "alice", "password": "a-pass"}]
         self.save()
         self.assertTrue(self.top.reloader.reload("test"))

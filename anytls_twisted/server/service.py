@@ -183,7 +183,9 @@ class AnyTLSService(service.MultiService):
         listen_udp: Optional[Callable] = None,
         metrics=None,
     ) -> None:
-        """``dialer`` and ``listen_udp`` are injectable for tests; ``metrics`` is a
+        """``listeners`` is a list of ``(endpoint string, wrap)`` where ``wrap`` turns the
+        session factory into the one that listens (TLS or identity). ``dialer`` and
+        ``listen_udp`` are injectable for tests; ``metrics`` is a
         :class:`~anytls_twisted.metrics.Metrics` (default: none kept)."""
         super().__init__()
         self.live = LiveConfig.of(config)
@@ -243,16 +245,5 @@ class AnyTLSService(service.MultiService):
         yield defer.gatherResults([defer.maybeDeferred(s.stopService) for s in others])
 
 
-def build_service(
-    config: Union[ServerConfig, LiveConfig],
-    listeners: Sequence[Listener],
-    reactor,
-    dialer: Optional[OriginDialer] = None,
-    listen_udp: Optional[Callable] = None,
-    metrics=None,
-) -> AnyTLSService:
-    """Assemble the service: ``listeners`` is a list of ``(endpoint string, wrap)`` where
-    ``wrap`` turns the session factory into the one that listens (TLS or identity).
-    ``dialer`` and ``listen_udp`` are injectable for tests; ``metrics`` is a
-    :class:`~anytls_twisted.metrics.Metrics` (default: none kept)."""
-    return AnyTLSService(config, listeners, reactor, dialer, listen_udp, metrics)
+#: Assemble the service (the name callers and tests have used; the class builds the parts).
+build_service = AnyTLSService
