@@ -1,9 +1,10 @@
 """What a client needs to connect: a sing-box outbound and an ``anytls://`` URI per port.
 
 At start the server logs, for every TLS port, a ready sing-box ``anytls`` outbound (one line of
-JSON) and the matching URI; ``--print-client-config`` prints the same to stdout and exits.
-Everything here is a pure function of the options and the loaded certificates, except
-:func:`log_client_configs`, which logs what the others build.
+JSON) and the matching URI; ``--print-client-config`` prints the same to stdout and exits
+(``--client-config-format``: both, or one JSON document, or the URIs). Everything here is a
+pure function of the settings and the loaded certificates, except :func:`log_client_configs`
+and :func:`print_client_config`, which log or write what the others build.
 
 Choices (docs/configuration.md, "Client configuration"):
 

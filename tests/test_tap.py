@@ -140,6 +140,16 @@ class OptionsTests(SynchronousTestCase):
                 args = ["--password", "x"] + args
             self.assertRaises(usage.UsageError, self.load, *args)
 
+    def test_print_client_config_needs_no_pidfile(self):
+        """--print-client-config runs no server: another server's pid file must not stop it."""
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        config.parseOptions(
+            ["anytls", "--password", "x", "--state-dir", self.mktemp(), "--print-client-config"]
+        )
+        self.assertEqual(config["pidfile"], "")
+
     def test_plugin_listed(self):
         """The dropin makes ``twistd anytls`` available."""
         names = [p.tapname for p in getPlugins(IServiceMaker)]
@@ -176,6 +186,20 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(reapers), 1)
         self.assertTrue(reapers[0].loop.running)
         self.assertTrue(os.path.exists(os.path.join(state, "self-signed-cert.pem")))
+
+    def test_parts_are_the_services_own(self):
+        """The service built its parts and exposes them: they are its children."""
+        options = Options()
+        options.parseOptions(["--password", "x", "--state-dir", self.mktemp(), "--port", "tcp:0"])
+        top = makeService(options, reactor=MemoryReactorClock())
+        children = list(top)
+        for part in (top.reaper, top.reloader, *top.listeners):
+            self.assertIn(part, children)
+        self.assertIs(top.reloader.live, top.live)
+        self.assertIs(top.factory.live, top.live)
+        self.assertIs(top.registry.live, top.live)
+        self.assertIsNone(top.supervisor)
+        self.assertIsNone(top.metrics_listener)
 
 
 class HAProxyPortTests(SynchronousTestCase):

@@ -13,13 +13,14 @@ import os
 from typing import Any, Callable, List, Optional
 
 from twisted.application import service
+from twisted.internet.protocol import Factory
 
 from .. import clientconfig, logs, tls
 from ..metrics import Metrics, metrics_service
 from . import workers
 from .reload import Reloader
 from .service import AnyTLSService, Listener
-from .settings import LiveConfig, Settings
+from .settings import LiveConfig, PortTLS, Settings
 
 # Start-up events keep the namespace of ``twistd anytls`` (docs/logging.md).
 _log = logs.get_logger("anytls_twisted.tap")
@@ -34,11 +35,14 @@ def _listeners(settings: Settings, live: LiveConfig, reactor: Any) -> List[Liste
     for index, port in enumerate(settings.ports):
         where = shared[index] if shared else port.spec.endpoint
         if port.tls_options is not None:
-            creator = live.tls_for(port.description)
-            result.append((where, lambda factory, c=creator: tls.wrap_tls(factory, c)))
+            result.append((where, _with_tls(live.tls_for(port.description))))
         else:
             result.append((where, lambda factory: factory))
     return result
+
+
+def _with_tls(creator: PortTLS) -> Callable[[Factory], Any]:
+    return lambda factory: tls.wrap_tls(factory, creator)
 
 
 class AnyTLSServer(AnyTLSService):
@@ -59,8 +63,9 @@ class AnyTLSServer(AnyTLSService):
         self._reactor = reactor
         self.metrics_listener: Optional[service.Service] = None
         if settings.metrics is not None and metrics is not None:
-            running = lambda: bool(self.running)  # noqa: E731
-            self.metrics_listener = metrics_service(settings.metrics, metrics, running, reactor)
+            self.metrics_listener = metrics_service(
+                settings.metrics, metrics, lambda: bool(self.running), reactor
+            )
             self.metrics_listener.setServiceParent(self)
         self.reloader = Reloader(
             reactor,

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from .options import Options
 
 #: ServerConfig's fields given by the option of the same name (``--auth-timeout``).
-_SAME_NAMED = ("auth_timeout", "connect_timeout", "synack_guard", "udp_timeout")
-_SAME_NAMED += ("idle_session_timeout", "idle_session_check_interval", "shutdown_grace")
+_SAME_NAMED = "auth_timeout connect_timeout synack_guard udp_timeout shutdown_grace".split()
+_SAME_NAMED += ["idle_session_timeout", "idle_session_check_interval"]
 
 
 class ConfigError(usage.UsageError):
@@ -114,12 +114,11 @@ def _public_address(text: Optional[str]) -> Optional[Tuple[str, Optional[int]]]:
 
 
 def _metrics(endpoint: Optional[str], index: int) -> Optional[str]:
-    """This process's ``--metrics`` endpoint (worker i: the port plus i)."""
     if endpoint is not None:
         with _reported(f"--metrics {endpoint}: "):
             metrics.check_endpoint(endpoint)
     with _reported():
-        return workers.metrics_for(endpoint, index)
+        return workers.metrics_for(endpoint, index)  # this process's: worker i, port plus i
 
 
 def _port(

@@ -210,7 +210,9 @@ class AnyTLSService(service.MultiService):
     def config(self) -> ServerConfig:
         return self.live.config
 
-    def add_listener(self, description: str, factory, reactor) -> service.Service:
+    def add_listener(
+        self, description: Union[str, Callable[[Any], service.Service]], factory, reactor
+    ) -> service.Service:
         if callable(description):  # a ready listener, e.g. workers.AdoptedPort
             listener = description(factory)
         else:

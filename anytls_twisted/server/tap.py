@@ -9,8 +9,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from twisted.application import service
-
 from .. import clientconfig, logs
 from .app import AnyTLSServer, client_endpoints
 from .load import ConfigError, load
@@ -22,7 +20,7 @@ __all__ = ["Options", "makeService"]
 _log = logs.get_logger("anytls_twisted.tap")
 
 
-def makeService(options: Options, reactor: Optional[Any] = None) -> service.IService:
+def makeService(options: Options, reactor: Optional[Any] = None) -> AnyTLSServer:
     """Build the service; ``reactor`` is injectable for tests. Reloads call :func:`.load.load`
     again on these parsed options."""
     if reactor is None:
