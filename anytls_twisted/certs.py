@@ -13,7 +13,7 @@ import hashlib
 import ipaddress
 import os
 import tempfile
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from cryptography import x509
@@ -273,3 +273,29 @@ def _load(cert_path: str, key_path: str, chain_path: Optional[str]) -> TLSMateri
         not_after=leaf.not_valid_after_utc,
         cert_path=cert_path,
     )
+
+
+class Certificates:
+    """The certificates of one configuration: each set of files is loaded once, and no files
+    means the self-signed certificate for ``server_name`` kept in ``state_dir``."""
+
+    def __init__(self, state_dir: str, server_name: str) -> None:
+        self.state_dir = state_dir
+        self.server_name = server_name
+        self.generated: Optional[str] = None  # the generated certificate's path, once used
+        self._loaded: Dict[Tuple[Optional[str], ...], TLSMaterial] = {}
+
+    def get(
+        self, cert_path: Optional[str], key_path: Optional[str], chain_path: Optional[str] = None
+    ) -> TLSMaterial:
+        files = (cert_path, key_path, chain_path)
+        if files not in self._loaded:
+            if cert_path is None or key_path is None:
+                cert_path, key_path = ensure_self_signed(self.state_dir, self.server_name)
+                self.generated = cert_path
+            self._loaded[files] = load_certificate_files(cert_path, key_path, chain_path)
+        return self._loaded[files]
+
+    def files(self) -> Tuple[str, ...]:
+        """The operator's files in use (certificates, keys, chains), to watch for changes."""
+        return tuple(sorted({path for files in self._loaded for path in files if path}))

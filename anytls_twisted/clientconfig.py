@@ -1,9 +1,10 @@
 """What a client needs to connect: a sing-box outbound and an ``anytls://`` URI per port.
 
 At start the server logs, for every TLS port, a ready sing-box ``anytls`` outbound (one line of
-JSON) and the matching URI; ``--print-client-config`` prints the same to stdout and exits.
-Everything here is a pure function of the options and the loaded certificates, except
-:func:`log_client_configs`, which logs what the others build.
+JSON) and the matching URI; ``--print-client-config`` prints the same to stdout and exits
+(``--client-config-format``: both, or one JSON document, or the URIs). Everything here is a
+pure function of the settings and the loaded certificates, except :func:`log_client_configs`
+and :func:`print_client_config`, which log or write what the others build.
 
 Choices (docs/configuration.md, "Client configuration"):
 
@@ -31,17 +32,20 @@ import ipaddress
 import json
 import re
 import urllib.parse
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Iterable, List, Optional, Sequence, Tuple
 
 import attr
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .certs import TLSMaterial
 from .endpoints import HAPROXY, EndpointString
 from .logs import get_logger
 
 _log = get_logger("anytls_twisted.banner")
 
+#: What ``--print-client-config`` prints (``--client-config-format``).
+CLIENT_CONFIG_FORMATS = ("both", "json", "uri")
 ADDRESS_PLACEHOLDER = "YOUR_SERVER_ADDRESS"
 PASSWORD_PLACEHOLDER = "<password>"
 _WILDCARD_INTERFACES = ("", "0.0.0.0", "::", "0:0:0:0:0:0:0:0", "::0")
@@ -68,6 +72,7 @@ class ClientEndpoint:
     server_name: str  # tls.server_name
     pin: Optional[str]  # tls.certificate_public_key_sha256 (self-signed certificates only)
     tls: bool  # False: a plain port behind a TLS-terminating proxy
+    certificate_path: Optional[str] = None  # the pinned certificate's file, for sing-box 1.12
 
     @property
     def placeholder(self) -> bool:
@@ -206,9 +211,11 @@ def client_endpoint(
     pin: Optional[str],
     server_name_option: str,
     public_address: Optional[Tuple[str, Optional[int]]] = None,
+    certificate_path: Optional[str] = None,
 ) -> Optional[ClientEndpoint]:
-    """The client's view of one ``--port`` (a ``tls.PortSpec``): ``certificate`` and ``pin``
-    are its TLS material's (None for a plain port). None when no port can be named."""
+    """The client's view of one ``--port`` (a ``tls.PortSpec``): ``certificate``, ``pin`` and
+    ``certificate_path`` are its TLS material's (None for a plain port). None when no port can
+    be named."""
     interface, listen_port = listen_address(spec.endpoint)
     public_host, public_port = public_address if public_address else (None, None)
     server = public_host or specific_interface(interface) or ADDRESS_PLACEHOLDER
@@ -232,6 +239,7 @@ def client_endpoint(
         server_name=server_name,
         pin=pin,
         tls=certificate is not None,
+        certificate_path=certificate_path if pin is not None else None,
     )
 
 
@@ -307,9 +315,11 @@ def hints(endpoints: Sequence[ClientEndpoint], password_shown: bool) -> List[str
     if not password_shown:
         notes.append(f"replace {PASSWORD_PLACEHOLDER} with the password (or add --show-password)")
     if any(e.pin is not None for e in endpoints):
+        paths = sorted({e.certificate_path for e in endpoints if e.certificate_path})
+        where = " or ".join(paths) or "the certificate file"
         notes.append(
             "tls.certificate_public_key_sha256 needs sing-box 1.13 or later (for 1.12 use "
-            "tls.certificate_path with the certificate file); the URI cannot carry the pin, "
+            f"tls.certificate_path with a copy of {where}); the URI cannot carry the pin, "
             "so it says insecure=1"
         )
     if any(not e.tls for e in endpoints):
@@ -331,6 +341,66 @@ def render(endpoints: Sequence[ClientEndpoint], password: Optional[str] = None) 
             + "\n"
         )
     return "\n".join(blocks)
+
+
+def render_json(endpoints: Sequence[ClientEndpoint], password: Optional[str] = None) -> str:
+    """``--client-config-format json``: one JSON document, ``{"outbounds": [...]}`` (a sing-box
+    config fragment; ``jq '.outbounds[0]'`` takes the first)."""
+    outbounds = [outbound(e, password, t) for e, t in zip(endpoints, tags(len(endpoints)))]
+    return to_json({"outbounds": outbounds}, indent=2) + "\n"
+
+
+def render_uris(endpoints: Sequence[ClientEndpoint], password: Optional[str] = None) -> str:
+    """``--client-config-format uri``: one ``anytls://`` URI per line."""
+    return "".join(uri(endpoint, password) + "\n" for endpoint in endpoints)
+
+
+def endpoints_for(
+    ports: Iterable[Tuple[object, Optional[TLSMaterial]]],
+    server_name: str,
+    public_address: Optional[Tuple[str, Optional[int]]] = None,
+) -> List[ClientEndpoint]:
+    """What clients dial: one endpoint per ``(tls.PortSpec, its TLS material or None)``,
+    without duplicates (docs/configuration.md, "Client configuration")."""
+    return unique(
+        client_endpoint(
+            spec,
+            material.certificate if material else None,
+            material.pin if material else None,
+            server_name,
+            public_address,
+            material.cert_path if material else None,
+        )
+        for spec, material in ports
+    )
+
+
+def shown_password(users: Sequence[Tuple[str, str]], show: bool) -> Optional[str]:
+    """The first user's password with ``--show-password``, else None (the placeholder)."""
+    return users[0][1] if show and users else None
+
+
+def print_client_config(
+    endpoints: Sequence[ClientEndpoint],
+    password: Optional[str],
+    form: str,
+    out: IO[str],
+    err: IO[str],
+) -> int:
+    """``--print-client-config``: the configuration on ``out`` in the ``form`` of
+    ``--client-config-format``, the hints on ``err``; the exit status."""
+    if not endpoints:
+        err.write(
+            "twistd anytls: no port has a port number clients could dial; "
+            "give --public-address HOST:PORT\n"
+        )
+        return 1
+    renderer = {"json": render_json, "uri": render_uris}.get(form, render)
+    out.write(renderer(endpoints, password))
+    out.flush()
+    for hint in hints(endpoints, password is not None):
+        err.write(f"note: {hint}\n")
+    return 0
 
 
 def log_client_configs(

@@ -13,7 +13,7 @@ import datetime
 import json
 import math
 import sys
-from typing import IO, Any, Dict, Optional
+from typing import IO, Any, Dict, MutableMapping, Optional
 
 from twisted.logger import (
     FileLogObserver,
@@ -48,6 +48,12 @@ def set_level(name: str) -> None:
     level = LogLevel.levelWithName(name)
     _predicate.setLogLevelForNamespace("anytls_twisted", level)
     DEBUG = level is LogLevel.debug
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 user``, ``0 users``, ``2 users``: a count in a message's text (events also carry the
+    number itself as a field)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,3 +133,19 @@ def json_observer(stream: Optional[IO[str]] = None) -> FileLogObserver:
     is now, before twistd redirects ``sys.stdout`` into the log). For
     ``twistd --logger=anytls_twisted.logs.json_observer``, which calls it with no argument."""
     return FileLogObserver(stream if stream is not None else sys.stdout, event_as_json)
+
+
+def log_json_under_twistd(twistd: MutableMapping[str, Any]) -> None:
+    """``--log-format json`` under twistd: make twistd's own ``--logger`` our observer factory
+    (twistd reads it after our options, and starts logging after makeService). ``ValueError``
+    when twistd's options cannot write JSON lines to stdout."""
+    if twistd.get("logfile") not in (None, "", "-"):
+        raise ValueError("--log-format json writes to stdout; drop twistd's --logfile")
+    if twistd.get("logger") not in (None, JSON_OBSERVER):
+        raise ValueError("--log-format json and twistd's --logger are two observers; give one")
+    if not twistd.get("nodaemon"):
+        raise ValueError(
+            "--log-format json writes to stdout, which a daemon does not have; "
+            "add twistd's -n (--nodaemon)"
+        )
+    twistd["logger"] = JSON_OBSERVER

@@ -8,6 +8,7 @@ from typing import Dict, List
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from anytls_twisted.protocol import codec
@@ -18,6 +19,14 @@ from anytls_twisted.server.settings import ServerConfig
 
 PASSWORD = "PASS"
 SETTINGS_V2 = b"v=2\nclient=sing-anytls/0.0.11\npadding-md5=75cff2ad89aadf5e257059ee571ebe11"
+
+
+def capture_events(case) -> List[dict]:
+    """Every log event published from now until ``case`` ends."""
+    events: List[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    case.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
 
 
 def unhex(text: str) -> bytes:

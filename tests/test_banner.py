@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, utils
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -38,6 +38,7 @@ from .e2e_support import (
     wait_for_port,
     within,
 )
+from .helpers import capture_events
 
 PIN = "qQkVG6sdJt+K9xg8FdG04dvp4ThnnRICa8Pf583tqmI="
 
@@ -301,10 +302,7 @@ class OptionTests(SynchronousTestCase):
         return options
 
     def capture_events(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
+        return capture_events(self)
 
     def test_bad_public_address(self):
         self.assertRaises(
@@ -312,20 +310,23 @@ class OptionTests(SynchronousTestCase):
         )
 
     def test_print_client_config_exits(self):
-        """If --print-client-config is given, then option parsing prints the blocks and exits
+        """If --print-client-config is given, then makeService prints the blocks and exits
         0, before anything could listen."""
         out = []
         self.patch(sys, "stdout", _Writer(out))
         self.patch(sys, "stderr", _Writer([]))
+        options = self.parse(
+            "--password",
+            "sekrit",
+            "--port",
+            "ssl:8443:interface=127.0.0.1",
+            "--print-client-config",
+        )
+        reactor = MemoryReactorClock()
         with self.assertRaises(SystemExit) as raised:
-            self.parse(
-                "--password",
-                "sekrit",
-                "--port",
-                "ssl:8443:interface=127.0.0.1",
-                "--print-client-config",
-            )
+            makeService(options, reactor=reactor)
         self.assertEqual(raised.exception.code, 0)
+        self.assertEqual((reactor.tcpServers, reactor.adoptedPorts), ([], []))
         [(outbound, uri)] = _split_printed("".join(out))
         self.assertEqual(outbound["server"], "127.0.0.1")
         self.assertEqual(outbound["password"], "<password>")
@@ -335,7 +336,7 @@ class OptionTests(SynchronousTestCase):
         )
 
     def test_logged_at_start_without_password(self):
-        """If makeService runs, then it logs the outbound and URI for each port, with the
+        """If the service starts, then it logs the outbound and URI for each port, with the
         password only when --show-password is given."""
         for show, expected in [((), "<password>"), (("--show-password",), "sekrit")]:
             events = self.capture_events()
@@ -348,7 +349,9 @@ class OptionTests(SynchronousTestCase):
                 "ssl:9443:interface=127.0.0.1",
                 *show,
             )
-            makeService(options, reactor=MemoryReactorClock())
+            top = makeService(options, reactor=MemoryReactorClock())
+            top.startService()
+            self.addCleanup(top.stopService)
             ours = [e for e in events if e.get("log_namespace") == "anytls_twisted.banner"]
             outbounds = [e["outbound"] for e in ours if "outbound" in e]
             uris = [e["uri"] for e in ours if "uri" in e]
@@ -363,6 +366,30 @@ class OptionTests(SynchronousTestCase):
             if not show:
                 self.assertNotIn("sekrit", texts)
                 self.assertIn("--show-password", texts)
+
+    def test_generated_certificate_named(self):
+        """If the generated certificate is used, then the banner says where it is, and the
+        sing-box 1.12 hint names that file."""
+        state = os.path.abspath(self.mktemp())
+        events = self.capture_events()
+        options = Options()
+        options.parseOptions(
+            ["--state-dir", state, "--password", "x", "--port", "ssl:8443:interface=127.0.0.1"]
+        )
+        top = makeService(options, reactor=MemoryReactorClock())
+        texts = " ".join(formatEvent(e) for e in events)
+        self.assertNotIn("self-signed-cert.pem", texts)  # nothing before the ports listen
+        top.startService()
+        self.addCleanup(top.stopService)
+        cert_path = os.path.join(state, "self-signed-cert.pem")
+        texts = [formatEvent(e) for e in events]
+        self.assertIn(f"generated self-signed certificate for localhost: {cert_path}", texts)
+        self.assertIn(
+            "client config: tls.certificate_public_key_sha256 needs sing-box 1.13 or later "
+            f"(for 1.12 use tls.certificate_path with a copy of {cert_path}); the URI cannot "
+            "carry the pin, so it says insecure=1",
+            texts,
+        )
 
 
 class _Writer:
@@ -438,6 +465,43 @@ class PrintClientConfigTwistdTests(SynchronousTestCase):
             ("2001:db8::7", 443, "pw:é"),
         )
         self.assertEqual(uri, "anytls://pw%3A%C3%A9@[2001:db8::7]:443/?sni=localhost&insecure=1")
+
+    def test_json_format_is_one_document(self):
+        """If --client-config-format json is given, then stdout is exactly one JSON document,
+        {"outbounds": [...]}, one outbound per port (hints stay on stderr)."""
+        result = self.run_twistd(
+            "--password",
+            "pw",
+            "--port",
+            "ssl:8443:interface=127.0.0.1",
+            "--port",
+            "ssl:9443:interface=\\:\\:1",
+            "--print-client-config",
+            "--client-config-format",
+            "json",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        document = json.loads(result.stdout)
+        self.assertEqual(list(document), ["outbounds"])
+        self.assertEqual(
+            [(o["tag"], o["server"], o["server_port"]) for o in document["outbounds"]],
+            [("anytls", "127.0.0.1", 8443), ("anytls-2", "::1", 9443)],
+        )
+        self.assertIn("self-signed-cert.pem", result.stderr)  # the 1.12 hint names the file
+
+    def test_uri_format(self):
+        result = self.run_twistd(
+            "--password",
+            "pw",
+            "--print-client-config",
+            "--client-config-format",
+            "uri",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(
+            result.stdout,
+            "anytls://<password>@YOUR_SERVER_ADDRESS:8443/?sni=localhost&insecure=1\n",
+        )
 
     def test_nothing_to_print(self):
         result = self.run_twistd(

@@ -4,14 +4,20 @@ import json
 import os
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from anytls_twisted.protocol.auth import encode_preamble
 from anytls_twisted.protocol.padding import DEFAULT_SCHEME
 from anytls_twisted.server import configfile
+from anytls_twisted.server.load import load
 from anytls_twisted.server.tap import Options, makeService
+
+from .helpers import capture_events
 
 INBOUND = {
     "type": "anytls",
@@ -57,6 +63,56 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertIn("'tls.acme'", warnings[1])
         self.assertTrue(all(w.startswith(path) for w in warnings))
 
+    def test_misspelt_fields_are_errors(self):
+        """A typo is not a default: the error names the file, the field and the likely fix."""
+        cases = [
+            (
+                dict(INBOUND, listen_prot=9443),
+                "listen_prot: unknown field; did you mean 'listen_port'?",
+            ),
+            (
+                dict(INBOUND, tls=dict(INBOUND["tls"], certficate_path="/c", key_path="/k")),
+                "tls.certficate_path: unknown field; did you mean 'tls.certificate_path'?",
+            ),
+            (dict(INBOUND, zzz=1), "zzz: unknown field; known: "),
+        ]
+        for document, expected in cases:
+            path = self.write(document)
+            e = self.assertRaises(configfile.ConfigFileError, configfile.load, path)
+            self.assertTrue(str(e).startswith(f"{path}: {expected}"), str(e))
+            self.assertNotIn("\n", str(e))
+
+    def test_singbox_fields_ignored_with_one_warning(self):
+        """sing-box fields we do not implement are accepted, and named in one warning per
+        object; type and tag are quiet."""
+        document = dict(
+            INBOUND,
+            sniff=True,
+            tcp_fast_open=True,
+            domain_strategy="ipv4_only",
+            tls=dict(INBOUND["tls"], min_version="1.3", reality={"enabled": False}),
+        )
+        path = self.write(document)
+        warnings = configfile.load(path).warnings
+        self.assertEqual(
+            warnings,
+            (
+                f"{path}: sing-box fields 'sniff', 'tcp_fast_open', 'domain_strategy' are not "
+                "supported by anytls-twisted and ignored",
+                f"{path}: sing-box fields 'tls.min_version', 'tls.reality' are not supported by "
+                "anytls-twisted and ignored",
+            ),
+        )
+
+    def test_inline_certificate_refused(self):
+        """Inline PEM would otherwise be ignored and a self-signed certificate served."""
+        path = self.write(dict(INBOUND, tls=dict(INBOUND["tls"], certificate=["-----BEGIN"])))
+        e = self.assertRaises(configfile.ConfigFileError, configfile.load, path)
+        self.assertEqual(
+            str(e),
+            f"{path}: tls.certificate: inline PEM is not supported; use tls.certificate_path",
+        )
+
     def test_no_tls_object_is_plain(self):
         document = {k: v for k, v in INBOUND.items() if k != "tls"}
         self.assertEqual(
@@ -86,27 +142,28 @@ class ConfigFileTests(SynchronousTestCase):
 
 class OptionsWithConfigTests(SynchronousTestCase):
     def parse(self, *args):
+        """Parse, then load the settings (the config file is read by load)."""
         options = Options()
         options.parseOptions(["--state-dir", self.mktemp()] + list(args))
-        return options
+        return load(options)
 
     def config(self, document=INBOUND):
         return ConfigFileTests.write(self, document)
 
     def test_file_values_used(self):
-        options = self.parse("--config", self.config())
-        self.assertEqual(options["users"], (("alice", "a-pass"), ("bob", "b-pass")))
-        self.assertEqual(options["port"], ["ssl:8443:interface=\\:\\:"])
-        self.assertEqual(options["server-name"], "proxy.example")
-        self.assertEqual(options["alpn-list"], ("h2", "http/1.1"))
-        self.assertNotEqual(options["padding"], DEFAULT_SCHEME)
+        settings = self.parse("--config", self.config())
+        self.assertEqual(settings.users, (("alice", "a-pass"), ("bob", "b-pass")))
+        self.assertEqual([p.description for p in settings.ports], ["ssl:8443:interface=\\:\\:"])
+        self.assertEqual(settings.client.server_name, "proxy.example")
+        self.assertEqual(settings.alpn, ("h2", "http/1.1"))
+        self.assertNotEqual(settings.config.padding, DEFAULT_SCHEME)
 
     def test_command_line_overrides(self):
         """--password, --port, --server-name, --alpn and --padding-scheme beat the file."""
         scheme = self.mktemp()
         with open(scheme, "wb") as f:
             f.write(DEFAULT_SCHEME.raw)
-        options = self.parse(
+        settings = self.parse(
             "--config",
             self.config(),
             "--password",
@@ -120,11 +177,11 @@ class OptionsWithConfigTests(SynchronousTestCase):
             "--padding-scheme",
             scheme,
         )
-        self.assertEqual(options["users"], (("default", "cli"),))
-        self.assertEqual(options["port"], ["ssl:9443"])
-        self.assertEqual(options["server-name"], "other")
-        self.assertEqual(options["alpn-list"], ())
-        self.assertEqual(options["padding"].raw, DEFAULT_SCHEME.raw)
+        self.assertEqual(settings.users, (("default", "cli"),))
+        self.assertEqual([p.description for p in settings.ports], ["ssl:9443"])
+        self.assertEqual(settings.client.server_name, "other")
+        self.assertEqual(settings.alpn, ())
+        self.assertEqual(settings.config.padding.raw, DEFAULT_SCHEME.raw)
 
     def test_invalid_file_is_usage_error(self):
         self.assertRaises(
@@ -192,6 +249,53 @@ class ReloadTests(SynchronousTestCase):
         self.top.reloader.reload("test")
         self.assertEqual(self.factory.config.padding.raw, b"stop=3\n0=10-10")
 
+    def test_reload_loads_the_saved_options(self):
+        """A reload loads the settings from the options parsed at start; it parses no command
+        line again."""
+
+        def no_parsing(self, options=None):
+            raise AssertionError("options parsed again")
+
+        self.patch(Options, "parseOptions", no_parsing)
+        self.document["users"] = [{"name": "dave", "password": "d-pass"}]
+        self.save()
+        self.assertTrue(self.top.reloader.reload("test"))
+        self.assertEqual(self.session("d-pass")[0].user, "dave")
+
+    def test_changed_ports_refused(self):
+        """A file naming another port is not half applied: the reload fails as a whole,
+        saying ports need a restart, and the users stay as they were."""
+        alice, transport = self.session("a-pass")
+        before = self.factory.config
+        events = capture_events(self)
+        self.document.update(listen_port=8443, users=[{"name": "x", "password": "x"}])
+        self.save()
+        self.assertFalse(self.top.reloader.reload("SIGHUP"))
+        self.assertIs(self.factory.config, before)
+        self.assertFalse(transport.disconnecting)
+        [line] = [formatEvent(e) for e in events if e.get("log_namespace", "").endswith("reload")]
+        self.assertIn("reload (SIGHUP) failed, keeping the current configuration", line)
+        self.assertIn("ssl:8443:interface=127.0.0.1", line)
+        self.assertIn("listening ports need a restart", line)
+
+    def test_messages_count_in_words(self):
+        """1 user, 2 users; closed 1 session, closed 0 sessions."""
+        alice, _ = self.session("a-pass")
+        bob, _ = self.session("b-pass")
+        events = capture_events(self)
+        self.document["users"] = [{"name": "alice", "password": "a-pass"}]
+        self.save()
+        self.assertTrue(self.top.reloader.reload("test"))
+        bob.connectionLost(Failure(ConnectionDone()))  # the closed session goes
+        self.document["users"].append({"name": "carol", "password": "c"})
+        self.save()
+        self.assertTrue(self.top.reloader.reload("test"))
+        texts = [formatEvent(e) for e in events if "users" in e]
+        self.assertIn(": 1 user, padding md5", texts[0])
+        self.assertIn("; closed 1 session of removed users", texts[0])
+        self.assertIn(": 2 users, padding md5", texts[1])
+        self.assertIn("; closed 0 sessions of removed users", texts[1])
+
     def test_invalid_file_keeps_old_configuration(self):
         """A reload from a broken file fails, logs why, and changes nothing."""
         alice, transport = self.session("a-pass")
@@ -236,14 +340,13 @@ class CertificateReloadTests(SynchronousTestCase):
         top = makeService(options, reactor=reactor)
         top.startService()
         self.addCleanup(top.stopService)
-        slot = top.reloader.slots[0]
-        old_options = slot.options
+        old_options = top.live.tls_options("ssl:0")
         for src, dst in ((key2, live_key), (cert2, live_cert)):
             with open(src, "rb") as a, open(dst, "wb") as b:
                 b.write(a.read())
         os.utime(live_cert, (1, 1))  # make the change visible even within one mtime tick
         reactor.advance(10)
-        self.assertIsNot(slot.options, old_options)
+        self.assertIsNot(top.live.tls_options("ssl:0"), old_options)
         self.assertEqual(top.reloader.reloads, 1)
         reactor.advance(10)
         self.assertEqual(top.reloader.reloads, 1)  # no change, no reload

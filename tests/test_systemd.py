@@ -31,6 +31,7 @@ from twisted.python.systemd import ListenFDs
 from twisted.trial import unittest
 
 from anytls_twisted.server import tap
+from anytls_twisted.server.load import load
 
 from .e2e_support import (
     REPO_ROOT,
@@ -196,7 +197,7 @@ class UnitContentTests(unittest.SynchronousTestCase):
             self.patch(_SystemdParser, "_sddaemon", sockets)
         options = tap.Options()
         options.parseOptions(args)
-        return options, state
+        return load(options), state
 
     def test_service_command_line(self):
         """ExecStart parses; the password comes from the credential; the certificate is
@@ -204,11 +205,13 @@ class UnitContentTests(unittest.SynchronousTestCase):
         text = read_unit("anytls.service")
         self.assertEqual(unit_values(text, "StateDirectory"), ["anytls"])
         self.assertEqual(unit_values(text, "LoadCredential"), ["password:/etc/anytls/password"])
-        options, state = self.parse("anytls.service")
-        self.assertEqual(options["users"], (("default", "from-the-credential"),))
-        self.assertEqual(options["state-dir"], state)
+        settings, state = self.parse("anytls.service")
+        self.assertEqual(settings.users, (("default", "from-the-credential"),))
+        self.assertEqual(
+            settings.generated_certificate, os.path.join(state, "self-signed-cert.pem")
+        )
         self.assertTrue(os.path.exists(os.path.join(state, "self-signed-cert.pem")))
-        [spec] = options["port-specs"]
+        [spec] = [port.spec for port in settings.ports]
         self.assertEqual((spec.endpoint, spec.tls), ("tcp:8443", True))
 
     def test_socket_service_command_line(self):
@@ -223,8 +226,8 @@ class UnitContentTests(unittest.SynchronousTestCase):
         except OSError:
             raise unittest.SkipTest("no IPv6 sockets here")
         self.addCleanup(sock.close)
-        options, _ = self.parse("anytls-socket.service", ListenFDs([sock.fileno()], (name,)))
-        [spec] = options["port-specs"]
+        settings, _ = self.parse("anytls-socket.service", ListenFDs([sock.fileno()], (name,)))
+        [spec] = [port.spec for port in settings.ports]
         self.assertTrue(spec.tls)
         self.assertEqual(spec.endpoint, f"systemd:domain=INET6:name={name}")
         # The same command line with an IPv4 socket is refused, with the fix in the message.

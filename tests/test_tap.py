@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anytls_twisted.protocol.padding import DEFAULT_SCHEME
 from anytls_twisted.server import settings as defaults
+from anytls_twisted.server.load import load
 from anytls_twisted.server.service import ReaperService
 from anytls_twisted.server.tap import Options, makeService
 from anytls_twisted.tls_transport import BulkTLSFactory
@@ -26,23 +27,46 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--state-dir", self.mktemp()] + list(args))
         return options
 
+    def load(self, *args):
+        """Parse, then load the settings (reading the files the options name)."""
+        return load(self.parse(*args))
+
     def test_defaults(self):
         """Every default matches the documented one."""
+        settings = self.load("--password", "PASS")
+        config = settings.config
+        self.assertEqual([port.description for port in settings.ports], ["ssl:8443"])
+        self.assertEqual(settings.users, (("default", "PASS"),))
+        self.assertEqual(config.auth_timeout, defaults.AUTH_TIMEOUT)
+        self.assertEqual(config.connect_timeout, defaults.CONNECT_TIMEOUT)
+        self.assertEqual(config.synack_guard, defaults.SYNACK_GUARD)
+        self.assertEqual(config.idle_session_timeout, defaults.IDLE_SESSION_TIMEOUT)
+        self.assertEqual(config.idle_session_check_interval, defaults.IDLE_SESSION_CHECK_INTERVAL)
+        self.assertEqual(config.udp_timeout, defaults.UDP_TIMEOUT)
+        self.assertEqual(settings.client.server_name, "localhost")
+        self.assertIs(config.padding, DEFAULT_SCHEME)
+        self.assertFalse(config.policy.allow_private)
+        self.assertEqual(settings.alpn, ())
+
+    def test_options_keep_only_what_was_given(self):
+        """Parsing stores no derived value: the defaults that come from files are load's."""
         options = self.parse("--password", "PASS")
-        self.assertEqual(options["port"], ["ssl:8443"])
-        self.assertEqual(options["users"], (("default", "PASS"),))
-        self.assertEqual(options["auth-timeout"], defaults.AUTH_TIMEOUT)
-        self.assertEqual(options["connect-timeout"], defaults.CONNECT_TIMEOUT)
-        self.assertEqual(options["synack-guard"], defaults.SYNACK_GUARD)
-        self.assertEqual(options["idle-session-timeout"], defaults.IDLE_SESSION_TIMEOUT)
-        self.assertEqual(
-            options["idle-session-check-interval"], defaults.IDLE_SESSION_CHECK_INTERVAL
-        )
-        self.assertEqual(options["udp-timeout"], defaults.UDP_TIMEOUT)
-        self.assertEqual(options["server-name"], "localhost")
-        self.assertIs(options["padding"], DEFAULT_SCHEME)
-        self.assertFalse(options["allow-private"])
-        self.assertEqual(options["alpn-list"], ())
+        self.assertEqual(options["port"], [])
+        self.assertIsNone(options["server-name"])
+        for derived in ("users", "padding", "port-specs", "tls-material", "worker-listen"):
+            self.assertNotIn(derived, options)
+
+    def test_number_errors_name_the_option(self):
+        """A bad number is one line naming the option, the rule and the value given."""
+        for args, expected in [
+            (["--workers", "abc"], "--workers: must be a positive integer, got 'abc'"),
+            (["--workers", "0"], "--workers: must be a positive integer, got '0'"),
+            (["--auth-timeout", "-1"], "--auth-timeout: must be a positive number, got '-1'"),
+            (["--udp-timeout", "nan"], "--udp-timeout: must be a positive number, got 'nan'"),
+            (["--worker-index", "-2"], "--worker-index: must be a whole number, got '-2'"),
+        ]:
+            e = self.assertRaises(usage.UsageError, self.parse, "--password", "x", *args)
+            self.assertEqual(str(e), expected)
 
     def test_help_documents_every_option(self):
         """--help names every option, and each with a default shows it."""
@@ -69,6 +93,7 @@ class OptionsTests(SynchronousTestCase):
             "--max-streams-per-session",
             "--config",
             "--certificate-check-interval",
+            "--client-config-format",
         ]:
             self.assertIn(name, text)
         for default in [
@@ -85,15 +110,15 @@ class OptionsTests(SynchronousTestCase):
             "--password", "x", "--port", "ssl:1:interface=127.0.0.1", "--port", "tcp:2"
         )
         self.assertEqual(options["port"], ["ssl:1:interface=127.0.0.1", "tcp:2"])
-        self.assertEqual([s.tls for s in options["port-specs"]], [True, False])
+        self.assertEqual([p.spec.tls for p in load(options).ports], [True, False])
 
     def test_password_exactly_once(self):
-        self.assertRaises(usage.UsageError, self.parse)
+        self.assertRaises(usage.UsageError, self.load)
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("secret\n")
-        self.assertRaises(usage.UsageError, self.parse, "--password", "a", "--password-file", path)
-        self.assertEqual(self.parse("--password-file", path)["users"], (("default", "secret"),))
+        self.assertRaises(usage.UsageError, self.load, "--password", "a", "--password-file", path)
+        self.assertEqual(self.load("--password-file", path).users, (("default", "secret"),))
 
     def test_bad_values(self):
         """Bad padding schemes, unreadable files and non-positive numbers are usage errors."""
@@ -113,7 +138,17 @@ class OptionsTests(SynchronousTestCase):
         for args in cases:
             if "--password-file" not in args:
                 args = ["--password", "x"] + args
-            self.assertRaises(usage.UsageError, self.parse, *args)
+            self.assertRaises(usage.UsageError, self.load, *args)
+
+    def test_print_client_config_needs_no_pidfile(self):
+        """--print-client-config runs no server: another server's pid file must not stop it."""
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        config.parseOptions(
+            ["anytls", "--password", "x", "--state-dir", self.mktemp(), "--print-client-config"]
+        )
+        self.assertEqual(config["pidfile"], "")
 
     def test_plugin_listed(self):
         """The dropin makes ``twistd anytls`` available."""
@@ -152,6 +187,20 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertTrue(reapers[0].loop.running)
         self.assertTrue(os.path.exists(os.path.join(state, "self-signed-cert.pem")))
 
+    def test_parts_are_the_services_own(self):
+        """The service built its parts and exposes them: they are its children."""
+        options = Options()
+        options.parseOptions(["--password", "x", "--state-dir", self.mktemp(), "--port", "tcp:0"])
+        top = makeService(options, reactor=MemoryReactorClock())
+        children = list(top)
+        for part in (top.reaper, top.reloader, *top.listeners):
+            self.assertIn(part, children)
+        self.assertIs(top.reloader.live, top.live)
+        self.assertIs(top.factory.live, top.live)
+        self.assertIs(top.registry.live, top.live)
+        self.assertIsNone(top.supervisor)
+        self.assertIsNone(top.metrics_listener)
+
 
 class HAProxyPortTests(SynchronousTestCase):
     def test_haproxy_ssl_layers(self):
@@ -180,14 +229,13 @@ class HAProxyPortTests(SynchronousTestCase):
 class TwistdErrorTests(TestCase):
     """Bad configuration ends a real ``twistd anytls`` with a non-zero status and one line."""
 
-    def twistd(self, *args):
+    def twistd(self, *args, twistd_args=("-n", "--pidfile=")):
         env = dict(os.environ, PYTHONPATH=ROOT)
         argv = [
             sys.executable,
             "-c",
             "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
+            *twistd_args,
             "anytls",
             "--state-dir",
             os.path.abspath(self.mktemp()),
@@ -231,6 +279,56 @@ class TwistdErrorTests(TestCase):
             f"cannot listen on 127.0.0.1:{port}",
         )
 
+    def test_port_in_use_logs_nothing_about_the_ports(self):
+        """The ports are bound before the banner is logged: a busy port gives its one error
+        line and none of the lines about ports, certificate or client config."""
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        port = busy.getsockname()[1]
+        for extra in ([], ["--workers", "2"]):
+            args = ["--password", "x", "--port", f"ssl:{port}:interface=127.0.0.1", *extra]
+            self.assertOneLineError(args, f"cannot listen on 127.0.0.1:{port}")
+            code, output = self.twistd(*args)
+            ours = [line for line in output.splitlines() if "[anytls_twisted." in line]
+            self.assertEqual(ours, [], output)
+            for banner in ("listening on", "client config", "certificate", "worker"):
+                self.assertNotIn(banner, output)
+
+    def test_config_file_typo(self):
+        """A misspelt field in --config is one line naming the file, the field and the fix,
+        also for --print-client-config (which loads the same way)."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('{"listen_prot": 9443, "users": [{"name": "a", "password": "b"}]}')
+        expected = f"{path}: listen_prot: unknown field; did you mean 'listen_port'?"
+        self.assertOneLineError(["--config", path], expected)
+        self.assertOneLineError(["--config", path, "--print-client-config"], expected)
+
+    def test_json_logs_need_nodaemon(self):
+        """--log-format json without -n (twistd would daemonize and lose every line) is
+        refused with one line, before anything starts."""
+        pidfile = os.path.abspath(self.mktemp())
+        self.addCleanup(_kill_daemon, pidfile)  # should this ever start one
+        code, output = self.twistd(
+            "--password",
+            "x",
+            "--port",
+            "ssl:0",
+            "--log-format",
+            "json",
+            twistd_args=(f"--pidfile={pidfile}",),
+        )
+        self.assertEqual(code, 2, output)
+        self.assertEqual(
+            output.strip().splitlines(),
+            [
+                "twistd anytls: error: --log-format json writes to stdout, which a daemon does "
+                "not have; add twistd's -n (--nodaemon) (see twistd anytls --help)"
+            ],
+        )
+
     def test_port_twisted_cannot_use(self):
         """A --port Twisted cannot parse, or a systemd socket that was not passed, is one line
         at start (it used to be a traceback from makeService)."""
@@ -241,3 +339,11 @@ class TwistdErrorTests(TestCase):
             ["--password", "x", "--port", "tls:systemd:domain=INET:index=0"],
             "systemd passed no socket matching systemd:domain=INET:index=0",
         )
+
+
+def _kill_daemon(pidfile):
+    try:
+        with open(pidfile) as f:
+            os.kill(int(f.read().strip()), 9)
+    except (OSError, ValueError):
+        pass

@@ -8,6 +8,7 @@ from twisted.python import failure, usage
 from twisted.trial import unittest
 
 from anytls_twisted.server import workers
+from anytls_twisted.server.load import load
 from anytls_twisted.server.tap import Options
 
 
@@ -36,14 +37,15 @@ def _ended(proto):
 
 class OptionTests(unittest.TestCase):
     def parse(self, *args):
+        """Parse, then load: this process's part in --workers is a loaded setting."""
         o = Options()
         o.parseOptions(["--password", "x", "--state-dir", self.mktemp(), *args])
-        return o
+        return load(o).workers
 
     def test_default_one(self):
         o = self.parse("--port", "tcp:0")
-        self.assertEqual(o["workers"], 1)
-        self.assertIsNone(o["worker-listen"])
+        self.assertEqual(o.count, 1)
+        self.assertEqual(o.shared, ())
 
     def test_workers_must_be_positive(self):
         self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
@@ -58,7 +60,7 @@ class OptionTests(unittest.TestCase):
             "--port",
             r"ssl:8443:interface=\:\:1",
         )
-        listen = o["worker-listen"]
+        listen = o.shared
         self.assertEqual(
             [(w.host, w.port, w.family) for w in listen],
             [("127.0.0.1", 8000, socket.AF_INET), ("::1", 8443, socket.AF_INET6)],
@@ -66,7 +68,7 @@ class OptionTests(unittest.TestCase):
 
     def test_haproxy(self):
         o = self.parse("--workers", "2", "--port", "haproxy:ssl:8443")
-        self.assertTrue(o["worker-listen"][0].haproxy)
+        self.assertTrue(o.shared[0].haproxy)
 
     def test_unix_refused(self):
         self.assertRaises(
@@ -101,9 +103,56 @@ class OptionTests(unittest.TestCase):
         o = self.parse(
             "--port", "tcp:1", "--worker-fds", f"3:{int(socket.AF_INET)}", "--worker-index", "2"
         )
-        self.assertEqual(o["worker-fds-parsed"], [(3, socket.AF_INET)])
-        self.assertEqual(o["worker-index"], 2)
+        self.assertEqual(o.inherited, ((3, socket.AF_INET),))
+        self.assertEqual(o.index, 2)
         self.assertRaises(usage.UsageError, self.parse, "--worker-fds", "3:99")
+
+
+class ParentServiceTests(unittest.TestCase):
+    """makeService with --workers: the parent binds when the service starts, not before."""
+
+    def test_shared_ports_bound_at_start(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from anytls_twisted.server.tap import makeService
+
+        o = Options()
+        o.parseOptions(
+            ["--password", "x", "--state-dir", self.mktemp(), "--workers", "3"]
+            + ["--port", "tcp:0:interface=127.0.0.1"]
+        )
+        reactor = MemoryReactorClock()
+        self.patch(workers, "accept_one_at_a_time", lambda port: None)  # a memory port
+        top = makeService(o, reactor=reactor)
+        [shared] = top.listeners
+        self.assertIsInstance(shared, workers.SharedPort)
+        self.assertIsNone(shared.socket)  # makeService binds nothing
+        spawn = FakeSpawner()
+        top.supervisor.spawn = spawn
+        top.privilegedStartService()
+        self.addCleanup(shared.socket.close)
+        self.assertEqual(shared.socket.getsockname()[0], "127.0.0.1")
+        top.startService()
+        self.assertEqual(reactor.adoptedPorts[0][:2], (shared.fd, socket.AF_INET))
+        self.assertEqual([call[3][3] for call in spawn.calls], [shared.fd, shared.fd])
+        argv = spawn.calls[0][2]
+        self.assertEqual(argv[argv.index("--worker-fds") + 1], f"3:{int(socket.AF_INET)}")
+        stopped = top.stopService()
+        for call in spawn.calls:
+            self.assertEqual(call[4].signals, ["TERM"])
+            _ended(call[0])
+        self.successResultOf(stopped)
+
+    def test_twistd_logger_passed_by_name(self):
+        """twistd has replaced --logger by the observer factory before makeService: workers
+        get its name, not its repr."""
+        from anytls_twisted import logs
+
+        plan = workers.plan(2, 0, None, ["tcp:1"], None, ["--workers", "2"], logs.json_observer)
+        self.assertEqual(
+            plan.twistd_argv,
+            ("--nodaemon", "--pidfile=", "--logger=anytls_twisted.logs.json_observer"),
+        )
 
 
 class CommandLineTests(unittest.TestCase):
@@ -157,7 +206,12 @@ class SupervisorTests(unittest.TestCase):
         self.clock = task.Clock()
         self.spawn = FakeSpawner()
         self.sup = workers.WorkerSupervisor(
-            3, lambda i: ["/py", "w", str(i)], [5, 6], self.spawn, self.clock, stop_timeout=10
+            3,
+            lambda i: ["/py", "w", str(i)],
+            lambda: [5, 6],
+            self.spawn,
+            self.clock,
+            stop_timeout=10,
         )
 
     def test_starts_n_minus_one(self):

@@ -1,24 +1,66 @@
-"""``--config FILE``: a JSON object in the shape of a sing-box ``anytls`` inbound.
+"""The files the configuration names: ``--config FILE`` (a JSON object in the shape of a
+sing-box ``anytls`` inbound), ``--password-file`` and ``--padding-scheme``.
 
 Operators can paste the inbound they run today (or a whole sing-box config, whose first
-``anytls`` inbound is used). Fields we do not implement are reported as warnings, never silently
-dropped; invalid values fail with the file, the field and the reason.
+``anytls`` inbound is used). sing-box fields we do not implement are reported in one warning
+per object, never silently dropped; any other field is an error (a misspelt ``listen_port``
+must not fall back to the default port), with the closest known name as a hint. Invalid values
+fail with the file, the field and the reason.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from typing import Any, List, Optional, Tuple
+from typing import Any, Collection, List, Optional, Tuple
 
 import attr
 
 from ..endpoints import EndpointString
-from ..protocol.padding import PaddingScheme, PaddingSchemeError
+from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme, PaddingSchemeError
 
-#: Fields of a sing-box inbound that make no difference here (informational or defaults).
-_IGNORED_QUIETLY = {"type", "tag"}
-_KNOWN = {"listen", "listen_port", "users", "padding_scheme", "tls"} | _IGNORED_QUIETLY
-_TLS_KNOWN = {"enabled", "server_name", "certificate_path", "key_path", "alpn"}
+#: The inbound's fields we use, and those that make no difference here.
+_USED = {"listen", "listen_port", "users", "padding_scheme", "tls"}
+_QUIET = {"type", "tag"}
+#: sing-box's listen fields (docs: configuration/shared/listen) that we do not implement.
+_IGNORED = {
+    "bind_interface",
+    "routing_mark",
+    "reuse_addr",
+    "netns",
+    "tcp_fast_open",
+    "tcp_multi_path",
+    "disable_tcp_keep_alive",
+    "tcp_keep_alive",
+    "tcp_keep_alive_interval",
+    "udp_fragment",
+    "udp_timeout",
+    "detour",
+    "sniff",
+    "sniff_override_destination",
+    "sniff_timeout",
+    "domain_strategy",
+    "udp_disable_domain_unmapping",
+}
+_TLS_USED = {"enabled", "server_name", "certificate_path", "key_path", "alpn"}
+#: sing-box's inbound TLS fields (docs: configuration/shared/tls) that we do not implement.
+_TLS_IGNORED = {
+    "min_version",
+    "max_version",
+    "cipher_suites",
+    "curve_preferences",
+    "client_authentication",
+    "client_certificate",
+    "client_certificate_path",
+    "client_certificate_public_key_sha256",
+    "kernel_tx",
+    "kernel_rx",
+    "acme",
+    "ech",
+    "reality",
+}
+#: sing-box TLS fields refused: ignoring them would silently serve another certificate.
+_TLS_INLINE = {"certificate", "key"}
 
 
 class ConfigFileError(ValueError):
@@ -107,6 +149,27 @@ def _padding(path: str, value: Any) -> PaddingScheme:
         raise _fail(path, "padding_scheme", str(e)) from None
 
 
+def _check_fields(
+    path: str, obj: dict, prefix: str, used: Collection[str], ignored: Collection[str]
+) -> List[str]:
+    """Raise for an unknown field (naming the closest known one); warn about ignored ones."""
+    known = sorted(set(used) | set(ignored))
+    for key in obj:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known: {', '.join(known)}"
+            raise _fail(path, prefix + key, f"unknown field; {hint}")
+    skipped = [f"'{prefix}{key}'" for key in obj if key in ignored and key not in _QUIET]
+    if not skipped:
+        return []
+    fields = (
+        "field " + skipped[0] + " is"
+        if len(skipped) == 1
+        else "fields " + ", ".join(skipped) + " are"
+    )
+    return [f"{path}: sing-box {fields} not supported by anytls-twisted and ignored"]
+
+
 def load(path: str) -> FileSettings:
     """Read and validate ``path``; raise :class:`ConfigFileError` naming the problem."""
     try:
@@ -117,11 +180,7 @@ def load(path: str) -> FileSettings:
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
     inbound = _pick_inbound(path, document)
-    warnings = [
-        f"{path}: field {key!r} is not supported by anytls-twisted and is ignored"
-        for key in inbound
-        if key not in _KNOWN
-    ]
+    warnings = _check_fields(path, inbound, "", _USED, _QUIET | _IGNORED)
     values: dict = {"path": path}
     if "users" in inbound:
         values["users"] = _users(path, inbound["users"])
@@ -140,11 +199,9 @@ def load(path: str) -> FileSettings:
     else:
         if not isinstance(tls, dict):
             raise _fail(path, "tls", "must be an object")
-        warnings += [
-            f"{path}: field 'tls.{key}' is not supported by anytls-twisted and is ignored"
-            for key in tls
-            if key not in _TLS_KNOWN
-        ]
+        for key in sorted(_TLS_INLINE & set(tls))[:1]:
+            raise _fail(path, f"tls.{key}", f"inline PEM is not supported; use tls.{key}_path")
+        warnings += _check_fields(path, tls, "tls.", _TLS_USED | _TLS_INLINE, _TLS_IGNORED)
         values["tls_enabled"] = bool(tls.get("enabled", False))
         for key in ("server_name", "certificate_path", "key_path"):
             if key in tls:
@@ -160,3 +217,40 @@ def load(path: str) -> FileSettings:
             raise _fail(path, "tls", "certificate_path and key_path go together")
     values["warnings"] = tuple(warnings)
     return FileSettings(**values)
+
+
+ONE_PASSWORD = "give exactly one of --password or --password-file (or users in --config)"
+
+
+def users(
+    password: Optional[str], password_file: Optional[str], file: Optional[FileSettings]
+) -> Tuple[Tuple[str, str], ...]:
+    """The users: the command line's one password (user ``default``, from ``--password`` or
+    the first line of ``--password-file``) wins over the config file's users."""
+    if password is None and password_file is None and file and file.users:
+        return file.users
+    if (password is None) == (password_file is None):
+        raise ConfigFileError(ONE_PASSWORD)
+    if password_file is not None:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigFileError(f"cannot read password file {password_file}: {e}") from None
+    if not password:
+        raise ConfigFileError("the password is empty")
+    return (("default", password),)
+
+
+def padding(path: Optional[str], file: Optional[FileSettings]) -> PaddingScheme:
+    """The padding scheme: ``--padding-scheme``'s file, else the config file's, else the
+    protocol's default."""
+    if path is None:
+        return (file and file.padding) or DEFAULT_SCHEME
+    try:
+        with open(path, "rb") as f:
+            return PaddingScheme.parse(f.read(1 << 17))
+    except OSError as e:
+        raise ConfigFileError(f"cannot read padding scheme {path}: {e}") from None
+    except PaddingSchemeError as e:
+        raise ConfigFileError(f"invalid padding scheme {path}: {e}") from None

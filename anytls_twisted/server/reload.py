@@ -1,50 +1,29 @@
 """Reloading users, padding scheme and certificates without dropping anyone.
 
 SIGHUP, or a change to a certificate or key file (checked every ``--certificate-check-interval``
-seconds), re-reads the command line's files. Established sessions keep running; new sessions
-and new TLS handshakes use the new values; sessions of users who are gone (or whose password
-changed) are closed. A reload that fails keeps the old configuration and says why. Listening
-ports, timeouts and the destination policy are not reloaded: they need a restart.
+seconds), loads the settings again from the saved command line (:func:`.load.load`: the same
+parsed options, the files re-read) and makes them current in the server's :class:`LiveConfig`.
+Established sessions keep running; new sessions and new TLS handshakes use the new values;
+sessions of users who are gone (or whose password changed) are closed. A reload that fails
+keeps the old configuration and says why. A reload that names other listening ports (a config
+file's ``listen``/``listen_port`` changed) fails as a whole: ports need a restart. Timeouts
+and the destination policy come from the command line, which a reload does not change.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-import attr
 from twisted.application import service
 from twisted.internet import task
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from zope.interface import implementer
 
-from ..logs import get_logger
+from ..logs import get_logger, plural
+from .service import SessionRegistry
+from .settings import LiveConfig, Settings
 
 _log = get_logger("anytls_twisted.reload")
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class SwappableTLS:
-    """A TLS connection creator whose options can be replaced; new handshakes use the new ones."""
-
-    def __init__(self, options) -> None:
-        self.options = options
-
-    def serverConnectionForTLS(self, protocol):
-        return self.options.serverConnectionForTLS(protocol)
-
-
-@attr.frozen
-class Reloaded:
-    """What a rebuild produces: the new user table and padding, TLS options per TLS port, and
-    the files whose change should trigger a reload."""
-
-    users: object
-    padding: object
-    tls_options: Tuple[object, ...]
-    pins: Tuple[str, ...]
-    watched: Tuple[str, ...]
 
 
 def _stamp(paths: Sequence[str]) -> Dict[str, Optional[Tuple[float, int, int]]]:
@@ -59,20 +38,21 @@ def _stamp(paths: Sequence[str]) -> Dict[str, Optional[Tuple[float, int, int]]]:
 
 
 class Reloader(service.Service):
-    """Owns the SIGHUP handler and the certificate-file watch; applies rebuilds to the factory."""
+    """Owns the SIGHUP handler and the certificate-file watch; makes what ``rebuild`` loads
+    current in ``live`` and closes the sessions of removed users found in ``registry``."""
 
     def __init__(
         self,
-        reactor,
-        factory,
-        slots: List[SwappableTLS],
-        rebuild: Callable[[], Reloaded],
+        reactor: Any,
+        live: LiveConfig,
+        registry: SessionRegistry,
+        rebuild: Callable[[], Settings],
         watched: Sequence[str],
         interval: float,
     ) -> None:
         self.reactor = reactor
-        self.factory = factory
-        self.slots = slots
+        self.live = live
+        self.registry = registry
         self.rebuild = rebuild
         self.interval = interval
         self.reloads = 0
@@ -80,7 +60,7 @@ class Reloader(service.Service):
         self._stamps = _stamp(watched)
         self._loop = task.LoopingCall(self.check_files)
         self._loop.clock = reactor
-        self._previous_handler = None
+        self._previous_handler: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -99,7 +79,7 @@ class Reloader(service.Service):
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
 
-    def _on_sighup(self, signum, frame) -> None:
+    def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload, "SIGHUP")
 
     def check_files(self) -> None:
@@ -112,6 +92,7 @@ class Reloader(service.Service):
     def reload(self, why: str) -> bool:
         try:
             new = self.rebuild()
+            self.live.update(new.config, new.ports)
         except Exception as e:
             self.failures += 1
             _log.error(
@@ -120,24 +101,26 @@ class Reloader(service.Service):
                 error=str(e) or e.__class__.__name__,
             )
             return False
-        factory = self.factory
-        factory.config = attr.evolve(factory.config, users=new.users, padding=new.padding)
-        for slot, options in zip(self.slots, new.tls_options):
-            slot.options = options
+        for warning in new.warnings:
+            _log.warn("{warning}", warning=warning)
         self._stamps = _stamp(new.watched)
+        users = new.config.users
         closed = 0
-        for session in list(factory.registry.sessions):
-            if session.user is not None and not session.still_authorised(new.users):
+        for session in list(self.registry.sessions):
+            if session.user is not None and not session.still_authorised(users):
                 closed += 1
                 session.close("user removed or password changed by reload")
         self.reloads += 1
+        pins = [port.material.pin for port in new.ports if port.material is not None]
         _log.info(
-            "reloaded ({why}): {users} users, padding md5 {padding_md5}, certificate pins {pins}; "
-            "closed {closed} sessions of removed users",
+            "reloaded ({why}): {users_text}, padding md5 {padding_md5}, certificate pins "
+            "{pins}; closed {closed_text} of removed users",
             why=why,
-            users=len(new.users),
-            padding_md5=new.padding.md5,
-            pins=", ".join(new.pins) or "none",
+            users=len(users),
+            users_text=plural(len(users), "user"),
+            padding_md5=new.config.padding.md5,
+            pins=", ".join(pins) or "none",
             closed=closed,
+            closed_text=plural(closed, "session"),
         )
         return True

@@ -1,15 +1,17 @@
 """The Twisted shells around the session: factory, live-session registry, reaper, service.
 
-``AnyTLSService`` is a ``MultiService`` holding one listener per ``--port`` and the idle-session
-reaper. Stopping it closes the listeners first (no new sessions), then the sessions, aborting
-any that have not closed within the shutdown grace.
+``AnyTLSService`` is a ``MultiService`` that builds and owns the session factory, the registry,
+one listener per ``--port`` and the idle-session reaper. Stopping it closes the listeners first
+(no new sessions), then the sessions, aborting any that have not closed within the shutdown
+grace. All of them read the settings from one :class:`~.settings.LiveConfig` when they use them,
+so a reload reaches every part at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Callable, List, Set
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, Union
 
 from twisted.application import service, strports
 from twisted.internet import defer, task
@@ -21,7 +23,7 @@ from ..logs import get_logger
 from ..metrics import NULL_METRICS
 from .dialer import OriginDialer
 from .session import SessionProtocol
-from .settings import ServerConfig
+from .settings import LiveConfig, ServerConfig
 from .udp import listen_udp as quiet_listen_udp
 
 _log = get_logger("anytls_twisted.service")
@@ -30,13 +32,20 @@ _log = get_logger("anytls_twisted.service")
 class SessionRegistry:
     """The live sessions of one process, for the reaper and for shutdown."""
 
-    def __init__(self, clock, config: ServerConfig, metrics=NULL_METRICS) -> None:
+    def __init__(
+        self, clock, config: Union[ServerConfig, LiveConfig], metrics=NULL_METRICS
+    ) -> None:
         self.clock = clock
-        self.config = config
+        self.live = LiveConfig.of(config)
         self.metrics = metrics
         self.sessions: Set[SessionProtocol] = set()
         self.reaped = 0
         self._emptied: List[defer.Deferred] = []
+
+    @property
+    def config(self) -> ServerConfig:
+        """The current settings (the reaper reads the idle timeout at each check)."""
+        return self.live.config
 
     def add(self, session: SessionProtocol) -> None:
         self.sessions.add(session)
@@ -91,19 +100,24 @@ class AnyTLSFactory(Factory):
 
     def __init__(
         self,
-        config: ServerConfig,
+        config: Union[ServerConfig, LiveConfig],
         clock,
         dialer: OriginDialer,
         listen_udp: Callable,
         registry: SessionRegistry,
         metrics=NULL_METRICS,
     ) -> None:
-        self.config = config
+        self.live = LiveConfig.of(config)
         self.clock = clock
         self.dialer = dialer
         self.listen_udp = listen_udp
         self.registry = registry
         self.metrics = metrics  # metrics.Metrics, or NullMetrics (does nothing)
+
+    @property
+    def config(self) -> ServerConfig:
+        """The current settings; sessions and streams read it when they use a value."""
+        return self.live.config
 
 
 class ReaperService(service.Service):
@@ -135,16 +149,59 @@ def _exit_on_listen_failure():
         ) from None
 
 
+#: A listener: a Twisted endpoint string, or a callable making the listening service from the
+#: factory (``workers.AdoptedPort``); and ``wrap``, which turns the session factory into the one
+#: that listens (TLS, or the identity).
+Listener = Tuple[Union[str, Callable[[Any], service.Service]], Callable[[Factory], Any]]
+
+
 class AnyTLSService(service.MultiService):
-    """Listeners plus reaper; shuts down listeners, then sessions, within a bounded time."""
+    """Listeners plus reaper; shuts down listeners, then sessions, within a bounded time.
 
-    def __init__(self, config: ServerConfig, registry: SessionRegistry) -> None:
+    :ivar live: the :class:`~.settings.LiveConfig` every part reads.
+    :ivar registry: the :class:`SessionRegistry` of live sessions.
+    :ivar factory: the :class:`AnyTLSFactory` building sessions.
+    :ivar listeners: the listening services, one per ``listeners`` entry, in order.
+    :ivar reaper: the :class:`ReaperService` closing idle sessions.
+    """
+
+    def __init__(
+        self,
+        config: Union[ServerConfig, LiveConfig],
+        listeners: Sequence[Listener],
+        reactor,
+        dialer: Optional[OriginDialer] = None,
+        listen_udp: Optional[Callable] = None,
+        metrics=None,
+    ) -> None:
+        """``listeners`` is a list of ``(endpoint string, wrap)`` where ``wrap`` turns the
+        session factory into the one that listens (TLS or identity). ``dialer`` and
+        ``listen_udp`` are injectable for tests; ``metrics`` is a
+        :class:`~anytls_twisted.metrics.Metrics` (default: none kept)."""
         super().__init__()
-        self.config = config
-        self.registry = registry
-        self.listeners: List[service.Service] = []
+        self.live = LiveConfig.of(config)
+        if metrics is None:
+            metrics = NULL_METRICS
+        self.registry = SessionRegistry(reactor, self.live, metrics)
+        if dialer is None:
+            dialer = OriginDialer(reactor, self.config.connect_timeout)
+        if listen_udp is None:
+            listen_udp = quiet_listen_udp(reactor)
 
-    def add_listener(self, description: str, factory, reactor) -> service.Service:
+        self.factory = AnyTLSFactory(self.live, reactor, dialer, listen_udp, self.registry, metrics)
+        self.listeners: List[service.Service] = []
+        for where, wrap in listeners:
+            self.add_listener(where, wrap(self.factory), reactor)
+        self.reaper = ReaperService(self.registry, self.config.idle_session_check_interval, reactor)
+        self.reaper.setServiceParent(self)
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.live.config
+
+    def add_listener(
+        self, description: Union[str, Callable[[Any], service.Service]], factory, reactor
+    ) -> service.Service:
         if callable(description):  # a ready listener, e.g. workers.AdoptedPort
             listener = description(factory)
         else:
@@ -179,30 +236,5 @@ class AnyTLSService(service.MultiService):
         yield defer.gatherResults([defer.maybeDeferred(s.stopService) for s in others])
 
 
-def build_service(
-    config: ServerConfig,
-    listeners: List[tuple],
-    reactor,
-    dialer: OriginDialer = None,
-    listen_udp: Callable = None,
-    metrics=None,
-) -> AnyTLSService:
-    """Assemble the service: ``listeners`` is a list of ``(endpoint string, wrap)`` where
-    ``wrap`` turns the session factory into the one that listens (TLS or identity).
-    ``dialer`` and ``listen_udp`` are injectable for tests; ``metrics`` is a
-    :class:`~anytls_twisted.metrics.Metrics` (default: none kept)."""
-    if metrics is None:
-        metrics = NULL_METRICS
-    registry = SessionRegistry(reactor, config, metrics)
-    if dialer is None:
-        dialer = OriginDialer(reactor, config.connect_timeout)
-    if listen_udp is None:
-        listen_udp = quiet_listen_udp(reactor)
-
-    factory = AnyTLSFactory(config, reactor, dialer, listen_udp, registry, metrics)
-    top = AnyTLSService(config, registry)
-    top.factory = factory
-    for description, wrap in listeners:
-        top.add_listener(description, wrap(factory), reactor)
-    ReaperService(registry, config.idle_session_check_interval, reactor).setServiceParent(top)
-    return top
+#: Assemble the service (the name callers and tests have used; the class builds the parts).
+build_service = AnyTLSService

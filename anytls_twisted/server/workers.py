@@ -15,14 +15,17 @@ import os
 import re
 import signal
 import socket
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.python import reflect
 
 from ..endpoints import HAPROXY, EndpointString
 from ..logs import get_logger
 from ..tls import DEFAULT_BACKLOG
+from .settings import Workers
 
 _log = get_logger("anytls_twisted.workers")
 
@@ -167,12 +170,36 @@ def metrics_for(description: Optional[str], index: int) -> Optional[str]:
     return parsed.with_argument(0, "port", str(int(port) + index)).format()
 
 
+def plan(
+    count: int,
+    index: int,
+    worker_fds: Optional[str],
+    endpoints: Sequence[str],
+    metrics: Optional[str],
+    argv: Sequence[str],
+    logger: Any,
+) -> Workers:
+    """This process's part (``ValueError`` if the ports cannot be shared): a worker adopts
+    ``--worker-fds``; the parent of ``count`` > 1 processes binds every (TCP) port itself.
+    ``logger`` is twistd's ``--logger``, which the workers get too."""
+    twistd = ["--nodaemon", "--pidfile="]
+    if logger:  # twistd's parsing replaces the name by the observer factory
+        twistd.append(f"--logger={logger if isinstance(logger, str) else reflect.qual(logger)}")
+    common: Dict[str, Any] = {"argv": tuple(argv), "twistd_argv": tuple(twistd)}
+    if worker_fds is not None:
+        return Workers(index=index, inherited=tuple(parse_worker_fds(worker_fds)), **common)
+    if count == 1:
+        return Workers(**common)
+    metrics_for(metrics, 1)
+    return Workers(count=count, shared=tuple(parse_tcp(e) for e in endpoints), **common)
+
+
 class AdoptedPort(service.Service):
     """A listener on an inherited or pre-bound socket (``reactor.adoptStreamPort``)."""
 
     def __init__(self, fd: int, family: int, factory, reactor) -> None:
         self.fd, self.family, self.factory, self.reactor = fd, family, factory, reactor
-        self.port = None
+        self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -184,6 +211,75 @@ class AdoptedPort(service.Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+class SharedPort(AdoptedPort):
+    """The parent's listener for one port shared with the workers: bound in
+    ``privilegedStartService`` (a busy port ends twistd with one line, before anything is
+    logged about the ports), then served here like the workers serve it. The socket stays open
+    while the process runs: workers restarted later inherit it."""
+
+    def __init__(self, listen: TCPListen, factory, reactor) -> None:
+        super().__init__(-1, listen.family, factory, reactor)
+        self.listen = listen
+        self.socket: Optional[socket.socket] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.bind()
+
+    def startService(self) -> None:
+        self.bind()
+        super().startService()
+
+    def bind(self) -> None:
+        if self.socket is not None:
+            return
+        try:
+            self.socket = bind(self.listen)
+        except OSError as e:
+            where = f"{self.listen.host or '*'}:{self.listen.port}"
+            raise SystemExit(f"twistd anytls: error: cannot listen on {where}: {e}") from None
+        self.fd = self.socket.fileno()
+
+
+Listen = Callable[[Any], service.Service]
+
+
+def listeners(plan: Workers, endpoints: Sequence[str], reactor) -> Optional[List[Listen]]:
+    """With ``--workers``, for each port what makes its listener from the (TLS) factory: the
+    parent shares the port it binds, a worker adopts the descriptor it inherited; a PROXY
+    header wrapper goes outside for ``haproxy:`` ports. None without ``--workers``."""
+
+    def adopt(fd: int, family: int, proxied: bool) -> Listen:
+        return lambda factory: AdoptedPort(
+            fd, family, wrap_haproxy(factory) if proxied else factory, reactor
+        )
+
+    def share(listen: TCPListen) -> Listen:
+        return lambda factory: SharedPort(
+            listen, wrap_haproxy(factory) if listen.haproxy else factory, reactor
+        )
+
+    if plan.inherited is not None:
+        haproxy = [endpoint.startswith("haproxy:") for endpoint in endpoints]
+        return [adopt(fd, family, p) for (fd, family), p in zip(plan.inherited, haproxy)]
+    return [share(listen) for listen in plan.shared] if plan.shared else None
+
+
+def supervisor(plan: Workers, shared: Sequence[SharedPort], reactor) -> Optional[WorkerSupervisor]:
+    """The parent's supervisor of workers 1 to N-1 (None unless ``--workers`` N > 1): each runs
+    our command line with the shared sockets as inherited descriptors."""
+    if not plan.shared:
+        return None
+    families = [int(listen.family) for listen in plan.shared]
+    return WorkerSupervisor(
+        plan.count,
+        lambda i: worker_argv(sys.executable, plan.twistd_argv, plan.argv, i, families),
+        lambda: [port.fd for port in shared],
+        lambda *args, **kwargs: reactor.spawnProcess(*args, **kwargs),
+        reactor,
+    )
 
 
 def accept_one_at_a_time(port) -> None:
@@ -269,14 +365,16 @@ class WorkerSupervisor(service.Service):
         self,
         count: int,
         argv_for: Callable[[int], List[str]],
-        fds: Sequence[int],
+        fds: Callable[[], Sequence[int]],
         spawn: Callable,
         clock,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
+        """``fds``: the shared sockets' descriptors, asked for when a worker starts (the
+        sockets are bound when the service starts)."""
         self.count = count
         self.argv_for = argv_for
-        self.fds = list(fds)
+        self.fds = fds
         self.spawn = spawn  # reactor.spawnProcess-like
         self.clock = clock
         self.stop_timeout = stop_timeout
@@ -312,7 +410,7 @@ class WorkerSupervisor(service.Service):
             argv[0],
             argv,
             env=os.environ.copy(),
-            childFDs=child_fds(self.fds),
+            childFDs=child_fds(self.fds()),
         )
         self.processes[index] = proc
         self.started_at[index] = self.clock.seconds()
