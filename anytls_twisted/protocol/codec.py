@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 HEADER = struct.Struct(">BIH")
 HEADER_SIZE = HEADER.size  # 7
@@ -129,13 +129,13 @@ class FrameDecoder:
         return frames
 
 
-def parse_settings(data: bytes) -> dict:
+def parse_settings(data: bytes) -> Dict[str, str]:
     """Parse ``key=value`` lines (Settings, ServerSettings, padding schemes).
 
     Split on LF, split each line at its first ``=``, skip lines without one; later keys win.
     Invalid UTF-8 is replaced rather than trusted.
     """
-    result = {}
+    result: Dict[str, str] = {}
     for line in data.decode("utf-8", "replace").split("\n"):
         key, sep, value = line.partition("=")
         if sep:
@@ -143,6 +143,6 @@ def parse_settings(data: bytes) -> dict:
     return result
 
 
-def format_settings(settings: dict) -> bytes:
+def format_settings(settings: Mapping[str, object]) -> bytes:
     """The inverse of :func:`parse_settings`: LF-joined lines, no trailing newline."""
     return "\n".join(f"{k}={v}" for k, v in settings.items()).encode("utf-8")
