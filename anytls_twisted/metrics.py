@@ -16,7 +16,7 @@ Every metric is described in docs/metrics.md.
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from typing import Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -74,8 +74,8 @@ class Metrics(NullMetrics):
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self._sessions: Set[object] = set()
-        self._streams: Set[object] = set()
+        self._sessions: Set[Any] = set()
+        self._streams: Set[Any] = set()
         # Totals folded in from closed streams; open streams are read at scrape time.
         self._bytes: Dict[Tuple[str, str], int] = _Tally()
         self._datagrams: Dict[str, int] = _Tally()
@@ -306,7 +306,7 @@ def metrics_site(metrics: Metrics, running: Callable[[], bool]):
 
     site = Site(metrics_resource(metrics, running))
     site.noisy = False
-    site.log = lambda request: None  # Prometheus scrapes every few seconds
+    site.log = lambda request: None  # type: ignore[method-assign]  # Prometheus scrapes often
     return site
 
 

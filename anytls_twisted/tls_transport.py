@@ -22,7 +22,10 @@ and behave, so a Twisted release that changes them fails the tests rather than t
 
 from __future__ import annotations
 
+from typing import List
+
 from OpenSSL import SSL
+from twisted.internet.interfaces import ITransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -47,12 +50,15 @@ class BulkTLSProtocol(BufferingTLSTransport):
     """``BufferingTLSTransport`` (small writes still aggregated per reactor turn) whose records
     leave for the TCP transport in one ``writeSequence`` per write."""
 
-    def _write(self, data) -> None:
+    #: Set before any write: Twisted's TLS layer writes only once connected.
+    transport: ITransport
+
+    def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
         connection = self._tlsConnection
         view = memoryview(data)
-        records = []
+        records: List[bytes] = []
         done = 0
         while done < len(view):
             try:
@@ -69,7 +75,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
         if records:
             self.transport.writeSequence(records)
 
-    def _drain(self, into: list) -> None:
+    def _drain(self, into: List[bytes]) -> None:
         """Move every byte waiting in the send BIO to ``into``."""
         connection = self._tlsConnection
         while True:
@@ -82,7 +88,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
                 return
 
     def _flushSendBIO(self) -> None:
-        records: list = []
+        records: List[bytes] = []
         self._drain(records)
         if records:
             self.transport.writeSequence(records)
