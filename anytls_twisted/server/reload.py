@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.application import service
@@ -20,6 +20,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from ..logs import get_logger
+from ..protocol.auth import UserTable
+from ..protocol.padding import PaddingScheme
 
 _log = get_logger("anytls_twisted.reload")
 
@@ -40,8 +42,8 @@ class Reloaded:
     """What a rebuild produces: the new user table and padding, TLS options per TLS port, and
     the files whose change should trigger a reload."""
 
-    users: object
-    padding: object
+    users: UserTable
+    padding: PaddingScheme
     tls_options: Tuple[object, ...]
     pins: Tuple[str, ...]
     watched: Tuple[str, ...]
@@ -80,7 +82,7 @@ class Reloader(service.Service):
         self._stamps = _stamp(watched)
         self._loop = task.LoopingCall(self.check_files)
         self._loop.clock = reactor
-        self._previous_handler = None
+        self._previous_handler: Any = None
 
     def startService(self) -> None:
         super().startService()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Callable, List, Set
+from typing import Callable, List, Optional, Set
 
 from twisted.application import service, strports
 from twisted.internet import defer, task
@@ -138,6 +138,9 @@ def _exit_on_listen_failure():
 class AnyTLSService(service.MultiService):
     """Listeners plus reaper; shuts down listeners, then sessions, within a bounded time."""
 
+    factory: AnyTLSFactory  # set by build_service
+    reloader: service.Service  # set by tap.makeService
+
     def __init__(self, config: ServerConfig, registry: SessionRegistry) -> None:
         super().__init__()
         self.config = config
@@ -183,8 +186,8 @@ def build_service(
     config: ServerConfig,
     listeners: List[tuple],
     reactor,
-    dialer: OriginDialer = None,
-    listen_udp: Callable = None,
+    dialer: Optional[OriginDialer] = None,
+    listen_udp: Optional[Callable] = None,
     metrics=None,
 ) -> AnyTLSService:
     """Assemble the service: ``listeners`` is a list of ``(endpoint string, wrap)`` where

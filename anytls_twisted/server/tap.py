@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, cast
 
 from twisted.python import usage
 
@@ -37,7 +37,7 @@ def _positive(kind):
             raise ValueError(f"must be positive, got {text}")
         return value
 
-    convert.coerceDoc = "A positive number."
+    convert.coerceDoc = "A positive number."  # type: ignore[attr-defined]
     return convert
 
 
@@ -444,7 +444,7 @@ def _load_material(options: Options, specs) -> dict:
                 cert_path, key_path = certs.ensure_self_signed(
                     options["state-dir"], options["server-name"]
                 )
-            material[key] = certs.load_certificate_files(cert_path, key_path, chain)
+            material[key] = certs.load_certificate_files(cert_path, cast(str, key_path), chain)
         except certs.CertificateError as e:
             raise usage.UsageError(str(e))
     return material

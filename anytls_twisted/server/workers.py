@@ -15,10 +15,11 @@ import os
 import re
 import signal
 import socket
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 
 from ..endpoints import HAPROXY, EndpointString
 from ..logs import get_logger
@@ -280,12 +281,12 @@ class WorkerSupervisor(service.Service):
         self.spawn = spawn  # reactor.spawnProcess-like
         self.clock = clock
         self.stop_timeout = stop_timeout
-        self.processes: Dict[int, object] = {}
+        self.processes: Dict[int, IProcessTransport] = {}
         self.started_at: Dict[int, float] = {}
         self.backoff: Dict[int, float] = {}
-        self.pending: Dict[int, object] = {}
+        self.pending: Dict[int, IDelayedCall] = {}
         self._stopped: Dict[int, defer.Deferred] = {}
-        self._previous_hup = None
+        self._previous_hup: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -358,7 +359,7 @@ class WorkerSupervisor(service.Service):
         self.pending.clear()
         waits = []
         for index in list(self.processes):
-            d = defer.Deferred()
+            d: defer.Deferred[None] = defer.Deferred()
             self._stopped[index] = d
             waits.append(d)
         self.signal_all("TERM")
