@@ -40,11 +40,13 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-# Lint and format checks; a finding fails the run, after the tests have run.
+# Lint, format and type checks; a finding fails the run, after the tests have run.
 if [ $# -eq 0 ]; then
     echo "ruff: lint and format checks"
     .venv/bin/ruff check . || status=1
     .venv/bin/ruff format --check . || status=1
+    echo "mypy: type checks (with mypy-zope; settings in pyproject.toml)"
+    .venv/bin/mypy || status=1
 fi
 # The checkout comes first on sys.path, so the tests exercise the working tree.
 PYTHONPATH=. .venv/bin/python -m twisted.trial "${@:-tests}" 2>&1 | tee "$log" || status=$?
