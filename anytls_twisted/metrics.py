@@ -69,7 +69,27 @@ NULL_METRICS = NullMetrics()
 
 
 class Metrics(NullMetrics):
-    """The live metrics of one server, on their own registry (``self.registry``)."""
+    """The live metrics of one server, on their own registry (``self.registry``).
+
+    docs/metrics.md describes each metric; the Prometheus name is given below.
+
+    @ivar registry: The ``CollectorRegistry`` that holds every metric of this server, and
+        that ``/metrics`` renders.
+    @ivar sessions_total: ``anytls_sessions_total``: sessions authenticated, by user.
+    @ivar streams_total: ``anytls_streams_total``: streams opened, by kind (tcp, udp).
+    @ivar auth_failures: ``anytls_auth_failures_total``, by reason.
+    @ivar connect_failures: ``anytls_origin_connect_failures_total``, by reason.
+    @ivar refused: ``anytls_destinations_refused_total``: destinations the policy refused, by
+        kind.
+    @ivar synack_latency: ``anytls_synack_latency_seconds``, by kind and result.
+    @ivar reaped: ``anytls_sessions_reaped_total``: idle sessions the reaper closed.
+    @ivar _sessions: The authenticated sessions open now.
+    @ivar _streams: The streams open now; their byte and datagram counters are read at scrape
+        time.
+    @ivar _bytes: Payload bytes of closed streams, by ``(direction, user)``.
+    @ivar _datagrams: UDP-over-TCP datagrams of closed streams, by direction.
+    @ivar _dropped: UDP-over-TCP datagrams dropped by closed streams.
+    """
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

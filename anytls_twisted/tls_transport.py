@@ -48,9 +48,13 @@ TWISTED_INTERNALS = (
 
 class BulkTLSProtocol(BufferingTLSTransport):
     """``BufferingTLSTransport`` (small writes still aggregated per reactor turn) whose records
-    leave for the TCP transport in one ``writeSequence`` per write."""
+    leave for the TCP transport in one ``writeSequence`` per write.
 
-    #: Set before any write: Twisted's TLS layer writes only once connected.
+    Attributes are Twisted's (:data:`TWISTED_INTERNALS` lists the private ones used here).
+
+    @ivar transport: The TCP transport the records go to; set on connection, before any write.
+    """
+
     transport: ITransport
 
     def _write(self, data: bytes) -> None:
@@ -95,6 +99,9 @@ class BulkTLSProtocol(BufferingTLSTransport):
 
 
 class BulkTLSFactory(TLSMemoryBIOFactory):
-    """``TLSMemoryBIOFactory`` building :class:`BulkTLSProtocol` connections."""
+    """``TLSMemoryBIOFactory`` building :class:`BulkTLSProtocol` connections.
+
+    @cvar protocol: The connection class, :class:`BulkTLSProtocol`.
+    """
 
     protocol = BulkTLSProtocol

@@ -46,7 +46,12 @@ class AddressError(ValueError):
 
 @attr.frozen
 class Destination:
-    """A host (IP literal text or domain name) and port, as the client asked for it."""
+    """A host (IP literal text or domain name) and port, as the client asked for it.
+
+    @ivar host: An IP address in its canonical text (IPv4-mapped IPv6 unwrapped, no brackets),
+        or a domain name as the client sent it.
+    @ivar port: The port, 0 to 65535.
+    """
 
     host: str
     port: int
@@ -202,7 +207,11 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 @attr.frozen
 class DestinationPolicy:
-    """Which resolved addresses the server may reach. ``allow_private`` opts in to all."""
+    """Which resolved addresses the server may reach.
+
+    @ivar allow_private: Whether every address may be reached, loopback and private ranges
+        included (``--allow-private``); otherwise only those :func:`is_public` accepts.
+    """
 
     allow_private: bool = False
 
