@@ -6,14 +6,12 @@ transport's ``write``. :class:`BulkTLSProtocol` keeps the one ``SSL_write`` per 
 slices with a memoryview instead of copying, and hands the records of one application write to
 the TCP transport in a single ``writeSequence``. The bytes on the wire are the same records.
 
-Measured (docs/performance.md): server CPU per GiB downloaded 1.20 s with Twisted's transport
-and 1.08 s with this one (medians of 5 alternating runs of each).
+It takes less server CPU per GiB downloaded than Twisted's transport (figures in
+docs/performance.md, "Why the code is shaped this way").
 
 Tried and not kept: more than one record per ``SSL_write`` (clearing pyOpenSSL's
-``SSL_MODE_ENABLE_PARTIAL_WRITE``). It halves the calls into OpenSSL, but OpenSSL's memory BIO
-never gives memory back, so every session that ever downloaded kept a buffer as large as its
-largest write: 22 KiB more per session for 32 KiB writes, 57 KiB for 64 KiB, measured, for no
-CPU difference visible in the server (1.10 against 1.08 s/GiB).
+``SSL_MODE_ENABLE_PARTIAL_WRITE``). OpenSSL's memory BIO never gives memory back, so every
+session would keep a buffer as large as its largest write, for no CPU gain in the server.
 
 This overrides two private methods of Twisted's ``TLSMemoryBIOProtocol`` and uses four private
 attributes (:data:`TWISTED_INTERNALS`); tests/test_tls_transport.py checks that they still exist

@@ -65,11 +65,9 @@ class Destination:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-#: Entries kept by the memoised parsers and the policy check below. ``ipaddress`` takes a few
-#: microseconds per parse and ``is_global`` walks a list of networks; a UDP-over-TCP stream
-#: parses the same few addresses for every datagram (benches/profile.py udp: 8.5% of the
-#: server's samples were in ``ipaddress``, 1.9% with these caches). The results are immutable,
-#: so caching is safe; the bound keeps a client sending many addresses from growing it.
+#: Entries kept by each memoised helper below. A UDP-over-TCP stream parses the same few
+#: addresses for every datagram, and ``ipaddress`` is slow at it (docs/performance.md); the
+#: results are immutable, and the bound keeps a client sending many addresses from growing them.
 CACHE_SIZE = 1024
 
 _P = ParamSpec("_P")
