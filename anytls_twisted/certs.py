@@ -39,7 +39,18 @@ class CertificateError(Exception):
 
 @attr.frozen
 class TLSMaterial:
-    """What a TLS port needs: the leaf, its key, the chain sent after it, and facts to log."""
+    """What a TLS port needs: the leaf, its key, the chain sent after it, and facts to log.
+
+    @ivar certificate: The leaf certificate, the first in its PEM file.
+    @ivar private_key: The leaf's private key (a ``cryptography`` private key object, checked
+        to match the certificate); left out of ``repr``.
+    @ivar chain: The intermediate certificates sent after the leaf: the rest of the
+        certificate file, then those of the chain file.
+    @ivar pin: The leaf's public-key pin (:func:`spki_pin`), for sing-box's
+        ``tls.certificate_public_key_sha256``.
+    @ivar not_after: When the leaf expires (UTC).
+    @ivar cert_path: The file the leaf was loaded from, for messages.
+    """
 
     certificate: x509.Certificate
     private_key: Any = attr.field(repr=False)

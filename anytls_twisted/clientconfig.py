@@ -68,7 +68,7 @@ class ClientEndpoint:
 
     port_description: str  # the --port as given
     server: str  # host name, IP literal, or ADDRESS_PLACEHOLDER
-    server_port: int
+    server_port: int  # the port the client dials: --public-address's, else the listening one
     server_name: str  # tls.server_name
     pin: Optional[str]  # tls.certificate_public_key_sha256 (self-signed certificates only)
     tls: bool  # False: a plain port behind a TLS-terminating proxy

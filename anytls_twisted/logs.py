@@ -37,8 +37,8 @@ def get_logger(namespace: str) -> Logger:
 
 
 #: Whether debug events pass the filter. Per-stream call sites check it first, so that at the
-#: usual levels they do not build and publish events only to have them dropped (three per new
-#: stream: 3% of the server's samples in benches/profile.py latency).
+#: usual levels they do not build and publish events only to have them dropped (cost measured
+#: in docs/performance.md).
 DEBUG = False
 
 

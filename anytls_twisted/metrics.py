@@ -16,7 +16,7 @@ Every metric is described in docs/metrics.md.
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from typing import Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -69,13 +69,33 @@ NULL_METRICS = NullMetrics()
 
 
 class Metrics(NullMetrics):
-    """The live metrics of one server, on their own registry (``self.registry``)."""
+    """The live metrics of one server, on their own registry (``self.registry``).
+
+    docs/metrics.md describes each metric; the Prometheus name is given below.
+
+    @ivar registry: The ``CollectorRegistry`` that holds every metric of this server, and
+        that ``/metrics`` renders.
+    @ivar sessions_total: ``anytls_sessions_total``: sessions authenticated, by user.
+    @ivar streams_total: ``anytls_streams_total``: streams opened, by kind (tcp, udp).
+    @ivar auth_failures: ``anytls_auth_failures_total``, by reason.
+    @ivar connect_failures: ``anytls_origin_connect_failures_total``, by reason.
+    @ivar refused: ``anytls_destinations_refused_total``: destinations the policy refused, by
+        kind.
+    @ivar synack_latency: ``anytls_synack_latency_seconds``, by kind and result.
+    @ivar reaped: ``anytls_sessions_reaped_total``: idle sessions the reaper closed.
+    @ivar _sessions: The authenticated sessions open now.
+    @ivar _streams: The streams open now; their byte and datagram counters are read at scrape
+        time.
+    @ivar _bytes: Payload bytes of closed streams, by ``(direction, user)``.
+    @ivar _datagrams: UDP-over-TCP datagrams of closed streams, by direction.
+    @ivar _dropped: UDP-over-TCP datagrams dropped by closed streams.
+    """
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self._sessions: Set[object] = set()
-        self._streams: Set[object] = set()
+        self._sessions: Set[Any] = set()
+        self._streams: Set[Any] = set()
         # Totals folded in from closed streams; open streams are read at scrape time.
         self._bytes: Dict[Tuple[str, str], int] = _Tally()
         self._datagrams: Dict[str, int] = _Tally()
@@ -306,7 +326,7 @@ def metrics_site(metrics: Metrics, running: Callable[[], bool]):
 
     site = Site(metrics_resource(metrics, running))
     site.noisy = False
-    site.log = lambda request: None  # Prometheus scrapes every few seconds
+    site.log = lambda request: None  # type: ignore[method-assign]  # Prometheus scrapes often
     return site
 
 

@@ -265,8 +265,8 @@ def _parse_tls(endpoint: EndpointString) -> Tuple[EndpointString, Dict[str, str]
 
 def _paired(files: Dict[str, str]) -> Dict[str, str]:
     if "private_key" in files or "cert_key" in files:
-        files.setdefault("cert_key", files.get("private_key"))
-        files.setdefault("private_key", files.get("cert_key"))
+        files.setdefault("cert_key", files.get("private_key", ""))
+        files.setdefault("private_key", files.get("cert_key", ""))
     return files
 
 

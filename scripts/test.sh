@@ -10,17 +10,29 @@ SINGBOX_112=${SINGBOX_112:-1.12.23}
 
 # System tools that some tests drive for real: HAProxy (PROXY protocol), promtool (metrics
 # format) and systemd-analyze (unit files), from Debian's packages. Without them those tests skip.
+# Missing ones are installed system-wide with apt-get when running as root; the run says which
+# and why before it does.
 need=()
-command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
-command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+why=()
+want() {  # want COMMAND PACKAGE WHAT-NEEDS-IT
+    command -v "$1" >/dev/null 2>&1 && return 0
+    need+=("$2")
+    why+=("  $2 (for $1): $3")
+}
+want haproxy haproxy "tests/test_e2e_haproxy.py runs our server behind a real HAProxy (PROXY protocol)"
+want promtool prometheus "tests/test_e2e_metrics.py checks /metrics with promtool check metrics"
+want systemd-analyze systemd \
+    "tests/test_systemd.py verifies contrib/systemd units and uses systemd-socket-activate"
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "Installing system-wide with apt-get (Debian packages) for tests that need them:"
+        printf '%s\n' "${why[@]}"
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             --no-install-recommends "${need[@]}" >/dev/null; } \
             || echo "warning: could not install ${need[*]}; tests that need them will skip" >&2
     else
-        echo "note: ${need[*]} not installed (needs root and apt); tests that need them will skip" >&2
+        echo "note: ${need[*]} not installed (needs root and apt); tests that need them will skip:" >&2
+        printf '%s\n' "${why[@]}" >&2
     fi
 fi
 
@@ -40,11 +52,13 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-# Lint and format checks; a finding fails the run, after the tests have run.
+# Lint, format and type checks; a finding fails the run, after the tests have run.
 if [ $# -eq 0 ]; then
     echo "ruff: lint and format checks"
     .venv/bin/ruff check . || status=1
     .venv/bin/ruff format --check . || status=1
+    echo "mypy: type checks (with mypy-zope; settings in pyproject.toml)"
+    .venv/bin/mypy || status=1
 fi
 # The checkout comes first on sys.path, so the tests exercise the working tree.
 PYTHONPATH=. .venv/bin/python -m twisted.trial "${@:-tests}" 2>&1 | tee "$log" || status=$?

@@ -13,11 +13,25 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import (
+    Callable,
+    List,
+    Optional,
+    ParamSpec,
+    Protocol,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    cast,
+)
 
 import attr
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+#: What the parsers read: a frame's bytes, or the UDP-over-TCP stream's receive buffer.
+Buffer = Union[bytes, bytearray]
 
 #: The longest SOCKS address: ATYP + length + 255 name bytes + port.
 MAX_ADDRESS_SIZE = 1 + 1 + 255 + 2
@@ -32,7 +46,12 @@ class AddressError(ValueError):
 
 @attr.frozen
 class Destination:
-    """A host (IP literal text or domain name) and port, as the client asked for it."""
+    """A host (IP literal text or domain name) and port, as the client asked for it.
+
+    @ivar host: An IP address in its canonical text (IPv4-mapped IPv6 unwrapped, no brackets),
+        or a domain name as the client sent it.
+    @ivar port: The port, 0 to 65535.
+    """
 
     host: str
     port: int
@@ -46,15 +65,30 @@ class Destination:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-#: Entries kept by the memoised parsers and the policy check below. ``ipaddress`` takes a few
-#: microseconds per parse and ``is_global`` walks a list of networks; a UDP-over-TCP stream
-#: parses the same few addresses for every datagram (benches/profile.py udp: 8.5% of the
-#: server's samples were in ``ipaddress``, 1.9% with these caches). The results are immutable,
-#: so caching is safe; the bound keeps a client sending many addresses from growing it.
+#: Entries kept by each memoised helper below. A UDP-over-TCP stream parses the same few
+#: addresses for every datagram, and ``ipaddress`` is slow at it (docs/performance.md); the
+#: results are immutable, and the bound keeps a client sending many addresses from growing them.
 CACHE_SIZE = 1024
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R", covariant=True)
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+
+class _Memoised(Protocol[_P, _R]):
+    """A function memoised by :func:`_memoise`: its own signature, and the cache's statistics."""
+
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+
+    def cache_info(self) -> functools._CacheInfo: ...
+
+
+def _memoise(function: Callable[_P, _R]) -> _Memoised[_P, _R]:
+    """``functools.lru_cache(maxsize=CACHE_SIZE)``, typed so that mypy still checks the
+    arguments of calls (``lru_cache``'s own type accepts any hashable ones)."""
+    return cast("_Memoised[_P, _R]", functools.lru_cache(maxsize=CACHE_SIZE)(function))
+
+
+@_memoise
 def parse_ip(text: str) -> Optional[IPAddress]:
     """Parse an IP literal (brackets allowed around IPv6); unwrap IPv4-mapped IPv6."""
     if text.startswith("[") and text.endswith("]"):
@@ -81,7 +115,7 @@ def _decode_name(raw: bytes) -> str:
 
 
 def _parse(
-    data: bytes, offset: int, ipv4: int, ipv6: int, domain: int
+    data: Buffer, offset: int, ipv4: int, ipv6: int, domain: int
 ) -> Optional[Tuple[Destination, int]]:
     if len(data) - offset < 1:
         return None
@@ -111,18 +145,18 @@ def _parse(
     return Destination(host, port), pos + size + 2
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+@_memoise
 def _ip_text(packed: bytes) -> str:
     """The text of a packed IPv4 or IPv6 address, IPv4-mapped IPv6 unwrapped."""
     return str(parse_ip(str(ipaddress.ip_address(packed))))
 
 
-def parse_socks_address(data: bytes, offset: int = 0) -> Optional[Tuple[Destination, int]]:
+def parse_socks_address(data: Buffer, offset: int = 0) -> Optional[Tuple[Destination, int]]:
     """Parse a SOCKS-style address at ``offset``: ``(destination, end offset)`` or ``None``."""
     return _parse(data, offset, SOCKS_IPV4, SOCKS_IPV6, SOCKS_DOMAIN)
 
 
-def parse_uot_address(data: bytes, offset: int = 0) -> Optional[Tuple[Destination, int]]:
+def parse_uot_address(data: Buffer, offset: int = 0) -> Optional[Tuple[Destination, int]]:
     """Parse a UoT AddrParser address at ``offset``: ``(destination, end offset)`` or ``None``."""
     return _parse(data, offset, UOT_IPV4, UOT_IPV6, UOT_DOMAIN)
 
@@ -148,7 +182,7 @@ def encode_uot_address(dest: Destination) -> bytes:
     return _encode(dest, UOT_IPV4, UOT_IPV6, UOT_DOMAIN)
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+@_memoise
 def is_public(ip: IPAddress) -> bool:
     """True for globally routable unicast addresses, the only ones reachable by default.
 
@@ -171,7 +205,11 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 @attr.frozen
 class DestinationPolicy:
-    """Which resolved addresses the server may reach. ``allow_private`` opts in to all."""
+    """Which resolved addresses the server may reach.
+
+    @ivar allow_private: Whether every address may be reached, loopback and private ranges
+        included (``--allow-private``); otherwise only those :func:`is_public` accepts.
+    """
 
     allow_private: bool = False
 

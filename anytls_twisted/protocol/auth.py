@@ -32,6 +32,8 @@ class PreambleReader:
 
     ``feed`` returns ``None`` until the preamble is complete, then ``(digest, rest)`` where
     ``rest`` is whatever followed it. At most 34 + 65535 bytes are ever held.
+
+    @ivar _buffer: The bytes fed since the last complete preamble.
     """
 
     def __init__(self) -> None:
@@ -57,6 +59,9 @@ class UserTable:
     per-process ``k``, so dictionary probing reveals nothing an attacker can steer, and the final
     match is confirmed with :func:`hmac.compare_digest`. Several users are supported; two users
     with the same password collapse into one entry and the later one wins, as in sing-box.
+
+    @ivar _key: The random HMAC key of this table, drawn when it is built.
+    @ivar _table: ``HMAC(_key, digest)`` -> ``(digest, user name)`` for every user.
     """
 
     def __init__(self, users: Iterable[Tuple[str, str]]) -> None:

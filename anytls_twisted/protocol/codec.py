@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 HEADER = struct.Struct(">BIH")
 HEADER_SIZE = HEADER.size  # 7
@@ -30,10 +30,15 @@ class Command(enum.IntEnum):
 
 
 class Frame(NamedTuple):
-    """One decoded frame. ``cmd`` is an int so unknown commands survive decoding.
+    """One decoded frame.
 
     A named tuple rather than an attrs class: one is built per frame on the upload path, and a
     tuple is the cheapest object Python builds with named fields.
+
+    @ivar cmd: The command byte; an int rather than a :class:`Command`, so that unknown
+        commands survive decoding.
+    @ivar sid: The stream id.
+    @ivar data: The payload, up to 65535 bytes.
     """
 
     cmd: int
@@ -71,13 +76,20 @@ class FrameDecoder:
     arrives whole is sliced out of the chunk. Nothing is concatenated ahead of need.
 
     Memory is bounded by one partial frame (7 + 65535 bytes) plus the chunks it is a view of.
+
+    @ivar _head: The start of a header cut short by the end of a chunk: fewer than
+        ``HEADER_SIZE`` bytes, completed by the next ``feed``.
+    @ivar _frame: ``(cmd, sid, length)`` of the frame whose payload is arriving, or ``None``
+        between frames.
+    @ivar _parts: Views of the fed chunks that hold the payload received so far.
+    @ivar _have: How many payload bytes ``_parts`` holds.
     """
 
     def __init__(self) -> None:
-        self._head = b""  # a header cut short: fewer than HEADER_SIZE bytes
-        self._frame: Optional[Tuple[int, int, int]] = None  # the header whose payload is arriving
-        self._parts: List[memoryview] = []  # the payload received so far
-        self._have = 0  # its length
+        self._head = b""
+        self._frame: Optional[Tuple[int, int, int]] = None
+        self._parts: List[memoryview] = []
+        self._have = 0
 
     @property
     def pending(self) -> int:
@@ -129,13 +141,13 @@ class FrameDecoder:
         return frames
 
 
-def parse_settings(data: bytes) -> dict:
+def parse_settings(data: bytes) -> Dict[str, str]:
     """Parse ``key=value`` lines (Settings, ServerSettings, padding schemes).
 
     Split on LF, split each line at its first ``=``, skip lines without one; later keys win.
     Invalid UTF-8 is replaced rather than trusted.
     """
-    result = {}
+    result: Dict[str, str] = {}
     for line in data.decode("utf-8", "replace").split("\n"):
         key, sep, value = line.partition("=")
         if sep:
@@ -143,6 +155,6 @@ def parse_settings(data: bytes) -> dict:
     return result
 
 
-def format_settings(settings: dict) -> bytes:
+def format_settings(settings: Mapping[str, object]) -> bytes:
     """The inverse of :func:`parse_settings`: LF-joined lines, no trailing newline."""
     return "\n".join(f"{k}={v}" for k, v in settings.items()).encode("utf-8")

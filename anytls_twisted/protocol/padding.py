@@ -39,7 +39,14 @@ class PaddingSchemeError(ValueError):
 
 @attr.frozen
 class PaddingScheme:
-    """A validated scheme: its exact bytes, their MD5, and the parsed plan."""
+    """A validated scheme: its exact bytes, their MD5, and the parsed plan.
+
+    @ivar raw: The scheme's exact bytes: what UpdatePaddingScheme sends and ``md5`` hashes.
+    @ivar stop: How many of its first packets a client pads (the ``stop=N`` line).
+    @ivar plans: Per packet number, its items in order: a size range ``(low, high)`` to pad to,
+        or ``(CHECK_MARK, CHECK_MARK)`` for a check point ("c"). Not compared: ``raw``
+        determines it.
+    """
 
     raw: bytes
     stop: int
