@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import attr
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+#: What the parsers read: the caller's bytes, or a stream's bytearray buffer.
+Bytes = Union[bytes, bytearray]
 
 #: The longest SOCKS address: ATYP + length + 255 name bytes + port.
 MAX_ADDRESS_SIZE = 1 + 1 + 255 + 2
@@ -81,7 +83,7 @@ def _decode_name(raw: bytes) -> str:
 
 
 def _parse(
-    data: bytes, offset: int, ipv4: int, ipv6: int, domain: int
+    data: Bytes, offset: int, ipv4: int, ipv6: int, domain: int
 ) -> Optional[Tuple[Destination, int]]:
     if len(data) - offset < 1:
         return None
@@ -117,12 +119,12 @@ def _ip_text(packed: bytes) -> str:
     return str(parse_ip(str(ipaddress.ip_address(packed))))
 
 
-def parse_socks_address(data: bytes, offset: int = 0) -> Optional[Tuple[Destination, int]]:
+def parse_socks_address(data: Bytes, offset: int = 0) -> Optional[Tuple[Destination, int]]:
     """Parse a SOCKS-style address at ``offset``: ``(destination, end offset)`` or ``None``."""
     return _parse(data, offset, SOCKS_IPV4, SOCKS_IPV6, SOCKS_DOMAIN)
 
 
-def parse_uot_address(data: bytes, offset: int = 0) -> Optional[Tuple[Destination, int]]:
+def parse_uot_address(data: Bytes, offset: int = 0) -> Optional[Tuple[Destination, int]]:
     """Parse a UoT AddrParser address at ``offset``: ``(destination, end offset)`` or ``None``."""
     return _parse(data, offset, UOT_IPV4, UOT_IPV6, UOT_DOMAIN)
 
