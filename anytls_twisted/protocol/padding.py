@@ -9,11 +9,13 @@ what we send.
 from __future__ import annotations
 
 import hashlib
+import random
+from collections.abc import Callable
 from typing import Dict, Tuple
 
 import attr
 
-from .codec import MAX_DATA, parse_settings
+from .codec import HEADER, HEADER_SIZE, MAX_DATA, Command, parse_settings
 
 DEFAULT_SCHEME_BYTES = b"\n".join(
     [
@@ -103,3 +105,154 @@ class PaddingScheme:
 
 
 DEFAULT_SCHEME = PaddingScheme.parse(DEFAULT_SCHEME_BYTES)
+
+
+#: Picks a size in the half-open range ``[low, high)``, as ``random.Random.randrange`` does
+#: (upstream draws ``rand.Int(high - low) + low``). Only called when ``low < high``.
+RandRange = Callable[[int, int], int]
+
+
+def _waste(total: int) -> bytes:
+    """Waste frames (stream 0, zero data) that take exactly ``total`` bytes, ``total >= 7``.
+
+    One frame unless the data would overflow the u16 length; then several, so a scheme with
+    sizes past 64 KiB still gets the sizes it asks for instead of a corrupt length field.
+    """
+    out = []
+    while total > HEADER_SIZE + MAX_DATA:
+        size = HEADER_SIZE + MAX_DATA
+        if total - size < HEADER_SIZE:  # keep room for the last frame's header
+            size = total - HEADER_SIZE
+        out.append(HEADER.pack(Command.WASTE, 0, size - HEADER_SIZE) + bytes(size - HEADER_SIZE))
+        total -= size
+    out.append(HEADER.pack(Command.WASTE, 0, total - HEADER_SIZE) + bytes(total - HEADER_SIZE))
+    return b"".join(out)
+
+
+def _end_of_first_syn(frames: bytes) -> int | None:
+    """The offset just past the first SYN frame in ``frames`` (whole frames), else ``None``."""
+    pos, end = 0, len(frames)
+    cmd: int
+    length: int
+    while end - pos >= HEADER_SIZE:
+        cmd, _sid, length = HEADER.unpack_from(frames, pos)
+        pos += HEADER_SIZE + length
+        if cmd == Command.SYN:
+            return min(pos, end)
+    return None
+
+
+class PaddingWriter:
+    """The client's session writer (anytls-protocol.md section 6.4): frames in, TLS writes out.
+
+    Pure: :meth:`write` takes one or more complete frames and returns the byte strings to hand
+    to TLS, in order, each meant as its own TLS write (record). Twisted's TLS transport merges
+    writes made in one reactor turn, so a shell that wants the record sizes on the wire must
+    spread them out (e.g. ``clock.callLater(0, ...)``); this class does not care.
+
+    Buffering: a new writer buffers (the session's first write is Settings) until it has been
+    given the first SYN frame; the first byte written after that SYN, in the same call or a
+    later one (normally the PSH carrying the stream's destination), flushes everything held
+    as one packet. The writer finds the SYN itself by walking frame headers, which it does
+    only while buffering. This is what sing-anytls does (``OpenStream`` clears its buffering
+    flag right after writing the SYN, so the next write flushes); the protocol document's
+    "until the first PSH after the first SYN" is the same thing for a stock client. Pass
+    ``buffering=False`` to start without it; :meth:`flush` ends buffering at once.
+
+    Padding: each flushed write is one packet; the counter starts at 0 and is incremented
+    before each packet, so the first is packet 1 (packet 0 is the auth preamble, see
+    :func:`anytls_twisted.protocol.auth.encode_preamble`). From packet ``scheme.stop`` on,
+    padding is off for good and writes pass through unchanged; the counter stays at ``stop``.
+
+    Sizes: a plan item ``(low, high)`` is a size in ``[low, high)`` drawn with ``randrange``
+    (``low`` itself when ``low == high``), as upstream's ``rand.Int(high - low) + low``; the
+    default scheme's ``1=100-400`` thus gives 100 to 399. The default ``randrange`` is
+    :class:`random.SystemRandom`'s; tests pass e.g. ``random.Random(seed).randrange``.
+
+    Scheme updates (:meth:`update_scheme`, on UpdatePaddingScheme) apply from the next packet;
+    the counter is **not** reset and keeps counting through the new plan, and padding that
+    was already turned off stays off even if the new ``stop`` is larger. This matches
+    sing-anytls v0.0.11, whose session keeps its packet counter and reloads the (per-client)
+    scheme on every write. A client that shares one scheme between its sessions, as
+    sing-anytls does, calls :meth:`update_scheme` on each live session's writer.
+
+    @ivar scheme: the scheme in force.
+    @ivar packets: the number of the last packet written (0 before the first).
+    @ivar padding: whether packets are still padded (false from packet ``scheme.stop`` on).
+    @ivar buffering: whether writes are still held back for packet 1.
+    """
+
+    def __init__(
+        self,
+        scheme: PaddingScheme,
+        randrange: RandRange | None = None,
+        buffering: bool = True,
+    ) -> None:
+        self.scheme = scheme
+        self.packets = 0
+        self.padding = True
+        self.buffering = buffering
+        self._randrange: RandRange = randrange or random.SystemRandom().randrange
+        self._held: list[bytes] = []
+
+    def update_scheme(self, scheme: PaddingScheme) -> None:
+        """Use ``scheme`` from the next packet on; the packet counter carries on."""
+        self.scheme = scheme
+
+    def write(self, frames: bytes) -> list[bytes]:
+        """Take one or more complete frames; return the TLS writes to make now, in order."""
+        if self.buffering:
+            end = _end_of_first_syn(frames)
+            if end is None or end == len(frames):
+                self._held.append(frames)
+                if end is not None:
+                    self.buffering = False
+                return []
+            self.buffering = False
+        if self._held:
+            self._held.append(frames)
+            frames = b"".join(self._held)
+            self._held = []
+        return self._packet(frames)
+
+    def flush(self) -> list[bytes]:
+        """End buffering now: the bytes held so far become one packet (none if none are held)."""
+        self.buffering = False
+        if not self._held:
+            return []
+        frames = b"".join(self._held)
+        self._held = []
+        return self._packet(frames)
+
+    def _packet(self, payload: bytes) -> list[bytes]:
+        if self.padding:
+            self.packets += 1
+            if self.packets < self.scheme.stop:
+                return self._pad(payload, self.scheme.plans.get(self.packets, ()))
+            self.padding = False
+        return [payload] if payload else []
+
+    def _pad(self, payload: bytes, plan: tuple[tuple[int, int], ...]) -> list[bytes]:
+        writes: list[bytes] = []
+        view = memoryview(payload)
+        pos, end = 0, len(payload)
+        for low, high in plan:
+            if low == CHECK_MARK:
+                if pos == end:
+                    break
+                continue
+            size = low if low == high else self._randrange(low, high)
+            left = end - pos
+            if left > size:  # all payload, cut at an arbitrary byte
+                writes.append(bytes(view[pos : pos + size]))
+                pos += size
+            elif left > 0:  # the rest of the payload, filled up to ``size`` with Waste
+                rest = bytes(view[pos:]) if pos else payload
+                pad = size - left - HEADER_SIZE
+                writes.append(rest + _waste(pad + HEADER_SIZE) if pad > 0 else rest)
+                pos = end
+            else:  # nothing left: Waste with ``size`` data bytes, ``size + 7`` in all
+                writes.append(_waste(size + HEADER_SIZE))
+        if pos < end:
+            writes.append(bytes(view[pos:]) if pos else payload)
+        return writes
