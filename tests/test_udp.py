@@ -328,15 +328,15 @@ class NonConnectModeTests(SynchronousTestCase):
         self.assertEqual(session.port("::").written, [(b"ping", (GOOGLE_V6, 53))])
         self.assertEqual(len(session.factory.ports), 2)
         self.assertEqual(stream.datagrams_in, 4)
-        self.assertEqual(len(stream._buffer), 0)
+        self.assertEqual(stream._reader.pending, 0)
 
     def test_partial_packet_is_all_that_is_buffered(self):
         session, stream = open_stream(data=V17_HEADER + V4_PING * 3 + V4_PING[:7])
         self.assertEqual(len(session.written()), 3)
-        self.assertEqual(bytes(stream._buffer), V4_PING[:7])
+        self.assertEqual(stream._reader.buffered(), V4_PING[:7])
         stream.dataReceived(V4_PING[7:])
         self.assertEqual(len(session.written()), 4)
-        self.assertEqual(len(stream._buffer), 0)
+        self.assertEqual(stream._reader.pending, 0)
 
     def test_empty_and_large_payloads(self):
         big = (bytes(range(256)) * 256)[:65535]  # the largest length a packet can carry
@@ -479,7 +479,7 @@ class LegacyTests(SynchronousTestCase):
         """A v2 connect header would be misread as an IPv6 packet; it must not be skipped."""
         session, stream = open_stream(version=1, data=V16_HEADER)
         self.assertEqual(session.written(), [])
-        self.assertEqual(bytes(stream._buffer), V16_HEADER)
+        self.assertEqual(stream._reader.buffered(), V16_HEADER)
 
 
 class BadDataTests(SynchronousTestCase):

@@ -149,6 +149,8 @@ class SessionProtocol(Protocol):
     @ivar last_activity: when a frame last arrived or a stream last ended, for the reaper.
     """
 
+    transport: Any  # TLS over TCP: ITransport, IPushProducer and abortConnection
+
     def __init__(self) -> None:
         self.session_id = next(_session_ids)
         self.peer = "?"
@@ -232,6 +234,7 @@ class SessionProtocol(Protocol):
         m = self.machine
         if m.state is State.AUTH:
             self._note_peer()
+        event: Any
         for event in m.receive(data):
             kind = type(event)
             if kind is machine.StreamData:
@@ -398,7 +401,7 @@ class SessionProtocol(Protocol):
 def _describe(reason: Optional[Failure]) -> str:
     if reason is None:
         return "connection lost"
-    return reason.getErrorMessage() or reason.type.__name__
+    return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
 
 
 __all__: List[str] = ["CLOSE_GRACE", "SessionContext", "SessionProtocol", "State"]

@@ -102,6 +102,8 @@ ORIGIN_READ_SIZE = 65536 - 256
 class _OriginProtocol(Protocol):
     """The origin end of a TCP stream: a thin shell that forwards to the stream."""
 
+    transport: Any  # a TCP transport: ITCPTransport and IPushProducer
+
     def __init__(self, stream: TCPStream) -> None:
         self.stream = stream
 

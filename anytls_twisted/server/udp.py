@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import struct
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -25,11 +24,9 @@ from ..protocol.address import (
     AddressError,
     Destination,
     IPAddress,
-    encode_uot_address,
     parse_ip,
-    parse_socks_address,
-    parse_uot_address,
 )
+from ..protocol.uot import UoTPacket, UoTReader, encode_connect_packet, encode_packet
 from .stream import BaseStream
 
 _log = get_logger("anytls_twisted.udp")
@@ -41,8 +38,6 @@ NAME_CACHE_SECONDS = 60.0
 MAX_QUEUED_PER_NAME = 16
 #: Receive size for the UDP sockets: the largest datagram, not Twisted's 8192 default.
 MAX_DATAGRAM = 65535
-
-_LENGTH = struct.Struct(">H")
 
 
 def _unmap(ip: IPAddress) -> IPAddress:
@@ -67,7 +62,7 @@ class _QuietLog:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     real = udp.log
-    udp.log = _QuietLog(real)
+    setattr(udp, "log", _QuietLog(real))  # noqa: B010 (a module attribute, typed as a module)
     try:
         yield
     finally:
@@ -146,9 +141,8 @@ class UoTStream(BaseStream):
         self.dropped = 0
         self.connect = False
         self.header: Optional[Destination] = None  # the v2 request destination
-        self._need_header = version == 2
-        self._buffer = bytearray()
-        self._ports: Dict[int, object] = {}  # IP version -> listening port
+        self._reader = UoTReader(version)
+        self._ports: Dict[int, Any] = {}  # IP version -> listening port
         self._names: OrderedDict[str, _Name] = OrderedDict()
         self._resolving: Dict[str, List[Tuple[int, bytes]]] = {}
         self._paused = False
@@ -166,9 +160,20 @@ class UoTStream(BaseStream):
         if self.closed:
             return
         self.bytes_in += len(data)
-        self._buffer += data
+        reader = self._reader
+        reader.feed(data)
         try:
-            self._parse()
+            while not self.closed:
+                item = reader.next_item()
+                if item is None:
+                    break
+                if isinstance(item, UoTPacket):
+                    self.datagrams_in += 1
+                    self._touch()
+                    self._send_to(item.destination, item.payload)
+                else:
+                    self.connect, self.header = item.connect, item.destination
+                    self._got_header()
         except AddressError as e:
             _log.info(
                 "stream {session_id}/{stream_id}: bad UDP-over-TCP data: {error}",
@@ -193,47 +198,17 @@ class UoTStream(BaseStream):
         for port in self._ports.values():
             port.stopListening()
         self._ports = {}
-        self._buffer = bytearray()
+        self._reader = UoTReader(self.version)
         self._resolving = {}
         self._names.clear()
 
-    # Client -> origin.
-    def _parse(self) -> None:
-        """Consume every complete header and packet; leave at most one partial packet."""
-        buf, pos = self._buffer, 0
-        while not self.closed:
-            if self._need_header:
-                if len(buf) - pos < 1:
-                    break
-                parsed = parse_socks_address(buf, pos + 1)
-                if parsed is None:
-                    break
-                self.connect = buf[pos] != 0
-                self.header, pos = parsed
-                self._need_header = False
-                self._got_header()
-                continue
-            if self.connect:
-                dest, start = self.header, pos
-            else:
-                parsed = parse_uot_address(buf, pos)
-                if parsed is None:
-                    break
-                dest, start = parsed
-            if len(buf) - start < 2:
-                break
-            (length,) = _LENGTH.unpack_from(buf, start)
-            end = start + 2 + length
-            if len(buf) < end:
-                break
-            payload = bytes(buf[start + 2 : end])
-            pos = end
-            self.datagrams_in += 1
-            self._touch()
-            self._send_to(dest, payload)
-        if not self.closed:
-            del buf[:pos]
+    @property
+    def _request(self) -> Destination:
+        """The v2 request header's destination; only read once the header has arrived."""
+        assert self.header is not None
+        return self.header
 
+    # Client -> origin.
     def _got_header(self) -> None:
         if logs.DEBUG:  # skip building an event the filter drops
             _log.debug(
@@ -245,8 +220,8 @@ class UoTStream(BaseStream):
             )
         # Resolve now: connect mode must vet its one destination, and non-connect mode maps
         # replies from the header's name back to it.
-        if self.header.ip is None:
-            self._lookup(self.header.host, self.header.port)
+        if self._request.ip is None:
+            self._lookup(self._request.host, self._request.port)
         elif self.connect:
             self._check_connect_target()
 
@@ -363,7 +338,7 @@ class UoTStream(BaseStream):
         if stale is not None:
             stale.expires = self.context.clock.seconds() + NAME_CACHE_SECONDS
             return
-        if self.connect and self.header is not None and host == self.header.host:
+        if self.connect and self.header is not None and host == self._request.host:
             self.end(f"udp destination failed: {text}")
             return
         for port, _ in queued:
@@ -377,11 +352,11 @@ class UoTStream(BaseStream):
         self._names.move_to_end(host)
         while len(self._names) > NAME_CACHE_SIZE:
             oldest = next(iter(self._names))
-            if self.header is not None and oldest == self.header.host:
+            if self.header is not None and oldest == self._request.host:
                 self._names.move_to_end(oldest)  # keep the header's name for reply mapping
             else:
                 del self._names[oldest]
-        if self.connect and self.header is not None and host == self.header.host:
+        if self.connect and self.header is not None and host == self._request.host:
             self._check_connect_target()
         for port, payload in queued:
             if self.closed:
@@ -390,21 +365,21 @@ class UoTStream(BaseStream):
 
     def _connect_target(self) -> Optional[IPAddress]:
         """Connect mode: the address the header's destination resolved to, once known."""
-        if self.header.ip is not None:
-            return _unmap(self.header.ip)
-        name = self._names.get(self.header.host)
+        if self._request.ip is not None:
+            return _unmap(self._request.ip)
+        name = self._names.get(self._request.host)
         return name.target if name is not None else None
 
     def _check_connect_target(self) -> None:
         """Connect mode has one destination; if the policy refuses it the stream is useless."""
-        literal = self.header.ip
+        literal = self._request.ip
         if literal is not None:
             policy = self.context.config.policy
             if not policy.permits(_unmap(literal)):
                 self._refused(policy.refusal(_unmap(literal)))
                 self.end(f"udp destination {self.header} refused by server policy")
             return
-        name = self._names.get(self.header.host)
+        name = self._names.get(self._request.host)
         if name is not None and name.target is None:
             if name.addresses:
                 self._refused(name.error)
@@ -422,18 +397,19 @@ class UoTStream(BaseStream):
         if ip is None or len(data) > 0xFFFF:
             return
         source = Destination(str(_unmap(ip)), addr[1])
-        if self.connect:
-            if self._connect_target() != source.ip or source.port != self.header.port:
-                return
-            frame = b""
-        else:
-            frame = encode_uot_address(self._reported_source(source))
+        if self.connect and (
+            self._connect_target() != source.ip or source.port != self._request.port
+        ):
+            return
         self._touch()
         if self._paused:
             self.dropped += 1
             return
         self.datagrams_out += 1
-        self.relay(frame + _LENGTH.pack(len(data)) + data)
+        if self.connect:
+            self.relay(encode_connect_packet(data))
+        else:
+            self.relay(encode_packet(self._reported_source(source), data))
 
     def _reported_source(self, source: Destination) -> Destination:
         """sing-box fidelity (protocol 10.5): replies from the header's name keep that name."""

@@ -378,12 +378,12 @@ class WorkerSupervisor(service.Service):
         self.spawn = spawn  # reactor.spawnProcess-like
         self.clock = clock
         self.stop_timeout = stop_timeout
-        self.processes: Dict[int, object] = {}
+        self.processes: Dict[int, Any] = {}
         self.started_at: Dict[int, float] = {}
         self.backoff: Dict[int, float] = {}
-        self.pending: Dict[int, object] = {}
+        self.pending: Dict[int, Any] = {}
         self._stopped: Dict[int, defer.Deferred] = {}
-        self._previous_hup = None
+        self._previous_hup: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -456,7 +456,7 @@ class WorkerSupervisor(service.Service):
         self.pending.clear()
         waits = []
         for index in list(self.processes):
-            d = defer.Deferred()
+            d: defer.Deferred[None] = defer.Deferred()
             self._stopped[index] = d
             waits.append(d)
         self.signal_all("TERM")
