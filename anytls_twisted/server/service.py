@@ -218,10 +218,8 @@ class AnyTLSService(service.MultiService):
     def startService(self) -> None:
         with _exit_on_listen_failure():
             super().startService()
-        # Everything built so far (modules, Twisted, the TLS contexts, the config) lives as long
-        # as the process. Moving it out of the collector's generations makes each full
-        # collection scan only what sessions allocate: the collector took 8-12% of the server's
-        # samples while 100 sessions were set up, 0-4% after (benches/profile.py parallel --size 10).
+        # Everything built so far lives as long as the process: out of the collector's
+        # generations, full collections scan only what sessions allocate (docs/performance.md).
         gc.freeze()
 
     @defer.inlineCallbacks
