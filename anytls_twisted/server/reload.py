@@ -39,7 +39,15 @@ def _stamp(paths: Sequence[str]) -> Dict[str, Optional[Tuple[float, int, int]]]:
 
 class Reloader(service.Service):
     """Owns the SIGHUP handler and the certificate-file watch; makes what ``rebuild`` loads
-    current in ``live`` and closes the sessions of removed users found in ``registry``."""
+    current in ``live`` and closes the sessions of removed users found in ``registry``.
+
+    @ivar live: the :class:`~.settings.LiveConfig` a reload updates.
+    @ivar registry: the live sessions, checked against the new users.
+    @ivar rebuild: ``() -> Settings``: ``load`` on the options parsed at start.
+    @ivar interval: seconds between certificate-file checks.
+    @ivar reloads: reloads applied.
+    @ivar failures: reloads that failed (the configuration was kept).
+    """
 
     def __init__(
         self,

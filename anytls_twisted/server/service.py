@@ -30,7 +30,12 @@ _log = get_logger("anytls_twisted.service")
 
 
 class SessionRegistry:
-    """The live sessions of one process, for the reaper and for shutdown."""
+    """The live sessions of one process, for the reaper and for shutdown.
+
+    @ivar live: the :class:`~.settings.LiveConfig` (the reaper reads the idle timeout).
+    @ivar sessions: the sessions whose connection is open, authenticated or not.
+    @ivar reaped: sessions the reaper has closed.
+    """
 
     def __init__(
         self, clock, config: Union[ServerConfig, LiveConfig], metrics=NULL_METRICS
@@ -93,7 +98,15 @@ class SessionRegistry:
 
 
 class AnyTLSFactory(Factory):
-    """Builds sessions and gives them what they share: config, clock, dialer, UDP, registry."""
+    """Builds sessions and gives them what they share: config, clock, dialer, UDP, registry.
+
+    @ivar live: the :class:`~.settings.LiveConfig`; ``config`` is its current value.
+    @ivar clock: the reactor (``IReactorTime``), or a test clock.
+    @ivar dialer: the :class:`~.dialer.OriginDialer` for TCP streams and UDP name lookups.
+    @ivar listen_udp: ``(port, protocol, interface) -> port`` for UDP-over-TCP sockets.
+    @ivar registry: the :class:`SessionRegistry` sessions join and leave.
+    @ivar metrics: a ``metrics.Metrics``, or ``NullMetrics`` (does nothing).
+    """
 
     protocol = SessionProtocol
     noisy = False
@@ -121,7 +134,12 @@ class AnyTLSFactory(Factory):
 
 
 class ReaperService(service.Service):
-    """Runs ``registry.reap_idle`` every check interval with a ``LoopingCall``."""
+    """Runs ``registry.reap_idle`` every check interval with a ``LoopingCall``.
+
+    @ivar registry: the sessions to check.
+    @ivar interval: seconds between checks.
+    @ivar loop: the ``LoopingCall``, running while the service runs.
+    """
 
     def __init__(self, registry: SessionRegistry, interval: float, clock) -> None:
         self.registry = registry

@@ -38,7 +38,16 @@ DEFAULT_PORT = "ssl:8443"
 
 @attr.frozen
 class ServerConfig:
-    """What sessions and streams read, through ``factory.config``, when they use it."""
+    """What sessions and streams read, through ``factory.config``, when they use it.
+
+    @ivar users: the password-digest to user table.
+    @ivar padding: the scheme sent to clients whose ``padding-md5`` differs.
+    @ivar policy: which resolved destination addresses may be reached.
+    @ivar max_streams: concurrent streams per session.
+    @ivar pending_high_water: bytes a stream holds before its origin connects, before it
+        pauses the client (four times that ends the stream).
+    The other fields are the timeouts of the same names, in seconds (docs/configuration.md).
+    """
 
     users: UserTable
     padding: PaddingScheme = DEFAULT_SCHEME
@@ -132,6 +141,8 @@ class LiveConfig:
     it; :meth:`update` replaces it all at once. A reload naming other ports is refused as a
     whole (:class:`PortsChanged`): a server half on the old file and half on the new would
     match neither.
+
+    @ivar ports: the descriptions of the running ports (a reload must name the same).
     """
 
     def __init__(self, config: ServerConfig, ports: Iterable[Port] = ()) -> None:

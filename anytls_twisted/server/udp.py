@@ -127,6 +127,13 @@ class UoTStream(BaseStream):
     v2 starts with a request header (connect flag plus SOCKS address); connect-mode packets
     are ``u16 length, payload`` to the header's destination, non-connect packets carry a UoT
     address first. v1 has no header and is always non-connect.
+
+    @ivar version: 2 or 1 (from the magic name).
+    @ivar datagrams_in: datagrams from the client sent on.
+    @ivar datagrams_out: datagrams relayed back to the client.
+    @ivar dropped: datagrams dropped either way (refused, unresolvable, client backed up).
+    @ivar connect: whether the v2 header asked for connect mode.
+    @ivar header: the v2 header's destination, None until it arrives (and for v1).
     """
 
     kind = "udp"

@@ -359,7 +359,14 @@ class _WorkerProtocol(protocol.ProcessProtocol):
 
 
 class WorkerSupervisor(service.Service):
-    """Starts workers 1..N-1, restarts them with backoff, forwards SIGHUP, stops them."""
+    """Starts workers 1..N-1, restarts them with backoff, forwards SIGHUP, stops them.
+
+    @ivar count: N, the worker count including this process.
+    @ivar processes: worker index to its running process transport.
+    @ivar started_at: worker index to when it last started (clock seconds).
+    @ivar backoff: worker index to its current restart delay.
+    @ivar pending: worker index to its scheduled restart.
+    """
 
     def __init__(
         self,
