@@ -1,9 +1,10 @@
-"""Padding schemes: parse, validate, hash. Pure, no I/O.
+"""Padding schemes (parse, validate, hash) and the client's padding writer. Pure, no I/O.
 
 The server never pads its own writes (anytls-protocol.md section 6.5). It only needs its scheme's
 exact bytes, to send in UpdatePaddingScheme, and their MD5, to compare with the client's
 ``padding-md5``. A scheme is validated the way clients parse it, so a client can never reject
-what we send.
+what we send. The client pads its first packets by the scheme: :class:`PaddingWriter`
+(section 6.4).
 """
 
 from __future__ import annotations
