@@ -48,10 +48,10 @@ def _with_tls(creator: PortTLS) -> Callable[[Factory], Any]:
 class AnyTLSServer(AnyTLSService):
     """The server ``twistd anytls`` runs.
 
-    :ivar settings: the settings it started with (reloads change ``live``, not these).
-    :ivar reloader: the :class:`~.reload.Reloader` (SIGHUP, changed certificate files).
-    :ivar metrics_listener: the ``--metrics`` web service, or None.
-    :ivar supervisor: the :class:`~.workers.WorkerSupervisor` of a ``--workers`` parent, or None.
+    @ivar settings: the settings it started with (reloads change ``live``, not these).
+    @ivar reloader: the :class:`~.reload.Reloader` (SIGHUP, changed certificate files).
+    @ivar metrics_listener: the ``--metrics`` web service, or None.
+    @ivar supervisor: the :class:`~.workers.WorkerSupervisor` of a ``--workers`` parent, or None.
     """
 
     def __init__(self, settings: Settings, reactor: Any, reload: Callable[[], Settings]) -> None:

@@ -176,11 +176,11 @@ Listener = Tuple[Union[str, Callable[[Any], service.Service]], Callable[[Factory
 class AnyTLSService(service.MultiService):
     """Listeners plus reaper; shuts down listeners, then sessions, within a bounded time.
 
-    :ivar live: the :class:`~.settings.LiveConfig` every part reads.
-    :ivar registry: the :class:`SessionRegistry` of live sessions.
-    :ivar factory: the :class:`AnyTLSFactory` building sessions.
-    :ivar listeners: the listening services, one per ``listeners`` entry, in order.
-    :ivar reaper: the :class:`ReaperService` closing idle sessions.
+    @ivar live: the :class:`~.settings.LiveConfig` every part reads.
+    @ivar registry: the :class:`SessionRegistry` of live sessions.
+    @ivar factory: the :class:`AnyTLSFactory` building sessions.
+    @ivar listeners: the listening services, one per ``listeners`` entry, in order.
+    @ivar reaper: the :class:`ReaperService` closing idle sessions.
     """
 
     def __init__(
