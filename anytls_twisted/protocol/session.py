@@ -163,6 +163,13 @@ Event = Union[
 ]
 
 
+_CLOSED = State.CLOSED
+_AUTH = State.AUTH
+_PSH = int(Command.PSH)
+#: Builds a named tuple without its Python-level ``__new__``: one event per data frame.
+_new_tuple = tuple.__new__
+
+
 class SessionMachine(Generic[S]):
     """Frame handling, the stream table and flow control, common to both sides.
 
@@ -197,23 +204,28 @@ class SessionMachine(Generic[S]):
         does about one event (attach a stream, close the session) is in force for the next
         frame. Once the session is closed, nothing more is yielded.
         """
-        if self.state is State.CLOSED:
+        state = self.state
+        if state is _CLOSED:
             return
         self.bytes_in += len(data)
-        events: List[Event] = []
-        if self.state is State.AUTH:
+        if state is _AUTH:
+            events: List[Event] = []
             data = self._receive_preamble(data, events)
             yield from events
-            events.clear()
-            if not data or self.closed:
+            if not data or self.state is _CLOSED:
                 return
+        streams = self.streams
         for frame in self._decoder.feed(data):
-            if self.closed:
+            if self.state is _CLOSED:
                 return
+            if frame[0] == _PSH:  # the data path: no list, no method call
+                stream = streams.get(frame[1])
+                if stream is not None and frame[2]:
+                    yield _new_tuple(StreamData, (stream, frame[2]))
+                continue
+            events = []
             self._frame(frame, events)
-            if events:
-                yield from events
-                events.clear()
+            yield from events
 
     @property
     def closed(self) -> bool:
