@@ -192,6 +192,15 @@ class Socks5HandshakeTests(SynchronousTestCase):
             [Send(b"\x05\x00"), Failed("bad request version 4")],
         )
 
+    def test_longest_messages(self):
+        """255 methods and a 255-byte name: the longest valid greeting and request pass."""
+        server = SocksServer()
+        name = b"a" * 255
+        events = feed(
+            server, bytes([5, 255, *range(255)]) + b"\x05\x01\x00\x03\xff" + name + b"\x00\x50", 7
+        )
+        self.assertEqual(events[-1], ConnectRequest(Destination(name.decode(), 80), 5))
+
     def test_empty_receive(self):
         self.assertEqual(SocksServer().receive(b""), [])
 
@@ -232,6 +241,16 @@ class PasswordTests(SynchronousTestCase):
         server = SocksServer(lambda u, p: seen.append((u, p)) or False)
         server.receive(unhex("05 01 02") + b"\x01\x01\xff\x01\xfe")
         self.assertEqual(seen, [("\udcff", "\udcfe")])
+
+    def test_longest_credentials(self):
+        """255-byte user and password are whole messages, even fed in pieces."""
+        seen = []
+        server = SocksServer(lambda u, p: seen.append((u, p)) or True)
+        events = feed(
+            server, unhex("05 01 02") + b"\x01\xff" + b"u" * 255 + b"\xff" + b"p" * 255, 100
+        )
+        self.assertEqual(events[-1], Authenticated("u" * 255))
+        self.assertEqual(seen, [("u" * 255, "p" * 255)])
 
     def test_byte_at_a_time(self):
         data = unhex("05 01 02") + LOGIN + CONNECT_V4 + b"abc"
@@ -393,13 +412,18 @@ class PropertyTests(SynchronousTestCase):
             events.extend(server.receive(piece))
         self.assertEqual(merge(events), whole)
 
-    @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.binary(max_size=700), max_size=6), st.booleans())
-    def test_junk(self, chunks, auth):
-        """Junk never raises, never keeps more than one message, and fails at most once."""
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.sampled_from([b"", NO_AUTH, b"\x05\x01\x02\x01", b"\x04\x01\x00\x50\x00\x00\x00\x01"]),
+        st.lists(st.binary(max_size=700), max_size=6),
+        st.booleans(),
+    )
+    def test_junk(self, prefix, chunks, auth):
+        """Junk (also after a valid greeting, or inside auth or SOCKS4a) never raises, never
+        keeps more than one message, and fails at most once, last."""
         server = SocksServer(check if auth else None)
         events = []
-        for chunk in chunks:
+        for chunk in [prefix, *chunks]:
             events.extend(server.receive(chunk))
             self.assertLessEqual(server.buffered, MAX_MESSAGE_SIZE)
         failures = [e for e in events if isinstance(e, Failed)]
