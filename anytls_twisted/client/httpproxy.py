@@ -37,7 +37,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import attr
 
-from ..protocol.address import Destination, parse_ip
+from ..protocol.address import AddressError, Destination, parse_host_port
 
 #: The realm in ``Proxy-Authenticate``.
 REALM = "anytls-twisted"
@@ -70,8 +70,6 @@ REASONS = {
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(r"HTTP/1\.[01]")
-_REG_NAME = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%-]+")
-_PORT = re.compile(r"[0-9]{1,5}")
 #: The blank line ending a head; bare LF line ends are tolerated (RFC 9112 section 2.2).
 _END = re.compile(rb"\n\r?\n")
 #: Kept even when ``Connection`` lists them: the body passes through untouched, so dropping
@@ -258,7 +256,7 @@ class RequestParser:
             destination = _authority(target, None)
             if isinstance(destination, Refusal):
                 return destination
-            return Connect(destination[0], user, rest)
+            return Connect(destination, user, rest)
         return _forward(method, target, version, headers, user, rest)
 
 
@@ -311,32 +309,11 @@ def _authenticate(users: Users, headers: List[Header]) -> Optional[str]:
     return name
 
 
-def _authority(text: str, default_port: Optional[int]) -> Union[Tuple[Destination, str], Refusal]:
-    """``host:port`` (IPv6 in brackets) -> the destination and the authority as written
-    (for ``Host``); the port is required unless ``default_port`` is given."""
-    port_text: Optional[str]
-    if text.startswith("["):
-        host, bracket, after = text[1:].partition("]")
-        if not bracket or parse_ip(host) is None or ":" not in host:
-            return Refusal(400, f"{text!r} is not a valid [IPv6] address")
-        if after and not after.startswith(":"):
-            return Refusal(400, f"{text!r} is not a valid authority")
-        port_text = after[1:] if after else None
-    else:
-        host, colon, port_text_ = text.partition(":")
-        port_text = port_text_ if colon else None
-        if not _REG_NAME.fullmatch(host):
-            return Refusal(400, f"{text!r} has no valid host")
-    if port_text:
-        if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-            return Refusal(400, f"{text!r}: the port must be a number from 1 to 65535")
-        port = int(port_text)
-    elif default_port is None:
-        return Refusal(400, f"{text!r} has no port (CONNECT needs host:port)")
-    else:
-        port = default_port
-    ip = parse_ip(host)
-    return Destination(str(ip) if ip is not None else host, port), text
+def _authority(text: str, default_port: Optional[int]) -> Union[Destination, Refusal]:
+    try:
+        return parse_host_port(text, default_port)
+    except AddressError as e:
+        return Refusal(400, str(e))
 
 
 def _forward(
@@ -356,10 +333,9 @@ def _forward(
     authority, path = after[:cut], after[cut:].partition("#")[0]
     if "@" in authority:
         return Refusal(400, "user information in the URL is not supported")
-    parsed = _authority(authority, 80)
-    if isinstance(parsed, Refusal):
-        return parsed
-    destination, host = parsed
+    destination = _authority(authority, 80)
+    if isinstance(destination, Refusal):
+        return destination
     if not path.startswith("/"):
         path = "/" + path
     connection = {
@@ -378,7 +354,7 @@ def _forward(
     ]
     if upgrade:
         kept += [(name, value) for name, value in headers if name.lower() == "upgrade"]
-    kept.insert(0, ("Host", host))
+    kept.insert(0, ("Host", authority))
     kept.append(("Connection", "upgrade" if upgrade else "close"))
     lines = [f"{method} {path} {version}"] + [f"{name}: {value}" for name, value in kept]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
