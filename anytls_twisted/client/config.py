@@ -29,7 +29,7 @@ from ..server.configfile import (
     ConfigFileError,
     _check_fields,
     _fail,
-    _pick_inbound,
+    _pick_anytls,
 )
 
 __all__ = ["ClientConfig", "ConfigFileError", "load_outbound", "parse_duration", "parse_uri"]
@@ -344,7 +344,7 @@ def load_outbound(
             raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
     else:
         path, document = "outbound", dict(source)
-    outbound = _pick_inbound(path, document, "outbounds")
+    outbound = _pick_anytls(path, document, "outbounds")
     warnings = _check_fields(path, outbound, "", _USED, _QUIET | _IGNORED)
     for field in ("server", "server_port"):
         if field not in outbound:

@@ -106,7 +106,7 @@ def _string(path: str, field: str, value: Any) -> str:
     return value
 
 
-def _pick_inbound(path: str, document: Any, section: str = "inbounds") -> dict:
+def _pick_anytls(path: str, document: Any, section: str = "inbounds") -> dict:
     """The ``anytls`` block: the document itself, or the first of a whole sing-box config's
     ``section`` (the client reads ``outbounds`` the same way)."""
     if not isinstance(document, dict):
@@ -185,7 +185,7 @@ def load(path: str) -> FileSettings:
         raise ConfigFileError(f"cannot read config file {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
-    inbound = _pick_inbound(path, document)
+    inbound = _pick_anytls(path, document)
     warnings = _check_fields(path, inbound, "", _USED, _QUIET | _IGNORED)
     values: dict = {"path": path}
     if "users" in inbound:
