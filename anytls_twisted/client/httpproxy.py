@@ -206,6 +206,7 @@ class RequestParser:
         self.max_head = max_head
         self.max_headers = max_headers
         self._buffer = bytearray()
+        self._start = 0
         self._scanned = 0
         self._done = False
 
@@ -216,10 +217,12 @@ class RequestParser:
             raise RuntimeError("RequestParser.feed called after the head was complete")
         buffer = self._buffer
         buffer += data
-        # Empty lines before the request line are ignored (RFC 9112 section 2.2).
-        start = 0
+        # Empty lines before the request line are ignored (RFC 9112 section 2.2); where the
+        # head starts is kept, so CR/LF bytes arriving one at a time cost no rescans.
+        start = self._start
         while start < len(buffer) and buffer[start] in b"\r\n":
             start += 1
+        self._start = start
         limit = min(len(buffer), self.max_head)
         match = _END.search(buffer, max(start, self._scanned - 2), limit)
         if match is None:
