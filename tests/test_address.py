@@ -125,3 +125,16 @@ class CacheTests(SynchronousTestCase):
             self.assertLessEqual(cached.cache_info().currsize, address.CACHE_SIZE)
         self.assertTrue(address.is_public(address.parse_ip("1.1.1.1")))
         self.assertIsNone(address.parse_ip("not an address"))
+
+
+class HostPortTests(SynchronousTestCase):
+    def test_parse_host_port(self):
+        """HOST:PORT and [IPV6]:PORT, the IP canonical; the default port only when given."""
+        from anytls_twisted.protocol.address import parse_host_port
+
+        self.assertEqual(parse_host_port("a.example:443"), Destination("a.example", 443))
+        self.assertEqual(parse_host_port("[2001:DB8::1]:1"), Destination("2001:db8::1", 1))
+        self.assertEqual(parse_host_port("[::1]", 80), Destination("::1", 80))
+        self.assertEqual(parse_host_port("a:", 80), Destination("a", 80))
+        for text in ["a", "a:0", "a:65536", "a:x", "::1", "[a]:1", "[::1]x", ":1", "a b:1"]:
+            self.assertRaises(AddressError, parse_host_port, text)

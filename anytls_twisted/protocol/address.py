@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import struct
 from typing import (
     Callable,
@@ -225,3 +226,37 @@ class DestinationPolicy:
     def refusal(ip: IPAddress) -> str:
         """Why ``ip`` was refused, in the words both TCP and UDP use."""
         return f"destination {ip} is not a public address (refused by server policy)"
+
+
+#: A URI's reg-name (RFC 3986 section 3.2.2): the host names ``host:port`` text may carry.
+_REG_NAME = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%-]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def parse_host_port(text: str, default_port: Optional[int] = None) -> Destination:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` (an HTTP CONNECT target, a URI's authority) -> a
+    :class:`Destination`, the IP canonical; the port (1 to 65535) may be left out or empty only
+    when ``default_port`` is given. Raise :class:`AddressError` saying what is wrong."""
+    port_text: Optional[str]
+    if text.startswith("["):
+        host, bracket, after = text[1:].partition("]")
+        if not bracket or ":" not in host or parse_ip(host) is None:
+            raise AddressError(f"{text!r} is not a valid [IPv6] address")
+        if after and not after.startswith(":"):
+            raise AddressError(f"{text!r} has text after the address")
+        port_text = after[1:] if after else None
+    else:
+        host, colon, after = text.partition(":")
+        port_text = after if colon else None
+        if not _REG_NAME.fullmatch(host):
+            raise AddressError(f"{text!r} has no valid host (IPv6 goes in brackets)")
+    if port_text:
+        if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+            raise AddressError(f"{text!r}: the port must be a number from 1 to 65535")
+        port = int(port_text)
+    elif default_port is None:
+        raise AddressError(f"{text!r} has no port")
+    else:
+        port = default_port
+    ip = parse_ip(host)
+    return Destination(str(ip) if ip is not None else host, port)

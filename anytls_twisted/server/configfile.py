@@ -22,8 +22,9 @@ from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme, PaddingSchemeError
 #: The inbound's fields we use, and those that make no difference here.
 _USED = {"listen", "listen_port", "users", "padding_scheme", "tls"}
 _QUIET = {"type", "tag"}
-#: sing-box's listen fields (docs: configuration/shared/listen) that we do not implement.
-_IGNORED = {
+#: Socket options sing-box's listen and dial fields share (docs: configuration/shared/listen,
+#: shared/dial); neither the server nor the client implements them.
+_SOCKET_FIELDS = {
     "bind_interface",
     "routing_mark",
     "reuse_addr",
@@ -34,12 +35,15 @@ _IGNORED = {
     "tcp_keep_alive",
     "tcp_keep_alive_interval",
     "udp_fragment",
-    "udp_timeout",
     "detour",
+    "domain_strategy",
+}
+#: sing-box's listen fields that we do not implement.
+_IGNORED = _SOCKET_FIELDS | {
+    "udp_timeout",
     "sniff",
     "sniff_override_destination",
     "sniff_timeout",
-    "domain_strategy",
     "udp_disable_domain_unmapping",
 }
 _TLS_USED = {"enabled", "server_name", "certificate_path", "key_path", "alpn"}
@@ -102,17 +106,19 @@ def _string(path: str, field: str, value: Any) -> str:
     return value
 
 
-def _pick_inbound(path: str, document: Any) -> dict:
+def _pick_anytls(path: str, document: Any, section: str = "inbounds") -> dict:
+    """The ``anytls`` block: the document itself, or the first of a whole sing-box config's
+    ``section`` (the client reads ``outbounds`` the same way)."""
     if not isinstance(document, dict):
         raise _fail(path, "(top level)", "must be a JSON object")
-    if "inbounds" in document:
-        inbounds = document["inbounds"]
-        if not isinstance(inbounds, list):
-            raise _fail(path, "inbounds", "must be a list")
-        for inbound in inbounds:
-            if isinstance(inbound, dict) and inbound.get("type") == "anytls":
-                return inbound
-        raise _fail(path, "inbounds", "no inbound of type anytls")
+    if section in document:
+        blocks = document[section]
+        if not isinstance(blocks, list):
+            raise _fail(path, section, "must be a list")
+        for block in blocks:
+            if isinstance(block, dict) and block.get("type") == "anytls":
+                return block
+        raise _fail(path, section, f"no {section[:-1]} of type anytls")
     if document.get("type", "anytls") != "anytls":
         raise _fail(path, "type", f"is {document.get('type')!r}, not 'anytls'")
     return document
@@ -179,7 +185,7 @@ def load(path: str) -> FileSettings:
         raise ConfigFileError(f"cannot read config file {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
-    inbound = _pick_inbound(path, document)
+    inbound = _pick_anytls(path, document)
     warnings = _check_fields(path, inbound, "", _USED, _QUIET | _IGNORED)
     values: dict = {"path": path}
     if "users" in inbound:
