@@ -2,8 +2,7 @@
 
 Users paste what they already have: a share link, or the outbound block of a sing-box client
 config (or the whole config, whose first ``anytls`` outbound is used). Both are read strictly,
-like the server's ``--config`` (:mod:`anytls_twisted.server.configfile`, whose field checks
-this reuses): an unknown field or query key is an error naming the closest known one, since a
+like the server's ``--config`` (both use :mod:`anytls_twisted.singbox`): an unknown field or query key is an error naming the closest known one, since a
 misspelt ``insecure`` silently ignored would change what is verified. sing-box dial and TLS
 fields that do not apply here are accepted and reported in one warning.
 
@@ -24,13 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import attr
 
 from ..protocol.address import AddressError, parse_host_port, parse_ip
-from ..server.configfile import (
-    _SOCKET_FIELDS,
-    ConfigFileError,
-    _check_fields,
-    _fail,
-    _pick_anytls,
-)
+from ..singbox import SOCKET_FIELDS, ConfigFileError, check_fields, fail, pick_anytls
 
 __all__ = ["ClientConfig", "ConfigFileError", "load_outbound", "parse_duration", "parse_uri"]
 
@@ -55,7 +48,7 @@ _USED = {
 _QUIET = {"type", "tag"}
 #: sing-box's dial fields (docs: configuration/shared/dial) and newer outbound fields, which
 #: make no difference here.
-_IGNORED = _SOCKET_FIELDS | {
+_IGNORED = SOCKET_FIELDS | {
     "inet4_bind_address",
     "inet6_bind_address",
     "bind_address_no_port",
@@ -156,7 +149,7 @@ FINGERPRINT_WARNING = (
 
 def _password_check(where: str, password: str, password_file: bool) -> None:
     if not password and not password_file:
-        raise _fail(where, "password", "is empty (give one, or a password file)")
+        raise fail(where, "password", "is empty (give one, or a password file)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,22 +173,22 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
     where = "anytls URI"
     scheme, sep, rest = text.strip().partition("://")
     if not sep or scheme.lower() != "anytls":
-        raise _fail(where, "scheme", "must start with anytls://")
+        raise fail(where, "scheme", "must start with anytls://")
     rest, _, fragment = rest.partition("#")
     rest, _, query = rest.partition("?")
     authority, slash, path = rest.partition("/")
     if path:
-        raise _fail(where, "path", "must be empty or /")
+        raise fail(where, "path", "must be empty or /")
     userinfo, at, hostport = authority.rpartition("@")
     try:
         password = urllib.parse.unquote_to_bytes(userinfo).decode("utf-8")
     except UnicodeDecodeError:
-        raise _fail(where, "password", "is not UTF-8 once percent-decoded") from None
+        raise fail(where, "password", "is not UTF-8 once percent-decoded") from None
     _password_check(where, password, password_file)
     try:
         destination = parse_host_port(hostport, DEFAULT_PORT)
     except AddressError as e:
-        raise _fail(where, "host", str(e)) from None
+        raise fail(where, "host", str(e)) from None
     values: Dict[str, Any] = {
         "server": destination.host,
         "server_port": destination.port,
@@ -209,9 +202,9 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
         if key not in _URI_KEYS:
             close = difflib.get_close_matches(key, _URI_KEYS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(_URI_KEYS)}"
-            raise _fail(where, key, f"unknown query parameter; {hint}")
+            raise fail(where, key, f"unknown query parameter; {hint}")
         if key in seen:
-            raise _fail(where, key, "given twice")
+            raise fail(where, key, "given twice")
         seen.add(key)
         if key == "sni":
             values["server_name"] = _default_sni(value) if value else None
@@ -219,11 +212,11 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
             try:
                 values["insecure"] = _uri_bool(value)
             except ValueError as e:
-                raise _fail(where, key, str(e)) from None
+                raise fail(where, key, str(e)) from None
         elif key == "alpn":
             protocols = tuple(value.split(","))
             if not all(protocols):
-                raise _fail(where, key, "must be a comma-separated list of protocol names")
+                raise fail(where, key, "must be a comma-separated list of protocol names")
             values["alpn"] = protocols
         elif key == "fp" and value:
             values["fingerprint"] = value
@@ -264,7 +257,7 @@ def parse_duration(text: str) -> float:
 
 def _typed(path: str, field: str, value: Any, kind: type, what: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _fail(path, field, f"must be {what}")
+        raise fail(path, field, f"must be {what}")
     return value
 
 
@@ -273,7 +266,7 @@ def _strings(path: str, field: str, value: Any) -> Tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _fail(path, field, "must be a list of strings")
+        raise fail(path, field, "must be a list of strings")
     return tuple(value)
 
 
@@ -285,15 +278,15 @@ def _pins(path: str, value: Any) -> Tuple[str, ...]:
             if len(base64.b64decode(pin, validate=True)) != 32:
                 raise ValueError
         except (binascii.Error, ValueError):
-            raise _fail(path, field, f"{pin!r} is not a base64 SHA-256 digest") from None
+            raise fail(path, field, f"{pin!r} is not a base64 SHA-256 digest") from None
     return pins
 
 
 def _tls(path: str, tls: Any, values: Dict[str, Any]) -> List[str]:
     """Read the ``tls`` object into ``values``; the warnings for ignored fields."""
     if not isinstance(tls, dict):
-        raise _fail(path, "tls", "must be an object")
-    warnings = _check_fields(path, tls, "tls.", _TLS_USED, _TLS_IGNORED)
+        raise fail(path, "tls", "must be an object")
+    warnings = check_fields(path, tls, "tls.", _TLS_USED, _TLS_IGNORED)
     values["tls"] = _typed(path, "tls.enabled", tls.get("enabled", False), bool, "true or false")
     values["insecure"] = _typed(
         path, "tls.insecure", tls.get("insecure", False), bool, "true or false"
@@ -314,8 +307,8 @@ def _tls(path: str, tls: Any, values: Dict[str, Any]) -> List[str]:
     utls = tls.get("utls")
     if utls is not None:
         if not isinstance(utls, dict):
-            raise _fail(path, "tls.utls", "must be an object")
-        warnings += _check_fields(path, utls, "tls.utls.", _UTLS_USED, ())
+            raise fail(path, "tls.utls", "must be an object")
+        warnings += check_fields(path, utls, "tls.utls.", _UTLS_USED, ())
         if _typed(path, "tls.utls.enabled", utls.get("enabled", False), bool, "true or false"):
             fingerprint = utls.get("fingerprint", "chrome")  # sing-box's default
             values["fingerprint"] = _typed(
@@ -344,25 +337,25 @@ def load_outbound(
             raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
     else:
         path, document = "outbound", dict(source)
-    outbound = _pick_anytls(path, document, "outbounds")
-    warnings = _check_fields(path, outbound, "", _USED, _QUIET | _IGNORED)
+    outbound = pick_anytls(path, document, "outbounds")
+    warnings = check_fields(path, outbound, "", _USED, _QUIET | _IGNORED)
     for field in ("server", "server_port"):
         if field not in outbound:
-            raise _fail(path, field, "is required")
+            raise fail(path, field, "is required")
     server = _typed(path, "server", outbound["server"], str, "a host name or IP address")
     ip = parse_ip(server)
     if ip is not None:
         server = str(ip)
     elif ":" in server:
-        raise _fail(path, "server", "must be a host name or IP address, without a port")
+        raise fail(path, "server", "must be a host name or IP address, without a port")
     else:
         try:
             parse_host_port(server, DEFAULT_PORT)
         except AddressError as e:
-            raise _fail(path, "server", str(e)) from None
+            raise fail(path, "server", str(e)) from None
     port = _typed(path, "server_port", outbound["server_port"], int, "a port number")
     if not 1 <= port <= 65535:
-        raise _fail(path, "server_port", "must be a port number (1 to 65535)")
+        raise fail(path, "server_port", "must be a port number (1 to 65535)")
     password = _typed(path, "password", outbound.get("password", ""), str, "a string")
     _password_check(path, password, password_file)
     values: Dict[str, Any] = {
@@ -380,11 +373,11 @@ def load_outbound(
             try:
                 values[field] = parse_duration(text)
             except ValueError as e:
-                raise _fail(path, field, str(e)) from None
+                raise fail(path, field, str(e)) from None
     if "min_idle_session" in outbound:
         count = _typed(path, "min_idle_session", outbound["min_idle_session"], int, "a number")
         if count < 0:
-            raise _fail(path, "min_idle_session", "must not be negative")
+            raise fail(path, "min_idle_session", "must not be negative")
         values["min_idle_session"] = count
     if "tls" in outbound:
         warnings += _tls(path, outbound["tls"], values)

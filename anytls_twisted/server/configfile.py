@@ -10,36 +10,27 @@ fail with the file, the field and the reason.
 
 from __future__ import annotations
 
-import difflib
 import json
-from typing import Any, Collection, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import attr
 
 from ..endpoints import EndpointString
 from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme, PaddingSchemeError
+from ..singbox import (
+    QUIET,
+    SOCKET_FIELDS,
+    ConfigFileError,
+    check_fields,
+    fail,
+    pick_anytls,
+    string,
+)
 
 #: The inbound's fields we use, and those that make no difference here.
 _USED = {"listen", "listen_port", "users", "padding_scheme", "tls"}
-_QUIET = {"type", "tag"}
-#: Socket options sing-box's listen and dial fields share (docs: configuration/shared/listen,
-#: shared/dial); neither the server nor the client implements them.
-_SOCKET_FIELDS = {
-    "bind_interface",
-    "routing_mark",
-    "reuse_addr",
-    "netns",
-    "tcp_fast_open",
-    "tcp_multi_path",
-    "disable_tcp_keep_alive",
-    "tcp_keep_alive",
-    "tcp_keep_alive_interval",
-    "udp_fragment",
-    "detour",
-    "domain_strategy",
-}
 #: sing-box's listen fields that we do not implement.
-_IGNORED = _SOCKET_FIELDS | {
+_IGNORED = SOCKET_FIELDS | {
     "udp_timeout",
     "sniff",
     "sniff_override_destination",
@@ -67,10 +58,6 @@ _TLS_IGNORED = {
 _TLS_INLINE = {"certificate", "key"}
 
 
-class ConfigFileError(ValueError):
-    """An unusable config file; the message names the file and the field."""
-
-
 @attr.frozen
 class FileSettings:
     """What a config file says; ``None`` where it says nothing."""
@@ -96,47 +83,19 @@ class FileSettings:
         return EndpointString(kind, (str(self.listen_port),), interface).format()
 
 
-def _fail(path: str, field: str, reason: str) -> ConfigFileError:
-    return ConfigFileError(f"{path}: {field}: {reason}")
-
-
-def _string(path: str, field: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise _fail(path, field, "must be a non-empty string")
-    return value
-
-
-def _pick_anytls(path: str, document: Any, section: str = "inbounds") -> dict:
-    """The ``anytls`` block: the document itself, or the first of a whole sing-box config's
-    ``section`` (the client reads ``outbounds`` the same way)."""
-    if not isinstance(document, dict):
-        raise _fail(path, "(top level)", "must be a JSON object")
-    if section in document:
-        blocks = document[section]
-        if not isinstance(blocks, list):
-            raise _fail(path, section, "must be a list")
-        for block in blocks:
-            if isinstance(block, dict) and block.get("type") == "anytls":
-                return block
-        raise _fail(path, section, f"no {section[:-1]} of type anytls")
-    if document.get("type", "anytls") != "anytls":
-        raise _fail(path, "type", f"is {document.get('type')!r}, not 'anytls'")
-    return document
-
-
 def _users(path: str, value: Any) -> Tuple[Tuple[str, str], ...]:
     if not isinstance(value, list) or not value:
-        raise _fail(path, "users", "must be a non-empty list of {name, password}")
+        raise fail(path, "users", "must be a non-empty list of {name, password}")
     users: List[Tuple[str, str]] = []
     for index, entry in enumerate(value):
         field = f"users[{index}]"
         if not isinstance(entry, dict):
-            raise _fail(path, field, "must be an object with name and password")
+            raise fail(path, field, "must be an object with name and password")
         name = entry.get("name", f"user{index + 1}")
         users.append(
             (
-                _string(path, field + ".name", name),
-                _string(path, field + ".password", entry.get("password")),
+                string(path, field + ".name", name),
+                string(path, field + ".password", entry.get("password")),
             )
         )
     return tuple(users)
@@ -148,32 +107,11 @@ def _padding(path: str, value: Any) -> PaddingScheme:
     elif isinstance(value, list) and all(isinstance(line, str) for line in value):
         lines = value
     else:
-        raise _fail(path, "padding_scheme", "must be a list of strings (or one string)")
+        raise fail(path, "padding_scheme", "must be a list of strings (or one string)")
     try:
         return PaddingScheme.parse("\n".join(lines).encode("utf-8"))
     except PaddingSchemeError as e:
-        raise _fail(path, "padding_scheme", str(e)) from None
-
-
-def _check_fields(
-    path: str, obj: dict, prefix: str, used: Collection[str], ignored: Collection[str]
-) -> List[str]:
-    """Raise for an unknown field (naming the closest known one); warn about ignored ones."""
-    known = sorted(set(used) | set(ignored))
-    for key in obj:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known: {', '.join(known)}"
-            raise _fail(path, prefix + key, f"unknown field; {hint}")
-    skipped = [f"'{prefix}{key}'" for key in obj if key in ignored and key not in _QUIET]
-    if not skipped:
-        return []
-    fields = (
-        "field " + skipped[0] + " is"
-        if len(skipped) == 1
-        else "fields " + ", ".join(skipped) + " are"
-    )
-    return [f"{path}: sing-box {fields} not supported by anytls-twisted and ignored"]
+        raise fail(path, "padding_scheme", str(e)) from None
 
 
 def load(path: str) -> FileSettings:
@@ -185,17 +123,17 @@ def load(path: str) -> FileSettings:
         raise ConfigFileError(f"cannot read config file {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
-    inbound = _pick_anytls(path, document)
-    warnings = _check_fields(path, inbound, "", _USED, _QUIET | _IGNORED)
+    inbound = pick_anytls(path, document)
+    warnings = check_fields(path, inbound, "", _USED, QUIET | _IGNORED)
     values: dict = {"path": path}
     if "users" in inbound:
         values["users"] = _users(path, inbound["users"])
     if "listen" in inbound:
-        values["listen"] = _string(path, "listen", inbound["listen"])
+        values["listen"] = string(path, "listen", inbound["listen"])
     if "listen_port" in inbound:
         port = inbound["listen_port"]
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-            raise _fail(path, "listen_port", "must be a port number (0 to 65535)")
+            raise fail(path, "listen_port", "must be a port number (0 to 65535)")
         values["listen_port"] = port
     if inbound.get("padding_scheme"):
         values["padding"] = _padding(path, inbound["padding_scheme"])
@@ -204,23 +142,23 @@ def load(path: str) -> FileSettings:
         values["tls_enabled"] = False  # as in sing-box: no tls object, plain AnyTLS
     else:
         if not isinstance(tls, dict):
-            raise _fail(path, "tls", "must be an object")
+            raise fail(path, "tls", "must be an object")
         for key in sorted(_TLS_INLINE & set(tls))[:1]:
-            raise _fail(path, f"tls.{key}", f"inline PEM is not supported; use tls.{key}_path")
-        warnings += _check_fields(path, tls, "tls.", _TLS_USED | _TLS_INLINE, _TLS_IGNORED)
+            raise fail(path, f"tls.{key}", f"inline PEM is not supported; use tls.{key}_path")
+        warnings += check_fields(path, tls, "tls.", _TLS_USED | _TLS_INLINE, _TLS_IGNORED)
         values["tls_enabled"] = bool(tls.get("enabled", False))
         for key in ("server_name", "certificate_path", "key_path"):
             if key in tls:
-                values[key] = _string(path, f"tls.{key}", tls[key])
+                values[key] = string(path, f"tls.{key}", tls[key])
         if "alpn" in tls:
             alpn = tls["alpn"]
             if isinstance(alpn, str):
                 alpn = [alpn]
             if not isinstance(alpn, list) or not all(isinstance(a, str) and a for a in alpn):
-                raise _fail(path, "tls.alpn", "must be a list of strings")
+                raise fail(path, "tls.alpn", "must be a list of strings")
             values["alpn"] = tuple(alpn)
         if bool(values.get("certificate_path")) != bool(values.get("key_path")):
-            raise _fail(path, "tls", "certificate_path and key_path go together")
+            raise fail(path, "tls", "certificate_path and key_path go together")
     values["warnings"] = tuple(warnings)
     return FileSettings(**values)
 

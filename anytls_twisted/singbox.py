@@ -1,0 +1,84 @@
+"""Reading sing-box JSON configs, for both sides: the server's ``--config`` (an ``anytls``
+inbound) and the client's (an ``anytls`` outbound).
+
+Both want the same things from a config file: one error line naming the file and the field,
+unknown fields refused with the closest known name, and the sing-box fields we accept but do
+not implement named in one warning instead of silently dropped.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Collection, Dict, List
+
+#: Fields of every sing-box block that change nothing here.
+QUIET = {"type", "tag"}
+#: Socket options sing-box's listen and dial fields share (docs: configuration/shared/listen,
+#: shared/dial); neither the server nor the client implements them.
+SOCKET_FIELDS = {
+    "bind_interface",
+    "routing_mark",
+    "reuse_addr",
+    "netns",
+    "tcp_fast_open",
+    "tcp_multi_path",
+    "disable_tcp_keep_alive",
+    "tcp_keep_alive",
+    "tcp_keep_alive_interval",
+    "udp_fragment",
+    "detour",
+    "domain_strategy",
+}
+
+
+class ConfigFileError(ValueError):
+    """An unusable config file; the message names the file and the field."""
+
+
+def fail(path: str, field: str, reason: str) -> ConfigFileError:
+    return ConfigFileError(f"{path}: {field}: {reason}")
+
+
+def string(path: str, field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise fail(path, field, "must be a non-empty string")
+    return value
+
+
+def pick_anytls(path: str, document: Any, section: str = "inbounds") -> Dict[str, Any]:
+    """The ``anytls`` block: the document itself, or the first of a whole sing-box config's
+    ``section`` (the client reads ``outbounds`` the same way)."""
+    if not isinstance(document, dict):
+        raise fail(path, "(top level)", "must be a JSON object")
+    if section in document:
+        blocks = document[section]
+        if not isinstance(blocks, list):
+            raise fail(path, section, "must be a list")
+        for block in blocks:
+            if isinstance(block, dict) and block.get("type") == "anytls":
+                return block
+        raise fail(path, section, f"no {section[:-1]} of type anytls")
+    if document.get("type", "anytls") != "anytls":
+        raise fail(path, "type", f"is {document.get('type')!r}, not 'anytls'")
+    return document
+
+
+def check_fields(
+    path: str, obj: dict, prefix: str, used: Collection[str], ignored: Collection[str]
+) -> List[str]:
+    """Raise for an unknown field (naming the closest known one); warn about ignored ones."""
+    known = sorted(set(used) | set(ignored))
+    for key in obj:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known: {', '.join(known)}"
+            raise fail(path, prefix + key, f"unknown field; {hint}")
+    skipped = [f"'{prefix}{key}'" for key in obj if key in ignored and key not in QUIET]
+    if not skipped:
+        return []
+    fields = (
+        "field " + skipped[0] + " is"
+        if len(skipped) == 1
+        else "fields " + ", ".join(skipped) + " are"
+    )
+    return [f"{path}: sing-box {fields} not supported by anytls-twisted and ignored"]
