@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anytls_twisted import certs, tls
 from anytls_twisted.certs import TLSMaterial
+from anytls_twisted.client import tls as client_tls_module
 from anytls_twisted.client.tls import CertificateVerifyError, client_tls
 
 from .test_certs import cert_pem, key_pem, make_cert, make_key
@@ -202,3 +203,14 @@ class ClientTLSTests(SynchronousTestCase):
         options = creator._options.getContext().set_options(0)  # before any connection
         self.assertTrue(options & SSL.OP_NO_TLSv1 and options & SSL.OP_NO_TLSv1_1)
         self.assertFalse(options & SSL.OP_NO_TLSv1_2 or options & SSL.OP_NO_TLSv1_3)
+
+    def test_error_in_check(self) -> None:
+        """An exception while checking refuses the certificate with one line, rather than
+        escaping into OpenSSL's callback."""
+
+        def broken(cert: object) -> str:
+            raise RuntimeError("boom")
+
+        self.patch(client_tls_module, "spki_pin", broken)
+        client = client_tls(server_name="localhost", pins=[OTHER_PIN])
+        self.assertRefused(self.connect(client), "certificate verify failed: RuntimeError: boom")

@@ -87,7 +87,7 @@ def _verify_error_text(errno: int) -> str:
 
 
 def _names(cert: x509.Certificate) -> str:
-    """The names a certificate is for, as ``DNS:a, IP:1.2.3.4`` (or ``no names``)."""
+    """The names a certificate is for, as ``DNS:a, IP:1.2.3.4``."""
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (x509.ExtensionNotFound, ValueError):
@@ -161,22 +161,17 @@ class _ClientTLS:
                 fail_verification(_failure(CertificateVerifyError(message)))
             return False
 
-        def callback(
-            connection: SSL.Connection, cert: X509, errno: int, depth: int, ok: int
-        ) -> bool:
-            if failed:
-                return False
+        def check(cert: x509.Certificate, errno: int, depth: int, ok: int) -> bool:
             if self._pins:
                 if depth != 0:
                     return True  # only the leaf's key matters
-                got = spki_pin(cert.to_cryptography())
+                got = spki_pin(cert)
                 if got in self._pins:
                     return True
                 want = ", ".join(sorted(self._pins))
                 return fail(f"certificate pin mismatch: got {got}, want one of {want}")
-            leaf = cert.to_cryptography()
             if not ok:
-                subject = leaf.subject.rfc4514_string() or _names(leaf)
+                subject = cert.subject.rfc4514_string() or _names(cert)
                 return fail(
                     f"certificate verify failed: {_verify_error_text(errno)} "
                     f"(depth {depth}: {subject})"
@@ -185,15 +180,25 @@ class _ClientTLS:
                 return True
             try:
                 if _ip(self._identity) is not None:
-                    verify_certificate_ip_address(leaf, self._identity)
+                    verify_certificate_ip_address(cert, self._identity)
                 else:
-                    verify_certificate_hostname(leaf, self._identity)
+                    verify_certificate_hostname(cert, self._identity)
             except (VerificationError, CertificateError):
                 return fail(
-                    f"certificate verify failed: the certificate is for {_names(leaf)}, "
+                    f"certificate verify failed: the certificate is for {_names(cert)}, "
                     f"not {self._identity}"
                 )
             return True
+
+        def callback(
+            connection: SSL.Connection, cert: X509, errno: int, depth: int, ok: int
+        ) -> bool:
+            if failed:
+                return False
+            try:
+                return check(cert.to_cryptography(), errno, depth, ok)
+            except Exception as e:  # an exception here would surface from OpenSSL's depths
+                return fail(f"certificate verify failed: {type(e).__name__}: {e}")
 
         return callback
 
