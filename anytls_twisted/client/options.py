@@ -87,7 +87,9 @@ class Options(usage.Options):
         except usage.UsageError as e:
             if self.parent is None:
                 raise
-            sys.stderr.write(f"twistd anytls-client: error: {e} (see twistd anytls-client --help)\n")
+            sys.stderr.write(
+                f"twistd anytls-client: error: {e} (see twistd anytls-client --help)\n"
+            )
             raise SystemExit(2) from None
 
     def postOptions(self) -> None:

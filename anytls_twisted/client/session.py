@@ -19,6 +19,7 @@ record sizes on the wire follow the scheme only approximately.
 from __future__ import annotations
 
 import itertools
+import random
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.interfaces import IPushProducer
@@ -31,7 +32,7 @@ from ..logs import get_logger
 from ..metrics import NullMetrics
 from ..protocol import session as machine
 from ..protocol.address import encode_socks_address
-from ..protocol.padding import PaddingScheme, PaddingWriter
+from ..protocol.padding import CHECK_MARK, PaddingScheme, PaddingWriter
 from ..protocol.session import State
 
 _log = get_logger("anytls_twisted.client.session")
@@ -39,6 +40,8 @@ _log = get_logger("anytls_twisted.client.session")
 #: Seconds a closing session waits for the server's close_notify before aborting.
 CLOSE_GRACE = 5.0
 _session_ids = itertools.count(1)
+#: The auth preamble without its padding: a SHA-256 digest and a two-byte padding length.
+PREAMBLE_SIZE = 34
 
 
 class SessionOwner:
@@ -133,7 +136,8 @@ class ClientSessionProtocol(Protocol):
         self.clock = clock
         self.owner = owner or SessionOwner()
         self.machine: machine.ClientSession[IStream] = machine.ClientSession(padding, client_name)
-        self.writer = PaddingWriter(padding, randrange)
+        self._randrange = randrange or random.SystemRandom().randrange
+        self.writer = PaddingWriter(padding, self._randrange)
         self.context = ClientSessionContext(self)
         self.frames_seen = False
         self.connected = False
@@ -159,7 +163,13 @@ class ClientSessionProtocol(Protocol):
             except OSError:
                 pass
         self.transport.registerProducer(self, True)
-        self.write_frames(self.machine.start(self._password))
+        # The preamble is packet 0: padded by the scheme's first size for packet 0, and written
+        # apart from the writer, which holds Settings back until the first SYN (packet 1).
+        padding = preamble_padding(self.machine.padding, self._randrange)
+        start = self.machine.start(self._password, padding)
+        cut = PREAMBLE_SIZE + padding
+        self.transport.write(start[:cut])
+        self.write_frames(start[cut:])
 
     def dataReceived(self, data: bytes) -> None:
         self.frames_seen = True
@@ -268,6 +278,15 @@ class ClientSessionProtocol(Protocol):
         stream.connectionLost(reason)
         self.set_reading(self.machine.update_reading())
         self.owner.stream_ended(self, stream)
+
+
+def preamble_padding(scheme: PaddingScheme, randrange: Callable[[int, int], int]) -> int:
+    """The preamble's padding length: the first size of the scheme's packet 0 (sing-anytls)."""
+    for low, high in scheme.plans.get(0, ()):
+        if low == CHECK_MARK:
+            continue
+        return low if low == high else randrange(low, high)
+    return 0
 
 
 def _describe(reason: Optional[Failure]) -> str:

@@ -68,7 +68,7 @@ class SessionManager(Service, SessionOwner):
         self.endpoint = endpoint
         self.password = password
         self.clock = clock
-        self.pool: Pool[ClientSessionProtocol] = pool or Pool()
+        self.pool: Pool[ClientSessionProtocol] = pool if pool is not None else Pool()
         self.watchdog: Watchdog[ClientSessionProtocol, IStream] = Watchdog()
         self.client_name = client_name
         self.randrange = randrange
