@@ -48,7 +48,7 @@ class Options(usage.Options):
         ["idle-session-check-interval", None, None, "Seconds between checks for idle sessions to close (values of 5 or less mean 30, as in sing-box). [default: the config's, else 30]", _seconds("idle-session-check-interval")],
         ["idle-session-timeout", None, None, "Close an idle session after this many seconds (5 or less means 30). [default: the config's, else 30]", _seconds("idle-session-timeout")],
         ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _number(int, "min-idle-session", "a whole number", lambda value: value >= 0)],
-        ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it). [default: empty]"],
+        ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it)."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn or error."],
     ]
     optFlags = [
