@@ -343,27 +343,27 @@ class SessionManagerTests(unittest.TestCase):
         self.assertEqual(endpoint.sessions[1].session.machine.padding.raw, scheme)
         self.assertEqual(len(endpoint.sessions[1].transport.writes[0]), PREAMBLE_SIZE + 10)
 
-    def test_watchdog_resets_an_unanswered_stream_on_a_live_session(self):
+    def reused(self):
+        """A v2 session whose first stream was answered and ended, and a second stream on it
+        (reused: watched) that gets no SYNACK."""
         m, endpoint, clock = manager()
         s, local = self.stream(m, clock)
         server = endpoint.sessions[0]
         server.send(Command.SERVER_SETTINGS, 0, b"v=2")
         server.send(Command.SYNACK, 1)
         s.local_closed()
-        s2, local2 = self.stream(m, clock)  # reused: watched
+        s2, local2 = self.stream(m, clock)
+        return server, clock, local2
+
+    def test_watchdog_resets_an_unanswered_stream_on_a_live_session(self):
+        server, clock, local2 = self.reused()
         server.send(Command.PSH, 99, b"")  # a frame: the session is alive
         clock.advance(3)
         self.assertEqual(local2.events[0][0], "refused")
         self.assertFalse(server.transport.disconnecting)
 
     def test_watchdog_closes_a_silent_session(self):
-        m, endpoint, clock = manager()
-        s, local = self.stream(m, clock)
-        server = endpoint.sessions[0]
-        server.send(Command.SERVER_SETTINGS, 0, b"v=2")
-        server.send(Command.SYNACK, 1)
-        s.local_closed()
-        self.stream(m, clock)
+        server, clock, local2 = self.reused()
         clock.advance(3)
         self.assertTrue(server.transport.disconnecting)
 

@@ -167,5 +167,3 @@ class ClientEndToEndTests(unittest.TestCase):
         yield self.h.download(client, source, 4 * MiB, label("cdown-sb"))
         self.h.assert_alive(client.process)
         self.h.assert_alive(server.process)
-
-

@@ -3,51 +3,42 @@ parsed here; files are read by :func:`.tap.load`). An error is one line naming t
 
 from __future__ import annotations
 
-import math
 import sys
-from typing import Any, Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from twisted.python import usage
 
 from .. import endpoints, logs
 from .._version import __version__
+from ..cli import number_option
 from ..singbox import ConfigFileError
 from .config import parse_uri
 
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
 
 
-def _number(kind: Callable[[str], Any], name: str, noun: str, ok: Callable[[Any], bool]) -> Any:
-    def coerce(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not ok(value):
-            raise usage.UsageError(f"--{name}: must be {noun}, got {text!r}")
-        return value
-
-    return coerce
+_seconds = number_option(float, "a positive number", lambda value: value > 0)
+_whole = number_option(int, "a whole number", lambda value: value >= 0)
 
 
-def _seconds(name: str) -> Any:
-    return _number(float, name, "a positive number", lambda value: value > 0)
+_ABOUT = (
+    "Run an AnyTLS client: a local SOCKS5/SOCKS4a/HTTP proxy port whose connections are "
+    "carried to an AnyTLS server (anytls-twisted, sing-box, mihomo, anytls-go) over pooled TLS "
+    "sessions. Give the server as --server URI or --config FILE."
+)
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = (
-        "Run an AnyTLS client: a local SOCKS5/SOCKS4a/HTTP proxy port whose connections are "
-        "carried to an AnyTLS server (anytls-twisted, sing-box, mihomo, anytls-go) over "
-        "pooled TLS sessions. Give the server as --server URI or --config FILE."
-    )
+    """``twistd anytls-client`` options."""
+
+    longdesc = _ABOUT
     # fmt: off
     optParameters = [
         ["config", None, None, "A sing-box anytls outbound (or a whole sing-box config whose first anytls outbound is used), instead of --server."],
         ["password-file", None, None, "A file holding the password (first line; surrounding whitespace stripped); replaces the URI's or config's."],
         ["idle-session-check-interval", None, None, "Seconds between checks for idle sessions to close (values of 5 or less mean 30, as in sing-box). [default: the config's, else 30]", _seconds("idle-session-check-interval")],
         ["idle-session-timeout", None, None, "Close an idle session after this many seconds (5 or less means 30). [default: the config's, else 30]", _seconds("idle-session-timeout")],
-        ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _number(int, "min-idle-session", "a whole number", lambda value: value >= 0)],
+        ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _whole("min-idle-session")],
         ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it)."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn or error."],
     ]

@@ -33,12 +33,10 @@ from ..metrics import NullMetrics
 from ..protocol import session as machine
 from ..protocol.address import encode_socks_address
 from ..protocol.padding import CHECK_MARK, PaddingScheme, PaddingWriter
-from ..protocol.session import State
+from ..session_shell import CLOSE_GRACE, ContextShell, SessionShell, describe
 
 _log = get_logger("anytls_twisted.client.session")
 
-#: Seconds a closing session waits for the server's close_notify before aborting.
-CLOSE_GRACE = 5.0
 _session_ids = itertools.count(1)
 #: The auth preamble without its padding: a SHA-256 digest and a two-byte padding length.
 PREAMBLE_SIZE = 34
@@ -64,7 +62,7 @@ class SessionOwner:
 
 
 @implementer(IStreamContext)
-class ClientSessionContext:
+class ClientSessionContext(ContextShell):
     """What the client's streams ask of their session (see
     :class:`~anytls_twisted.interfaces.IStreamContext`). A client never sends SYNACK, so
     :meth:`acknowledge` does nothing, and streams are never replaced."""
@@ -76,10 +74,6 @@ class ClientSessionContext:
         self.clock = session.clock
         self.metrics = NullMetrics()
         self.session_id = session.session_id
-
-    @property
-    def write_paused(self) -> bool:
-        return self._session.machine.write_paused
 
     @property
     def peer_version(self) -> int:
@@ -100,18 +94,12 @@ class ClientSessionContext:
         session.write_frames(session.machine.fin(stream.sid))
         session.stream_ended(stream, reason)
 
-    def pausePeer(self, stream: IStream) -> None:
-        self._session.set_reading(self._session.machine.set_blocked(stream.sid, True))
-
-    def resumePeer(self, stream: IStream) -> None:
-        self._session.set_reading(self._session.machine.set_blocked(stream.sid, False))
-
     def replace(self, old: IStream, new: IStream) -> None:
         raise NotImplementedError("client streams are never replaced")
 
 
 @implementer(IPushProducer)
-class ClientSessionProtocol(Protocol):
+class ClientSessionProtocol(SessionShell, Protocol):
     """The client side of one AnyTLS session (one TLS connection to the server).
 
     @ivar machine: the protocol rules (:class:`~anytls_twisted.protocol.session.ClientSession`).
@@ -142,8 +130,6 @@ class ClientSessionProtocol(Protocol):
         self.frames_seen = False
         self.connected = False
         self._password = password
-        self._close_timer: Any = None
-        self._close_reason: Optional[str] = None
 
     @property
     def closed(self) -> bool:
@@ -193,10 +179,8 @@ class ClientSessionProtocol(Protocol):
                 self.close(event.reason)
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
-        reason_text = self._close_reason or _describe(reason)
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
-        self._close_timer = None
+        reason_text = self._close_reason or describe(reason)
+        self._cancel_close_timer()
         self._close_reason = reason_text
         for stream in self.machine.close():
             self.stream_ended(stream, f"session closed: {reason_text}")
@@ -224,39 +208,8 @@ class ClientSessionProtocol(Protocol):
             stream.pauseProducing()
         stream.opened(self.context, sid, known_v1)
 
-    def close(self, reason: str, abort: bool = False) -> None:
-        """End the session (once): the TLS connection closes, then its streams, without FIN."""
-        if self._close_reason is not None:
-            return
-        self._close_reason = reason
-        self.machine.state = State.CLOSED
-        if not self.connected:
-            return
-        self.transport.unregisterProducer()
-        if self.machine.read_paused:
-            self.machine.read_paused = False
-            self.transport.resumeProducing()
-        if abort:
-            self.transport.abortConnection()
-            return
-        self.transport.loseConnection()
-        self._close_timer = self.clock.callLater(CLOSE_GRACE, self._close_timed_out)
-
-    def _close_timed_out(self) -> None:
-        self._close_timer = None
-        self.transport.abortConnection()
-
-    # IPushProducer: the TLS transport's write buffer is full / drained.
-    def pauseProducing(self) -> None:
-        for stream in self.machine.pause_writing():
-            stream.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        for stream in self.machine.resume_writing():
-            stream.resumeProducing()
-
-    def stopProducing(self) -> None:
-        """The transport is going away; ``connectionLost`` follows and cleans up."""
+    def _closing(self) -> bool:
+        return bool(self.connected)
 
     # For the context.
     def write_frames(self, frames: bytes) -> None:
@@ -265,13 +218,6 @@ class ClientSessionProtocol(Protocol):
             return
         for chunk in self.writer.write(frames):
             self.transport.write(chunk)
-
-    def set_reading(self, paused: Optional[bool]) -> None:
-        """Apply the machine's decision to stop (True) or restart (False) reading the server."""
-        if paused is True:
-            self.transport.pauseProducing()
-        elif paused is False:
-            self.transport.resumeProducing()
 
     def stream_ended(self, stream: IStream, reason: str) -> None:
         """A stream left the table: release its application connection, tell the owner."""
@@ -287,12 +233,6 @@ def preamble_padding(scheme: PaddingScheme, randrange: Callable[[int, int], int]
             continue
         return low if low == high else randrange(low, high)
     return 0
-
-
-def _describe(reason: Optional[Failure]) -> str:
-    if reason is None:
-        return "connection lost"
-    return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
 
 
 __all__: List[str] = [

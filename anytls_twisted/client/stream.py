@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from ..interfaces import IStream, IStreamContext
 from ..protocol.address import Destination
+from ..session_shell import PeerProducer
 
 #: Seconds a stream waits for its SYNACK before deciding (see the module docstring).
 SYNACK_WAIT = 15.0
@@ -41,24 +41,6 @@ class LocalSide:
 
     def refused(self, error: str) -> None:
         """The stream could not be opened (``error`` says why): answer with an error."""
-
-
-@implementer(IPushProducer)
-class _PeerProducer:
-    """Registered on the local transport: the server's side of the stream. When the
-    application's write buffer fills, the session stops reading from the server."""
-
-    def __init__(self, stream: ClientStream) -> None:
-        self.stream = stream
-
-    def pauseProducing(self) -> None:
-        self.stream.pause_peer(True)
-
-    def resumeProducing(self) -> None:
-        self.stream.pause_peer(False)
-
-    def stopProducing(self) -> None:
-        self.stream.pause_peer(False)
 
 
 @implementer(IStream)
@@ -189,7 +171,7 @@ class ClientStream:
         self._cancel_timer()
         transport = self.local.transport
         if transport is not None:
-            transport.registerProducer(_PeerProducer(self), True)
+            transport.registerProducer(PeerProducer(self), True)
         self.local.established()
 
     def _refuse(self, error: str) -> None:

@@ -103,7 +103,15 @@ class ClientService(service.MultiService):
             port=config.server_port,
             tls=tls,
         )
-        for warning in config.warnings:
+        warnings = list(config.warnings)
+        if config.certificate_pins:
+            warnings.append(
+                "tls.certificate_public_key_sha256 is not applied yet: the certificate is "
+                "verified against the CAs (or certificate_path) only"
+            )
+        if config.alpn:
+            warnings.append("ALPN is not offered yet: the alpn setting is ignored")
+        for warning in warnings:
             _log.warn("{warning}", warning=warning)
 
 
