@@ -412,6 +412,14 @@ class LocalProxyTests(unittest.TestCase):
         self.local.connectionLost(Failure(ConnectionError("done")))
         self.assertEqual([f.cmd for f in server.frames()], [Command.FIN])
 
+    def test_socks4a_connect_with_a_name(self):
+        self.local.dataReceived(b"\x04\x01\x01\xbb\x00\x00\x00\x01user\x00example.com\x00")
+        server = self.server()
+        frames = server.frames()
+        self.assertEqual(frames[2].data, encode_socks_address(Destination("example.com", 443)))
+        server.send(Command.SYNACK, 1)
+        self.assertEqual(self.transport.value()[:2], b"\x00\x5a")
+
     def test_socks5_synack_error_becomes_a_reply_code(self):
         self.socks_connect()
         server = self.server()
