@@ -4,38 +4,17 @@ line naming the option."""
 
 from __future__ import annotations
 
-import math
 import sys
-from typing import Any, Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from twisted.python import usage
 
 from .. import logs
 from .._version import __version__
+from ..cli import number_option as _number
 from ..clientconfig import CLIENT_CONFIG_FORMATS
 from . import configfile, load
 from . import settings as defaults
-
-
-def _number(kind: Callable[[str], Any], noun: str, ok: Callable[[Any], bool]) -> Callable:
-    """A coerce maker: ``_seconds("auth-timeout")`` converts that option's value, and a bad one
-    is an error naming the option (``--auth-timeout: must be a positive number, got '-1'``)."""
-
-    def for_option(name: str) -> Callable[[str], Any]:
-        def coerce(text: str) -> Any:
-            try:
-                value = kind(text)
-            except ValueError:
-                value = None
-            if value is None or not math.isfinite(value) or not ok(value):
-                raise usage.UsageError(f"--{name}: must be {noun}, got {text!r}")
-            return value
-
-        coerce.coerceDoc = "" if ok(0) else "A positive number."  # type: ignore[attr-defined]
-        return coerce
-
-    return for_option
-
 
 _seconds = _number(float, "a positive number", lambda value: value > 0)
 _count = _number(int, "a positive integer", lambda value: value > 0)

@@ -25,20 +25,19 @@ from ..interfaces import IStream, IStreamContext
 from ..logs import get_logger
 from ..protocol import session as machine
 from ..protocol.session import ALERT_NO_SETTINGS, State  # noqa: F401 (re-exported)
+from ..session_shell import CLOSE_GRACE, ContextShell, SessionShell, describe
 from .pending import PendingStream
 from .stream import no_delay
 
 _log = get_logger("anytls_twisted.session")
 
-#: Seconds a closing session waits for the peer's close_notify before aborting.
-CLOSE_GRACE = 5.0
 #: Seconds between two "destination refused by policy" info lines of one session.
 POLICY_LOG_INTERVAL = 60.0
 _session_ids = itertools.count(1)
 
 
 @implementer(IStreamContext)
-class SessionContext:
+class SessionContext(ContextShell):
     """What the streams of one session may use and ask: settings, clock, dialer, UDP sockets,
     metrics, and the four requests of :class:`~anytls_twisted.interfaces.IStreamContext`.
 
@@ -60,10 +59,6 @@ class SessionContext:
     @property
     def config(self) -> Any:
         return self._session.factory.config
-
-    @property
-    def write_paused(self) -> bool:
-        return self._session.machine.write_paused
 
     @property
     def user(self) -> Optional[str]:
@@ -93,12 +88,6 @@ class SessionContext:
             self.acknowledge(stream, error)
         session.write(session.machine.fin(stream.sid))
         session.stream_ended(stream, reason)
-
-    def pausePeer(self, stream: IStream) -> None:
-        self._session.set_reading(self._session.machine.set_blocked(stream.sid, True))
-
-    def resumePeer(self, stream: IStream) -> None:
-        self._session.set_reading(self._session.machine.set_blocked(stream.sid, False))
 
     def replace(self, old: IStream, new: IStream) -> None:
         session = self._session
@@ -135,7 +124,7 @@ class SessionContext:
 
 
 @implementer(IPushProducer)
-class SessionProtocol(Protocol):
+class SessionProtocol(SessionShell, Protocol):
     """The server side of one AnyTLS session.
 
     ``factory`` supplies ``config`` (live settings), ``clock``, ``dialer``, ``listen_udp``,
@@ -157,8 +146,6 @@ class SessionProtocol(Protocol):
         self.opened_at = 0.0
         self.last_activity = 0.0
         self._auth_timer: Any = None
-        self._close_timer: Any = None
-        self._close_reason: Optional[str] = None
 
     # What tests, metrics, the reaper and reload read.
     @property
@@ -285,11 +272,9 @@ class SessionProtocol(Protocol):
             )
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
-        reason_text = self._close_reason or _describe(reason)
+        reason_text = self._close_reason or describe(reason)
         self._cancel_auth_timer()
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
-        self._close_timer = None
+        self._cancel_close_timer()
         for stream in self.machine.close():
             self.stream_ended(stream, "session closed")
         self.factory.registry.discard(self)
@@ -316,56 +301,14 @@ class SessionProtocol(Protocol):
             reason=reason_text,
         )
 
-    def close(self, reason: str, abort: bool = False) -> None:
-        """End the session (once): the TLS connection closes, then its streams, without FIN.
-
-        A polite close sends close_notify and waits for the peer's; a peer that never answers
-        is aborted after ``CLOSE_GRACE`` seconds.
-        """
-        if self._close_reason is not None:
-            return
-        self._close_reason = reason
-        self.machine.state = State.CLOSED
+    def _closing(self) -> bool:
         self._cancel_auth_timer()
-        # TLS only shuts down once no producer is registered; and it must read to see the
-        # peer's close_notify.
-        self.transport.unregisterProducer()
-        if self.machine.read_paused:
-            self.machine.read_paused = False
-            self.transport.resumeProducing()
-        if abort:
-            self.transport.abortConnection()
-            return
-        self.transport.loseConnection()
-        self._close_timer = self.clock.callLater(CLOSE_GRACE, self._close_timed_out)
-
-    def _close_timed_out(self) -> None:
-        self._close_timer = None
-        self.transport.abortConnection()
-
-    # IPushProducer: our TLS transport's write buffer is full / drained.
-    def pauseProducing(self) -> None:
-        for stream in self.machine.pause_writing():
-            stream.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        for stream in self.machine.resume_writing():
-            stream.resumeProducing()
-
-    def stopProducing(self) -> None:
-        """The transport is going away; ``connectionLost`` follows and cleans up."""
+        return True
 
     # For the context.
     def write(self, data: bytes) -> None:
         if data:
             self.transport.write(data)
-
-    def set_reading(self, paused: Optional[bool]) -> None:
-        """Apply the machine's decision to stop (True) or restart (False) reading the client."""
-        if paused is True:
-            self.transport.pauseProducing()
-        elif paused is False:
-            self.transport.resumeProducing()
 
     def stream_ended(self, stream: IStream, reason: str) -> None:
         """A stream left the table: release its target, count it, log it."""
@@ -396,12 +339,6 @@ class SessionProtocol(Protocol):
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self._auth_timer = None
-
-
-def _describe(reason: Optional[Failure]) -> str:
-    if reason is None:
-        return "connection lost"
-    return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
 
 
 __all__: List[str] = ["CLOSE_GRACE", "SessionContext", "SessionProtocol", "State"]

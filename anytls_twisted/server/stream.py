@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -22,6 +21,7 @@ from .. import logs
 from ..interfaces import IStream
 from ..logs import get_logger
 from ..protocol.address import Destination
+from ..session_shell import PeerProducer
 from .dialer import DialError
 
 _log = get_logger("anytls_twisted.stream")
@@ -130,27 +130,6 @@ class _OriginFactory(Factory):
         return _OriginProtocol(self.stream)
 
 
-@implementer(IPushProducer)
-class _PeerProducer:
-    """The producer registered on the origin transport: the client's side of the stream.
-
-    When the origin's write buffer fills, it pauses the peer (the session stops reading TLS);
-    kept apart from the stream, whose own ``pauseProducing`` means the other direction.
-    """
-
-    def __init__(self, stream: TCPStream) -> None:
-        self.stream = stream
-
-    def pauseProducing(self) -> None:
-        self.stream.pause_peer(True)
-
-    def resumeProducing(self) -> None:
-        self.stream.pause_peer(False)
-
-    def stopProducing(self) -> None:
-        self.stream.pause_peer(False)
-
-
 class TCPStream(BaseStream):
     """A stream relayed to a TCP origin.
 
@@ -242,7 +221,7 @@ class TCPStream(BaseStream):
             return
         self._cancel_guard()
         self.origin = origin
-        origin.transport.registerProducer(_PeerProducer(self), True)
+        origin.transport.registerProducer(PeerProducer(self), True)
         self.context.acknowledge(self)
         pending, self._pending, self._pending_size = self._pending, [], 0
         if pending:

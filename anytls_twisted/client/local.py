@@ -1,0 +1,159 @@
+"""The local proxy port: SOCKS5/4a and HTTP on one port, told apart by the first byte.
+
+:class:`LocalProxyProtocol` is one application connection. It drives the sans-IO parsers
+(:class:`~.socks.SocksServer`, :class:`~.httpproxy.RequestParser`), and once it knows the
+destination it opens a :class:`~.stream.ClientStream` through the
+:class:`~.sessions.SessionManager`. Destination names are sent to the server as names: nothing
+is resolved locally.
+
+The answer to the application (SOCKS success, ``200 Connection established``) waits for the
+server's SYNACK (see :mod:`.stream`), so a refused destination is reported with a SOCKS reply
+code (:func:`~.socks.reply_code_for_error`) or a ``502`` carrying the server's reason.
+A forwarded plain HTTP request is written upstream at once; only its failure is answered here.
+
+Not yet: SOCKS UDP ASSOCIATE is answered "command not supported" (07); BIND is refused by the
+parser the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from ..logs import get_logger
+from ..protocol.address import Destination
+from . import httpproxy, socks
+from .sessions import SessionManager
+from .stream import ClientStream, LocalSide
+
+_log = get_logger("anytls_twisted.client.local")
+
+
+class LocalProxyProtocol(Protocol, LocalSide):
+    """One local application connection on the mixed port.
+
+    @ivar dialect: ``"socks5"``, ``"socks4"`` or ``"http"`` once the first byte arrived.
+    @ivar stream: the stream carrying this connection, once the destination is known.
+    """
+
+    factory: LocalProxyFactory
+    transport: Any
+
+    def __init__(self) -> None:
+        self.dialect: Optional[str] = None
+        self.stream: Optional[ClientStream] = None
+        self._socks: Optional[socks.SocksServer] = None
+        self._http: Optional[httpproxy.RequestParser] = None
+        self._http_connect = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stream is not None and self._socks is None and self._http is None:
+            self.stream.send(data)
+            return
+        if self.dialect is None:
+            self.dialect = socks.sniff(data[0]) or "http"
+            if self.dialect == "http":
+                self._http = httpproxy.RequestParser()
+            else:
+                self._socks = socks.SocksServer()
+        if self._socks is not None:
+            self._socks_data(data)
+        elif self._http is not None:
+            self._http_data(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.transport = None
+        if self.stream is not None:
+            self.stream.local_closed()
+
+    # SOCKS.
+    def _socks_data(self, data: bytes) -> None:
+        assert self._socks is not None
+        for event in self._socks.receive(data):
+            if isinstance(event, socks.Send):
+                self.transport.write(event.data)
+            elif isinstance(event, socks.Failed):
+                _log.debug("local SOCKS connection refused: {reason}", reason=event.reason)
+                self.transport.loseConnection()
+            elif isinstance(event, socks.ConnectRequest):
+                self._open(event.destination)
+            elif isinstance(event, socks.UdpAssociateRequest):
+                self.transport.write(self._socks.reply(socks.Reply.COMMAND_NOT_SUPPORTED))
+                self.transport.loseConnection()
+            elif isinstance(event, socks.Data):
+                if self.stream is not None:
+                    self.stream.send(event.data)
+
+    # HTTP.
+    def _http_data(self, data: bytes) -> None:
+        assert self._http is not None
+        result = self._http.feed(data)
+        if result is None:
+            return
+        self._http = None
+        if isinstance(result, httpproxy.Refusal):
+            self.transport.write(result.response())
+            self.transport.loseConnection()
+        elif isinstance(result, httpproxy.Connect):
+            self._http_connect = True
+            self._open(result.destination)
+            self._pending_send(result.rest)
+        else:
+            self._open(result.destination)
+            self._pending_send(result.head + result.rest)
+
+    def _pending_send(self, data: bytes) -> None:
+        if self.stream is not None and data:
+            self.stream.send(data)
+
+    # The stream.
+    def _open(self, destination: Destination) -> None:
+        self.stream = ClientStream(self, destination, self.factory.clock)
+        self.factory.manager.open(self.stream)
+
+    def established(self) -> None:
+        if self.transport is None:
+            return
+        if self._socks is not None:
+            self.transport.write(self._socks.reply(socks.Reply.SUCCEEDED))
+            self._socks = None  # from now on every byte is relayed
+        elif self._http_connect:
+            self.transport.write(httpproxy.connection_established())
+
+    def refused(self, error: str) -> None:
+        if self.transport is None:
+            return
+        _log.info(
+            "stream to {destination} failed: {error}",
+            destination=str(self.stream.destination) if self.stream else "?",
+            error=error,
+        )
+        if self.dialect != "http":
+            if self._socks is not None:
+                self.transport.write(self._socks.reply(socks.reply_code_for_error(error)))
+                self._socks = None
+        elif "timed out" in error:
+            self.transport.write(httpproxy.gateway_timeout(error))
+        else:
+            self.transport.write(httpproxy.bad_gateway(error))
+        self.transport.loseConnection()
+
+
+class LocalProxyFactory(Factory):
+    """The local mixed port: every connection opens its streams through ``manager``."""
+
+    noisy = False
+
+    def __init__(self, manager: SessionManager, clock: Any) -> None:
+        self.manager = manager
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = LocalProxyProtocol()
+        protocol.factory = self
+        return protocol
+
+
+__all__ = ["LocalProxyFactory", "LocalProxyProtocol"]

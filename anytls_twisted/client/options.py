@@ -1,0 +1,105 @@
+"""``twistd anytls-client`` command-line options, checked as strings and numbers (the URI is
+parsed here; files are read by :func:`.tap.load`). An error is one line naming the option."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Sequence
+
+from twisted.python import usage
+
+from .. import endpoints, logs
+from .._version import __version__
+from ..cli import number_option
+from ..singbox import ConfigFileError
+from .config import parse_uri
+
+DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
+
+
+_seconds = number_option(float, "a positive number", lambda value: value > 0)
+_whole = number_option(int, "a whole number", lambda value: value >= 0)
+
+
+_ABOUT = (
+    "Run an AnyTLS client: a local SOCKS5/SOCKS4a/HTTP proxy port whose connections are "
+    "carried to an AnyTLS server (anytls-twisted, sing-box, mihomo, anytls-go) over pooled TLS "
+    "sessions. Give the server as --server URI or --config FILE."
+)
+
+
+class Options(usage.Options):
+    """``twistd anytls-client`` options."""
+
+    longdesc = _ABOUT
+    # fmt: off
+    optParameters = [
+        ["config", None, None, "A sing-box anytls outbound (or a whole sing-box config whose first anytls outbound is used), instead of --server."],
+        ["password-file", None, None, "A file holding the password (first line; surrounding whitespace stripped); replaces the URI's or config's."],
+        ["idle-session-check-interval", None, None, "Seconds between checks for idle sessions to close (values of 5 or less mean 30, as in sing-box). [default: the config's, else 30]", _seconds("idle-session-check-interval")],
+        ["idle-session-timeout", None, None, "Close an idle session after this many seconds (5 or less means 30). [default: the config's, else 30]", _seconds("idle-session-timeout")],
+        ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _whole("min-idle-session")],
+        ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it)."],
+        ["log-level", None, "info", "Lowest level logged: debug, info, warn or error."],
+    ]
+    optFlags = [
+        ["insecure", None, "Do not verify the server's certificate (testing only)."],
+        ["version", None, "Print the version and exit."],
+    ]
+    # fmt: on
+    compData = usage.Completions(
+        optActions={name: usage.CompleteFiles() for name in ("config", "password-file")}
+    )
+    parent: Optional[usage.Options] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["server"] = None
+
+    def opt_listen(self, description: str) -> None:
+        """A Twisted endpoint for the local SOCKS5/HTTP proxy port; repeat for several. [default: tcp:1080:interface=127.0.0.1]"""
+        self["listen"].append(description)
+
+    def opt_server(self, uri: str) -> None:
+        """The server as an anytls:// URI (anytls://PASSWORD@HOST[:PORT]/?sni=NAME&insecure=1). One server only; the password may be left out with --password-file."""
+        if self["server"] is not None:
+            raise usage.UsageError("--server: only one server is supported (given twice)")
+        self["server"] = uri
+
+    def opt_version(self) -> None:
+        print(f"anytls-twisted {__version__}")
+        sys.exit(0)
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Under twistd, turn a usage error into one line on stderr and exit status 2."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            sys.stderr.write(
+                f"twistd anytls-client: error: {e} (see twistd anytls-client --help)\n"
+            )
+            raise SystemExit(2) from None
+
+    def postOptions(self) -> None:
+        if self["log-level"] not in logs.LEVELS:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(logs.LEVELS)}")
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            try:
+                endpoints.parse(description)
+            except ValueError as e:
+                raise usage.UsageError(f"--listen {description!r}: {e}") from None
+        if (self["server"] is None) == (self["config"] is None):
+            raise usage.UsageError("give the server as --server URI or --config FILE (one)")
+        if self["server"] is not None:
+            try:
+                parse_uri(self["server"], password_file=self["password-file"] is not None)
+            except (ConfigFileError, ValueError) as e:
+                raise usage.UsageError(f"--server: {e}") from None
+
+
+__all__: List[str] = ["DEFAULT_LISTEN", "Options"]

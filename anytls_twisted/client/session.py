@@ -1,0 +1,243 @@
+"""One AnyTLS session to the server: the client's Twisted shell around the session machine.
+
+:class:`~anytls_twisted.protocol.session.ClientSession` decides everything about frames and
+the stream table; :class:`ClientSessionProtocol` writes what it produces through the session's
+:class:`~anytls_twisted.protocol.padding.PaddingWriter` (only clients pad: anytls-protocol.md
+section 6.4), feeds it what it reads, and carries out its events. Streams reach the session
+only through its :class:`ClientSessionContext`
+(:class:`~anytls_twisted.interfaces.IStreamContext`), as on the server.
+
+The session is the streaming producer registered on its TLS transport: when the server is slow
+to read, every stream stops reading its application; a stream whose application is slow to
+read stops the session reading TLS (docs/architecture.md, "one vocabulary").
+
+Note on padding: each write the padding writer returns is handed to the TLS transport as its
+own ``write``; Twisted may still put several into one TLS record within one reactor turn, so
+record sizes on the wire follow the scheme only approximately.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..interfaces import IStream, IStreamContext
+from ..logs import get_logger
+from ..metrics import NullMetrics
+from ..protocol import session as machine
+from ..protocol.address import encode_socks_address
+from ..protocol.padding import CHECK_MARK, PaddingScheme, PaddingWriter
+from ..session_shell import CLOSE_GRACE, ContextShell, SessionShell, describe
+
+_log = get_logger("anytls_twisted.client.session")
+
+_session_ids = itertools.count(1)
+#: The auth preamble without its padding: a SHA-256 digest and a two-byte padding length.
+PREAMBLE_SIZE = 34
+
+
+class SessionOwner:
+    """What a session tells its owner (the session manager); a base with no-op defaults."""
+
+    def padding_updated(self, scheme: PaddingScheme) -> None:
+        """The server sent a new padding scheme: use it for new sessions too."""
+
+    def frame_arrived(self, session: ClientSessionProtocol) -> None:
+        """Bytes arrived on ``session``: proof of life (for the SYNACK watchdog)."""
+
+    def synack_arrived(self, session: ClientSessionProtocol, stream: IStream) -> None:
+        """``stream``'s SYNACK arrived."""
+
+    def stream_ended(self, session: ClientSessionProtocol, stream: IStream) -> None:
+        """``stream`` left ``session``'s table; its FIN, if one was due, is written."""
+
+    def session_closed(self, session: ClientSessionProtocol) -> None:
+        """``session``'s connection is gone."""
+
+
+@implementer(IStreamContext)
+class ClientSessionContext(ContextShell):
+    """What the client's streams ask of their session (see
+    :class:`~anytls_twisted.interfaces.IStreamContext`). A client never sends SYNACK, so
+    :meth:`acknowledge` does nothing, and streams are never replaced."""
+
+    config = None
+
+    def __init__(self, session: ClientSessionProtocol) -> None:
+        self._session = session
+        self.clock = session.clock
+        self.metrics = NullMetrics()
+        self.session_id = session.session_id
+
+    @property
+    def peer_version(self) -> int:
+        return self._session.machine.peer_version
+
+    def acknowledge(self, stream: IStream, error: str = "") -> None:
+        """Only servers acknowledge streams."""
+
+    def write(self, stream: IStream, data: bytes) -> None:
+        frames = self._session.machine.data(stream.sid, data)
+        if frames:
+            self._session.write_frames(b"".join(frames))
+
+    def end(self, stream: IStream, reason: str, error: Optional[str] = None) -> None:
+        session = self._session
+        if not session.machine.detach(stream.sid, stream):
+            return
+        session.write_frames(session.machine.fin(stream.sid))
+        session.stream_ended(stream, reason)
+
+    def replace(self, old: IStream, new: IStream) -> None:
+        raise NotImplementedError("client streams are never replaced")
+
+
+@implementer(IPushProducer)
+class ClientSessionProtocol(SessionShell, Protocol):
+    """The client side of one AnyTLS session (one TLS connection to the server).
+
+    @ivar machine: the protocol rules (:class:`~anytls_twisted.protocol.session.ClientSession`).
+    @ivar writer: pads the session's writes (:class:`~anytls_twisted.protocol.padding.PaddingWriter`).
+    @ivar context: what this session's streams use (:class:`ClientSessionContext`).
+    @ivar frames_seen: whether anything arrived from the server yet (after which a server that
+        did not announce version 2 is taken to be version 1).
+    """
+
+    transport: Any
+
+    def __init__(
+        self,
+        password: str,
+        padding: PaddingScheme,
+        clock: Any,
+        owner: Optional[SessionOwner] = None,
+        client_name: str = "",
+        randrange: Optional[Callable[[int, int], int]] = None,
+    ) -> None:
+        self.session_id = next(_session_ids)
+        self.clock = clock
+        self.owner = owner or SessionOwner()
+        self.machine: machine.ClientSession[IStream] = machine.ClientSession(padding, client_name)
+        self._randrange = randrange or random.SystemRandom().randrange
+        self.writer = PaddingWriter(padding, self._randrange)
+        self.context = ClientSessionContext(self)
+        self.frames_seen = False
+        self.connected = False
+        self._password = password
+
+    @property
+    def closed(self) -> bool:
+        return self._close_reason is not None or self.machine.closed
+
+    @property
+    def streams(self) -> Dict[int, IStream]:
+        return self.machine.streams
+
+    # Protocol.
+    def connectionMade(self) -> None:
+        self.connected = True
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            try:
+                no_delay(True)
+            except OSError:
+                pass
+        self.transport.registerProducer(self, True)
+        # The preamble is packet 0: padded by the scheme's first size for packet 0, and written
+        # apart from the writer, which holds Settings back until the first SYN (packet 1).
+        padding = preamble_padding(self.machine.padding, self._randrange)
+        start = self.machine.start(self._password, padding)
+        cut = PREAMBLE_SIZE + padding
+        self.transport.write(start[:cut])
+        self.write_frames(start[cut:])
+
+    def dataReceived(self, data: bytes) -> None:
+        self.frames_seen = True
+        self.owner.frame_arrived(self)
+        event: Any
+        for event in self.machine.receive(data):
+            kind = type(event)
+            if kind is machine.StreamData:
+                event.stream.dataReceived(event.data)
+            elif kind is machine.Send:
+                self.write_frames(event.data)
+            elif kind is machine.StreamAcknowledged:
+                self.owner.synack_arrived(self, event.stream)
+                event.stream.synack(event.error)
+            elif kind is machine.StreamClosedByPeer:
+                self.stream_ended(event.stream, "the server closed the stream")
+            elif kind is machine.PaddingSchemeUpdated:
+                self.writer.update_scheme(event.scheme)
+                self.owner.padding_updated(event.scheme)
+            elif kind is machine.SessionFailed:
+                self.close(event.reason)
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        reason_text = self._close_reason or describe(reason)
+        self._cancel_close_timer()
+        self._close_reason = reason_text
+        for stream in self.machine.close():
+            self.stream_ended(stream, f"session closed: {reason_text}")
+        self.owner.session_closed(self)
+        _log.info(
+            "session {session_id} to the server closed: {reason} ({streams} streams, "
+            "{bytes_in} bytes in, {bytes_out} bytes out)",
+            session_id=self.session_id,
+            reason=reason_text,
+            streams=self.machine.streams_opened,
+            bytes_in=self.machine.bytes_in,
+            bytes_out=self.machine.bytes_out,
+        )
+
+    # What the manager asks.
+    def open(self, stream: Any) -> None:
+        """Open ``stream`` (a :class:`~anytls_twisted.client.stream.ClientStream`): SYN and its
+        destination, then tell the stream which id it has."""
+        known_v1 = self.frames_seen and self.machine.peer_version < 2
+        address = encode_socks_address(stream.destination)
+        self.write_frames(self.machine.open(stream, address))
+        sid = self.machine.sid_of(stream)
+        assert sid is not None
+        if self.machine.write_paused:
+            stream.pauseProducing()
+        stream.opened(self.context, sid, known_v1)
+
+    def _closing(self) -> bool:
+        return bool(self.connected)
+
+    # For the context.
+    def write_frames(self, frames: bytes) -> None:
+        """Write whole frames through the padding writer."""
+        if not frames:
+            return
+        for chunk in self.writer.write(frames):
+            self.transport.write(chunk)
+
+    def stream_ended(self, stream: IStream, reason: str) -> None:
+        """A stream left the table: release its application connection, tell the owner."""
+        stream.connectionLost(reason)
+        self.set_reading(self.machine.update_reading())
+        self.owner.stream_ended(self, stream)
+
+
+def preamble_padding(scheme: PaddingScheme, randrange: Callable[[int, int], int]) -> int:
+    """The preamble's padding length: the first size of the scheme's packet 0 (sing-anytls)."""
+    for low, high in scheme.plans.get(0, ()):
+        if low == CHECK_MARK:
+            continue
+        return low if low == high else randrange(low, high)
+    return 0
+
+
+__all__: List[str] = [
+    "CLOSE_GRACE",
+    "ClientSessionContext",
+    "ClientSessionProtocol",
+    "SessionOwner",
+]

@@ -1,0 +1,187 @@
+"""The client's sessions: which one carries a new stream, dialling, reuse, reaping, watchdog.
+
+:class:`SessionManager` is the Twisted shell around the pure :class:`~.pool.Pool` and
+:class:`~.pool.Watchdog` (client-behaviour.md sections 1 and 2):
+
+* a stream takes the newest idle session, or a new one is dialled (TCP, then TLS, through the
+  endpoint factory given);
+* a session carries one stream at a time; when the stream ended and its FIN was written, the
+  session goes back to the pool;
+* every ``idle_session_check_interval`` seconds the pool's reap closes sessions idle too long;
+* opens on reused sessions of v2 servers are watched: no SYNACK in time resets the stream if
+  the session is otherwise alive, or closes the session if it went silent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Set
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from ..interfaces import IStream
+from ..logs import get_logger
+from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme
+from .pool import CloseSession, Pool, ResetStream, Watchdog
+from .session import ClientSessionProtocol, SessionOwner
+from .stream import ClientStream
+
+_log = get_logger("anytls_twisted.client.sessions")
+
+
+class _SessionFactory(Factory):
+    noisy = False
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    def buildProtocol(self, addr: Any) -> ClientSessionProtocol:
+        m = self.manager
+        session = ClientSessionProtocol(
+            m.password, m.padding, m.clock, m, m.client_name, randrange=m.randrange
+        )
+        session.factory = self
+        return session
+
+
+class SessionManager(Service, SessionOwner):
+    """Opens streams on pooled sessions to one server.
+
+    @param endpoint: makes the endpoint a new session dials (TCP plus TLS to the server).
+    @ivar padding: the padding scheme new sessions start with (the server's latest).
+    @ivar sessions: every live session, idle or busy.
+    """
+
+    def __init__(
+        self,
+        endpoint: Callable[[], IStreamClientEndpoint],
+        password: str,
+        clock: Any,
+        pool: Optional[Pool[ClientSessionProtocol]] = None,
+        client_name: str = "",
+        randrange: Optional[Callable[[int, int], int]] = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.password = password
+        self.clock = clock
+        self.pool: Pool[ClientSessionProtocol] = pool if pool is not None else Pool()
+        self.watchdog: Watchdog[ClientSessionProtocol, IStream] = Watchdog()
+        self.client_name = client_name
+        self.randrange = randrange
+        self.padding: PaddingScheme = DEFAULT_SCHEME
+        self.sessions: Set[ClientSessionProtocol] = set()
+        self.dials = 0
+        self._reaper = LoopingCall(self.reap)
+        self._reaper.clock = clock
+        self._watch_timer: Any = None
+
+    # Service.
+    def startService(self) -> None:
+        super().startService()
+        self._reaper.start(self.pool.idle_session_check_interval, now=False)
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        super().stopService()
+        if self._reaper.running:
+            self._reaper.stop()
+        self._cancel_watch_timer()
+        for session in list(self.sessions):
+            session.close("the client is stopping", abort=True)
+        return None
+
+    # Streams.
+    def open(self, stream: ClientStream) -> None:
+        """Open ``stream`` on the newest idle session, or on a new one."""
+        now = self.clock.seconds()
+        while True:
+            session = self.pool.take(now)
+            if session is None or not session.closed:
+                break
+            self.pool.remove(session)
+        if session is not None:
+            self._open_on(session, stream, reused=True)
+            return
+        self.dials += 1
+        d = self.endpoint().connect(_SessionFactory(self))
+        d.addCallbacks(
+            self._dialled, self._dial_failed, callbackArgs=(stream,), errbackArgs=(stream,)
+        )
+
+    def _dialled(self, session: ClientSessionProtocol, stream: ClientStream) -> None:
+        self.sessions.add(session)
+        self.pool.created(session)
+        _log.info("session {session_id} to the server open", session_id=session.session_id)
+        self._open_on(session, stream, reused=False)
+
+    def _dial_failed(self, failure: Failure, stream: ClientStream) -> None:
+        error = failure.getErrorMessage() or getattr(failure.type, "__name__", "error")
+        _log.warn("cannot reach the server: {error}", error=error)
+        stream.failed(f"cannot reach the server: {error}")
+
+    def _open_on(self, session: ClientSessionProtocol, stream: ClientStream, reused: bool) -> None:
+        watch = reused and session.machine.peer_version >= 2
+        session.open(stream)
+        if watch and stream.context is not None and session.machine.streams.get(stream.sid):
+            self.watchdog.opened(stream, session, self.clock.seconds())
+            self._arm_watch_timer()
+
+    # SessionOwner: what sessions report.
+    def padding_updated(self, scheme: PaddingScheme) -> None:
+        if scheme.md5 == self.padding.md5:
+            return
+        self.padding = scheme
+        for session in self.sessions:
+            session.writer.update_scheme(scheme)
+
+    def frame_arrived(self, session: ClientSessionProtocol) -> None:
+        self.watchdog.activity(session, 0.0)
+
+    def synack_arrived(self, session: ClientSessionProtocol, stream: IStream) -> None:
+        self.watchdog.acknowledged(stream)
+
+    def stream_ended(self, session: ClientSessionProtocol, stream: IStream) -> None:
+        self.watchdog.acknowledged(stream)
+        if session.closed or session.streams:
+            return
+        if not self.pool.give_back(session, self.clock.seconds()):
+            session.close("not kept for reuse")
+
+    def session_closed(self, session: ClientSessionProtocol) -> None:
+        self.sessions.discard(session)
+        self.pool.remove(session)
+        self.watchdog.session_closed(session)
+
+    # Timers.
+    def reap(self) -> None:
+        for session in self.pool.reap(self.clock.seconds()):
+            session.close("idle")
+
+    def _arm_watch_timer(self) -> None:
+        deadline = self.watchdog.next_deadline()
+        if deadline is None or self._watch_timer is not None:
+            return
+        delay = max(0.0, deadline - self.clock.seconds())
+        self._watch_timer = self.clock.callLater(delay, self._watch)
+
+    def _cancel_watch_timer(self) -> None:
+        if self._watch_timer is not None and self._watch_timer.active():
+            self._watch_timer.cancel()
+        self._watch_timer = None
+
+    def _watch(self) -> None:
+        self._watch_timer = None
+        reason = f"no SYNACK from the server in {self.watchdog.timeout:g} seconds (timed out)"
+        for action in self.watchdog.expired(self.clock.seconds()):
+            if isinstance(action, ResetStream):
+                stream: Any = action.stream
+                stream.reset(reason)
+            elif isinstance(action, CloseSession):
+                action.session.close(f"silent: {reason}")
+        self._arm_watch_timer()
+
+
+__all__: List[str] = ["SessionManager"]

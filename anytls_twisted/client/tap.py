@@ -1,0 +1,129 @@
+"""``twistd anytls-client``: read the files the options name, then build the client service
+(the local proxy ports and the session manager). A configuration error ends twistd with one
+line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional
+
+import attr
+from twisted.application import service, strports
+from twisted.python import usage
+
+from .. import logs
+from ..singbox import ConfigFileError
+from .config import ClientConfig, load_outbound, parse_uri
+from .connect import server_endpoint
+from .local import LocalProxyFactory
+from .options import Options
+from .pool import Pool
+from .sessions import SessionManager
+
+__all__ = ["ClientService", "Options", "load", "makeService"]
+
+_log = logs.get_logger("anytls_twisted.client.tap")
+
+
+class ConfigError(usage.UsageError):
+    """A configuration that cannot be used; one line naming the option or file."""
+
+
+def load(options: Options) -> ClientConfig:
+    """The server's configuration from ``--server`` or ``--config``, with the overrides of the
+    other options applied."""
+    password_file = options["password-file"]
+    try:
+        if options["server"] is not None:
+            config = parse_uri(options["server"], password_file=password_file is not None)
+        else:
+            config = load_outbound(options["config"], password_file=password_file is not None)
+    except (ConfigFileError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    changes: dict[str, Any] = {}
+    if password_file is not None:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                changes["password"] = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read password file {password_file}: {e}") from None
+        if not changes["password"]:
+            raise ConfigError(f"password file {password_file} is empty")
+    if options["insecure"]:
+        changes["insecure"] = True
+    for name in ("idle-session-check-interval", "idle-session-timeout", "min-idle-session"):
+        if options[name] is not None:
+            changes[name.replace("-", "_")] = options[name]
+    if config.certificate_path and not config.insecure and not options["insecure"]:
+        try:
+            open(config.certificate_path, "rb").close()
+        except OSError as e:
+            raise ConfigError(f"cannot read certificate file {config.certificate_path}: {e}")
+    return attr.evolve(config, **changes)
+
+
+class ClientService(service.MultiService):
+    """The client: one session manager, one local proxy port per ``--listen``."""
+
+    def __init__(
+        self, config: ClientConfig, listen: List[str], reactor: Any, client_name: str = ""
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.listen = listen
+        pool: Pool[Any] = Pool(
+            config.idle_session_check_interval,
+            config.idle_session_timeout,
+            config.min_idle_session,
+        )
+        self.manager = SessionManager(
+            lambda: server_endpoint(reactor, config),
+            config.password,
+            reactor,
+            pool,
+            client_name,
+        )
+        self.manager.setServiceParent(self)
+        self.factory = LocalProxyFactory(self.manager, reactor)
+        for description in listen:
+            strports.service(description, self.factory, reactor=reactor).setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        config = self.config
+        tls = "plain TCP" if not config.tls else "TLS"
+        if config.tls:
+            tls += f", SNI {config.server_name or 'none'}"
+            tls += ", certificate NOT verified" if config.insecure else ", certificate verified"
+        _log.info(
+            "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; server {server}:{port} "
+            "({tls})",
+            listen=", ".join(self.listen),
+            server=config.server,
+            port=config.server_port,
+            tls=tls,
+        )
+        warnings = list(config.warnings)
+        if config.certificate_pins:
+            warnings.append(
+                "tls.certificate_public_key_sha256 is not applied yet: the certificate is "
+                "verified against the CAs (or certificate_path) only"
+            )
+        if config.alpn:
+            warnings.append("ALPN is not offered yet: the alpn setting is ignored")
+        for warning in warnings:
+            _log.warn("{warning}", warning=warning)
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> ClientService:
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = load(options)
+    except ConfigError as e:
+        if options.parent is None:
+            raise
+        sys.stderr.write(f"twistd anytls-client: error: {e}\n")
+        raise SystemExit(2) from None
+    logs.set_level(options["log-level"])
+    return ClientService(config, options["listen"], reactor, options["client-metadata"])
