@@ -4,6 +4,7 @@ HTTP CONNECT to the client's local port; loopback origins check the bytes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import urllib.parse
@@ -167,3 +168,41 @@ class ClientEndToEndTests(unittest.TestCase):
         yield self.h.download(client, source, 4 * MiB, label("cdown-sb"))
         self.h.assert_alive(client.process)
         self.h.assert_alive(server.process)
+
+    @e2e_test
+    def test_our_client_pins_the_certificate(self):
+        """A sing-box outbound with the server's public-key pin: the pinned client relays; one
+        with another pin never reaches the server's application layer, the local connection
+        fails, and the client logs the mismatch in one line."""
+        server = yield self.h.start_server(kind="twistd")
+
+        def outbound_file(name, pin):
+            outbound = {
+                "type": "anytls",
+                "server": "127.0.0.1",
+                "server_port": server.port,
+                "password": PASSWORD,
+                "tls": {
+                    "enabled": True,
+                    "server_name": "localhost",
+                    "certificate_public_key_sha256": [pin],
+                },
+            }
+            path = os.path.join(self.h.base, name)
+            with open(path, "w") as f:
+                json.dump(outbound, f)
+            return path
+
+        pinned = yield start_our_client(
+            self.h, ["--config", outbound_file("pinned.json", server.pin)]
+        )
+        yield self.sequential_echoes(pinned, count=3)
+        wrong_pin = base64.b64encode(b"\x00" * 32).decode("ascii")
+        wrong = yield start_our_client(self.h, ["--config", outbound_file("wrong.json", wrong_pin)])
+        echo = self.h.tcp_echo()
+        how = yield self.h.expect_refused(wrong, "127.0.0.1", echo.port)
+        self.assertIn(how, ("socks-error", "closed"))
+        self.assertEqual(echo.accepted, 0)
+        yield wrong.process.wait_for_line(r"certificate pin mismatch", 10.0, what="the pin error")
+        self.assertEqual(server.sessions_opened(), 1)  # only the pinned client's session
+        self.h.assert_alive(wrong.process)

@@ -14,7 +14,7 @@ from twisted.python import usage
 from .. import logs
 from ..singbox import ConfigFileError
 from .config import ClientConfig, load_outbound, parse_uri
-from .connect import server_endpoint
+from .connect import server_endpoint, tls_creator
 from .local import LocalProxyFactory
 from .options import Options
 from .pool import Pool
@@ -59,7 +59,13 @@ def load(options: Options) -> ClientConfig:
             open(config.certificate_path, "rb").close()
         except OSError as e:
             raise ConfigError(f"cannot read certificate file {config.certificate_path}: {e}")
-    return attr.evolve(config, **changes)
+    config = attr.evolve(config, **changes)
+    if config.tls:
+        try:
+            tls_creator(config)  # settings that cannot work together fail now, in one line
+        except (ValueError, OSError) as e:
+            raise ConfigError(str(e)) from None
+    return config
 
 
 class ClientService(service.MultiService):
@@ -76,8 +82,9 @@ class ClientService(service.MultiService):
             config.idle_session_timeout,
             config.min_idle_session,
         )
+        tls = tls_creator(config) if config.tls else None
         self.manager = SessionManager(
-            lambda: server_endpoint(reactor, config),
+            lambda: server_endpoint(reactor, config, tls),
             config.password,
             reactor,
             pool,
@@ -94,7 +101,12 @@ class ClientService(service.MultiService):
         tls = "plain TCP" if not config.tls else "TLS"
         if config.tls:
             tls += f", SNI {config.server_name or 'none'}"
-            tls += ", certificate NOT verified" if config.insecure else ", certificate verified"
+            if config.certificate_pins:
+                tls += ", certificate pinned"
+            elif config.insecure:
+                tls += ", certificate NOT verified"
+            else:
+                tls += ", certificate verified"
         _log.info(
             "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; server {server}:{port} "
             "({tls})",
@@ -103,15 +115,7 @@ class ClientService(service.MultiService):
             port=config.server_port,
             tls=tls,
         )
-        warnings = list(config.warnings)
-        if config.certificate_pins:
-            warnings.append(
-                "tls.certificate_public_key_sha256 is not applied yet: the certificate is "
-                "verified against the CAs (or certificate_path) only"
-            )
-        if config.alpn:
-            warnings.append("ALPN is not offered yet: the alpn setting is ignored")
-        for warning in warnings:
+        for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
 
 
