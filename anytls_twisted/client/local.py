@@ -17,7 +17,7 @@ parser the same way.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -55,9 +55,9 @@ class LocalProxyProtocol(Protocol, LocalSide):
         if self.dialect is None:
             self.dialect = socks.sniff(data[0]) or "http"
             if self.dialect == "http":
-                self._http = httpproxy.RequestParser()
+                self._http = httpproxy.RequestParser(users=self.factory.users)
             else:
-                self._socks = socks.SocksServer()
+                self._socks = socks.SocksServer(self.factory.users)
         if self._socks is not None:
             self._socks_data(data)
         elif self._http is not None:
@@ -146,9 +146,15 @@ class LocalProxyFactory(Factory):
 
     noisy = False
 
-    def __init__(self, manager: SessionManager, clock: Any) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        clock: Any,
+        users: Optional[Callable[[str, str], bool]] = None,
+    ) -> None:
         self.manager = manager
         self.clock = clock
+        self.users = users  # None: no authentication
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = LocalProxyProtocol()

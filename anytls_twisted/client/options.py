@@ -40,6 +40,8 @@ class Options(usage.Options):
         ["idle-session-timeout", None, None, "Close an idle session after this many seconds (5 or less means 30). [default: the config's, else 30]", _seconds("idle-session-timeout")],
         ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _whole("min-idle-session")],
         ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it)."],
+        ["proxy-user-file", None, None, "A file of user:password lines: the local port then asks for them (SOCKS5 username/password, HTTP Proxy-Authorization Basic). [default: no authentication]"],
+        ["log-format", None, "text", "text (twistd's lines) or json: one JSON object per line on stdout (needs -n)."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn or error."],
     ]
     optFlags = [
@@ -48,7 +50,9 @@ class Options(usage.Options):
     ]
     # fmt: on
     compData = usage.Completions(
-        optActions={name: usage.CompleteFiles() for name in ("config", "password-file")}
+        optActions={
+            name: usage.CompleteFiles() for name in ("config", "password-file", "proxy-user-file")
+        }
     )
     parent: Optional[usage.Options] = None
 
@@ -84,8 +88,14 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
     def postOptions(self) -> None:
-        if self["log-level"] not in logs.LEVELS:
-            raise usage.UsageError(f"--log-level must be one of {', '.join(logs.LEVELS)}")
+        for name, choices in (("log-level", logs.LEVELS), ("log-format", logs.FORMATS)):
+            if self[name] not in choices:
+                raise usage.UsageError(f"--{name} must be one of {', '.join(choices)}")
+        if self.parent is not None and self["log-format"] == "json":
+            try:
+                logs.log_json_under_twistd(self.parent)
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:

@@ -11,11 +11,13 @@ import attr
 from twisted.application import service, strports
 from twisted.python import usage
 
-from .. import logs
+from .. import endpoints, logs
+from ..protocol.address import parse_ip
 from ..singbox import ConfigFileError
 from .config import ClientConfig, load_outbound, parse_uri
 from .connect import server_endpoint, tls_creator
 from .local import LocalProxyFactory
+from .localauth import ProxyUsers, ProxyUsersError
 from .options import Options
 from .pool import Pool
 from .sessions import SessionManager
@@ -72,11 +74,17 @@ class ClientService(service.MultiService):
     """The client: one session manager, one local proxy port per ``--listen``."""
 
     def __init__(
-        self, config: ClientConfig, listen: List[str], reactor: Any, client_name: str = ""
+        self,
+        config: ClientConfig,
+        listen: List[str],
+        reactor: Any,
+        client_name: str = "",
+        users: Optional[ProxyUsers] = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.listen = listen
+        self.users = users
         pool: Pool[Any] = Pool(
             config.idle_session_check_interval,
             config.idle_session_timeout,
@@ -91,7 +99,7 @@ class ClientService(service.MultiService):
             client_name,
         )
         self.manager.setServiceParent(self)
-        self.factory = LocalProxyFactory(self.manager, reactor)
+        self.factory = LocalProxyFactory(self.manager, reactor, users)
         for description in listen:
             strports.service(description, self.factory, reactor=reactor).setServiceParent(self)
 
@@ -115,6 +123,17 @@ class ClientService(service.MultiService):
             port=config.server_port,
             tls=tls,
         )
+        if self.users is None:
+            for description in self.listen:
+                if not _loopback_only(description):
+                    _log.warn(
+                        "--listen {listen} is reachable from other machines and asks for no "
+                        "password: anyone who reaches it can use your server; add "
+                        "--proxy-user-file or listen on 127.0.0.1",
+                        listen=description,
+                    )
+        else:
+            _log.info("local proxy users: {users}", users=", ".join(self.users.names))
         for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
 
@@ -124,10 +143,36 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
         from twisted.internet import reactor
     try:
         config = load(options)
+        users = _proxy_users(options["proxy-user-file"])
     except ConfigError as e:
         if options.parent is None:
             raise
         sys.stderr.write(f"twistd anytls-client: error: {e}\n")
         raise SystemExit(2) from None
     logs.set_level(options["log-level"])
-    return ClientService(config, options["listen"], reactor, options["client-metadata"])
+    return ClientService(
+        config, options["listen"], reactor, options["client-metadata"], users=users
+    )
+
+
+def _loopback_only(description: str) -> bool:
+    """Whether a ``--listen`` endpoint only accepts connections from this machine."""
+    try:
+        endpoint = endpoints.parse(description)
+    except ValueError:
+        return False
+    if endpoint.kind == "unix":
+        return True
+    if endpoint.kind not in ("tcp", "tcp6"):
+        return False
+    ip = parse_ip(endpoint.keyword("interface") or "")
+    return ip is not None and ip.is_loopback
+
+
+def _proxy_users(path: Optional[str]) -> Optional[ProxyUsers]:
+    if path is None:
+        return None
+    try:
+        return ProxyUsers.from_file(path)
+    except ProxyUsersError as e:
+        raise ConfigError(str(e)) from None
