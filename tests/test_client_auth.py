@@ -120,3 +120,30 @@ class LogFormatTests(unittest.TestCase):
 
         self.assertRaises(usage.UsageError, parse, "--server", URI, "--log-format", "xml")
         self.assertEqual(parse("--server", URI, "--log-format", "json")["log-format"], "json")
+
+
+class TLSOptionTests(unittest.TestCase):
+    PIN = base64.b64encode(bytes(range(32))).decode()
+
+    def test_pins_replace_the_config_certificate(self):
+        from anytls_twisted.client.tap import load
+
+        config = load(
+            parse("--server", URI, "--certificate-pin", self.PIN, "--alpn", "h2, http/1.1")
+        )
+        self.assertEqual(config.certificate_pins, (self.PIN,))
+        self.assertEqual(config.alpn, ("h2", "http/1.1"))
+
+    def test_bad_pin_names_the_option(self):
+        from twisted.python import usage
+
+        e = self.assertRaises(usage.UsageError, parse, "--server", URI, "--certificate-pin", "abc")
+        self.assertIn("--certificate-pin 'abc'", str(e))
+
+    def test_certificate_file(self):
+        from anytls_twisted.client.tap import load
+
+        e = self.assertRaises(
+            ConfigError, load, parse("--server", URI, "--certificate", "/nonexistent/c.pem")
+        )
+        self.assertIn("/nonexistent/c.pem", str(e))

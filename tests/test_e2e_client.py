@@ -171,9 +171,9 @@ class ClientEndToEndTests(unittest.TestCase):
 
     @e2e_test
     def test_our_client_pins_the_certificate(self):
-        """A sing-box outbound with the server's public-key pin: the pinned client relays; one
-        with another pin never reaches the server's application layer, the local connection
-        fails, and the client logs the mismatch in one line."""
+        """A sing-box outbound with the server's public-key pin: the pinned client relays; a URI
+        with another pin (``--certificate-pin``) never reaches the server's application layer,
+        the local connection fails, and the client logs the mismatch in one line."""
         server = yield self.h.start_server(kind="twistd")
 
         def outbound_file(name, pin):
@@ -198,7 +198,8 @@ class ClientEndToEndTests(unittest.TestCase):
         )
         yield self.sequential_echoes(pinned, count=3)
         wrong_pin = base64.b64encode(b"\x00" * 32).decode("ascii")
-        wrong = yield start_our_client(self.h, ["--config", outbound_file("wrong.json", wrong_pin)])
+        uri = f"anytls://{urllib.parse.quote(PASSWORD)}@127.0.0.1:{server.port}/?sni=localhost"
+        wrong = yield start_our_client(self.h, ["--server", uri, "--certificate-pin", wrong_pin])
         echo = self.h.tcp_echo()
         how = yield self.h.expect_refused(wrong, "127.0.0.1", echo.port)
         self.assertIn(how, ("socks-error", "closed"))

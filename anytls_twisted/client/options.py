@@ -3,6 +3,7 @@ parsed here; files are read by :func:`.tap.load`). An error is one line naming t
 
 from __future__ import annotations
 
+import base64
 import sys
 from typing import List, Optional, Sequence
 
@@ -40,6 +41,8 @@ class Options(usage.Options):
         ["idle-session-timeout", None, None, "Close an idle session after this many seconds (5 or less means 30). [default: the config's, else 30]", _seconds("idle-session-timeout")],
         ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _whole("min-idle-session")],
         ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it)."],
+        ["certificate", None, None, "Trust only this PEM certificate file (the server's own self-signed one works) instead of the system CAs. [default: the config's tls.certificate_path, else the system CAs]"],
+        ["alpn", None, None, "ALPN protocols to offer, comma-separated (e.g. h2,http/1.1). [default: the URI's or config's, else none]"],
         ["proxy-user-file", None, None, "A file of user:password lines: the local port then asks for them (SOCKS5 username/password, HTTP Proxy-Authorization Basic). [default: no authentication]"],
         ["log-format", None, "text", "text (twistd's lines) or json: one JSON object per line on stdout (needs -n)."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn or error."],
@@ -60,6 +63,18 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["server"] = None
+        self["certificate-pin"] = []
+
+    def opt_certificate_pin(self, pin: str) -> None:
+        """Trust the server's certificate by its public-key pin (base64 SHA-256 of the public key, as the server logs and sing-box's certificate_public_key_sha256 takes); repeat for several. Replaces --certificate. [default: the config's pins, else none]"""
+        try:
+            if len(base64.b64decode(pin, validate=True)) != 32:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(
+                f"--certificate-pin {pin!r}: not a base64 SHA-256 digest (44 characters)"
+            ) from None
+        self["certificate-pin"].append(pin)
 
     def opt_listen(self, description: str) -> None:
         """A Twisted endpoint for the local SOCKS5/HTTP proxy port; repeat for several. [default: tcp:1080:interface=127.0.0.1]"""

@@ -56,6 +56,19 @@ def load(options: Options) -> ClientConfig:
     for name in ("idle-session-check-interval", "idle-session-timeout", "min-idle-session"):
         if options[name] is not None:
             changes[name.replace("-", "_")] = options[name]
+    if options["certificate-pin"]:
+        changes.update(certificate_pins=tuple(options["certificate-pin"]), certificate=None)
+        changes["certificate_path"] = None
+    elif options["certificate"] is not None:
+        changes.update(
+            certificate_path=options["certificate"], certificate=None, certificate_pins=()
+        )
+        config = attr.evolve(config, certificate_path=options["certificate"])
+    if options["alpn"] is not None:
+        alpn = tuple(p.strip() for p in options["alpn"].split(",") if p.strip())
+        if any(len(p) > 255 for p in alpn):
+            raise ConfigError("--alpn: each protocol name is 1 to 255 characters")
+        changes["alpn"] = alpn
     if config.certificate_path and not config.insecure and not options["insecure"]:
         try:
             open(config.certificate_path, "rb").close()
