@@ -427,14 +427,6 @@ class LocalProxyTests(unittest.TestCase):
         self.assertEqual(self.transport.value()[:2], b"\x05\x05")
         self.assertTrue(self.transport.disconnecting)
 
-    def test_socks5_udp_associate_not_supported_yet(self):
-        self.local.dataReceived(b"\x05\x01\x00")
-        self.transport.clear()
-        self.local.dataReceived(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
-        self.assertEqual(self.transport.value()[:2], b"\x05\x07")
-        self.assertTrue(self.transport.disconnecting)
-        self.assertEqual(self.endpoint.sessions, [])
-
     def test_socks5_bind_refused(self):
         self.local.dataReceived(b"\x05\x01\x00\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00")
         self.assertEqual(self.transport.value()[-10:-8], b"\x05\x07")

@@ -21,6 +21,7 @@ from .e2e_support import (
     connections_to,
     e2e_test,
     free_port,
+    ipv6_available,
     label,
     payload_bytes,
     retry_port_clash,
@@ -28,6 +29,7 @@ from .e2e_support import (
     wait_for_port,
     within,
 )
+from .test_e2e import udp_sizes
 
 
 class OurClient:
@@ -137,6 +139,41 @@ class ClientEndToEndTests(unittest.TestCase):
         closed = free_port("127.0.0.1")
         how = yield self.h.expect_refused(client, "127.0.0.1", closed)
         self.assertEqual(how, "socks-error")
+        self.h.assert_alive(client.process)
+        self.h.assert_alive(server.process)
+
+    @defer.inlineCallbacks
+    def udp_echoes(self, client, tag):
+        """UDP ASSOCIATE through our client: 30 datagrams to a 127.0.0.1 echo and (when
+        available) 30 to a ::1 echo, each echoed intact."""
+        assoc = yield self.h.udp_associate(client)
+        echo4 = self.h.udp_echo("127.0.0.1")
+        yield assoc.exchange(echo4.host, echo4.port, udp_sizes(30), label(tag + "4"))
+        self.assertEqual(assoc.errors, [])
+        self.assertGreaterEqual(echo4.received, 30)
+        if ipv6_available():
+            echo6 = self.h.udp_echo("::1")
+            yield assoc.exchange("::1", echo6.port, udp_sizes(30), label(tag + "6"), first_id=30)
+            self.assertEqual(assoc.errors, [])
+            self.assertGreaterEqual(echo6.received, 30)
+
+    @e2e_test
+    def test_our_client_udp_associate_with_our_server(self):
+        """SOCKS5 UDP ASSOCIATE through our client to our server (UoT v2, non-connect)."""
+        server = yield self.h.start_server(kind="twistd")
+        uri = f"anytls://{urllib.parse.quote(PASSWORD)}@127.0.0.1:{server.port}/?sni=localhost&insecure=1"
+        client = yield start_our_client(self.h, ["--server", uri])
+        yield self.udp_echoes(client, "cudp-ours")
+        self.h.assert_alive(client.process)
+        self.h.assert_alive(server.process)
+
+    @e2e_test
+    def test_our_client_udp_associate_with_singbox_server(self):
+        """SOCKS5 UDP ASSOCIATE through our client to sing-box 1.14's anytls inbound."""
+        server = yield self.h.start_server(kind="singbox")
+        uri = f"anytls://{urllib.parse.quote(PASSWORD)}@127.0.0.1:{server.port}/?sni=localhost&insecure=1"
+        client = yield start_our_client(self.h, ["--server", uri])
+        yield self.udp_echoes(client, "cudp-sb")
         self.h.assert_alive(client.process)
         self.h.assert_alive(server.process)
 

@@ -11,14 +11,16 @@ server's SYNACK (see :mod:`.stream`), so a refused destination is reported with 
 code (:func:`~.socks.reply_code_for_error`) or a ``502`` carrying the server's reason.
 A forwarded plain HTTP request is written upstream at once; only its failure is answered here.
 
-Not yet: SOCKS UDP ASSOCIATE is answered "command not supported" (07); BIND is refused by the
-parser the same way.
+SOCKS5 UDP ASSOCIATE is carried as UDP over TCP v2 by a :class:`~.udp.UdpAssociation`
+(success is replied at once, with its UDP port); BIND is refused by the parser ("command not
+supported", 07).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -27,6 +29,7 @@ from ..protocol.address import Destination
 from . import httpproxy, socks
 from .sessions import SessionManager
 from .stream import ClientStream, LocalSide
+from .udp import UdpAssociation
 
 _log = get_logger("anytls_twisted.client.local")
 
@@ -44,6 +47,7 @@ class LocalProxyProtocol(Protocol, LocalSide):
     def __init__(self) -> None:
         self.dialect: Optional[str] = None
         self.stream: Optional[ClientStream] = None
+        self.association: Optional[UdpAssociation] = None
         self._socks: Optional[socks.SocksServer] = None
         self._http: Optional[httpproxy.RequestParser] = None
         self._http_connect = False
@@ -65,6 +69,8 @@ class LocalProxyProtocol(Protocol, LocalSide):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.transport = None
+        if self.association is not None:
+            self.association.close("the control connection closed")
         if self.stream is not None:
             self.stream.local_closed()
 
@@ -80,11 +86,23 @@ class LocalProxyProtocol(Protocol, LocalSide):
             elif isinstance(event, socks.ConnectRequest):
                 self._open(event.destination)
             elif isinstance(event, socks.UdpAssociateRequest):
-                self.transport.write(self._socks.reply(socks.Reply.COMMAND_NOT_SUPPORTED))
-                self.transport.loseConnection()
+                self._associate(event.destination)
             elif isinstance(event, socks.Data):
                 if self.stream is not None:
                     self.stream.send(event.data)
+
+    def _associate(self, request: Destination) -> None:
+        assert self._socks is not None
+        try:
+            self.association = UdpAssociation(
+                self.transport, request, self.factory.manager, self.factory.clock
+            )
+        except CannotListenError as e:
+            _log.info("UDP ASSOCIATE: cannot bind a UDP port: {error}", error=e)
+            self.transport.write(self._socks.reply(socks.Reply.GENERAL_FAILURE))
+            self.transport.loseConnection()
+            return
+        self.transport.write(self._socks.reply(socks.Reply.SUCCEEDED, self.association.bound))
 
     # HTTP.
     def _http_data(self, data: bytes) -> None:

@@ -69,6 +69,11 @@ class ClientStream:
         self._pending: List[bytes] = []
         self._timer: Any = None
 
+    @property
+    def queued(self) -> int:
+        """Writes held until the stream is on a session."""
+        return len(self._pending)
+
     # The session side.
     def opened(self, context: IStreamContext, sid: int, known_v1: bool) -> None:
         """The SYN went out on a session: flush what the application sent meanwhile."""
