@@ -94,6 +94,25 @@ class Pool(Generic[S]):
         self._idle_seqs: List[int] = []
         self._idle: Dict[int, _Entry[S]] = {}
 
+    def configure(
+        self, idle_session_check_interval: float, idle_session_timeout: float, min_idle_session: int
+    ) -> None:
+        """New settings (a reload): they apply from the next :meth:`reap` on, to every session
+        the pool knows, with the same clamping as at creation."""
+        if min_idle_session < 0:
+            raise ValueError(f"min_idle_session must be 0 or more, not {min_idle_session}")
+        self.idle_session_check_interval = clamp_duration(idle_session_check_interval)
+        self.idle_session_timeout = clamp_duration(idle_session_timeout)
+        self.min_idle_session = min_idle_session
+
+    def drain(self) -> List[S]:
+        """Forget every idle session and return them, for the shell to close (a reload that
+        changed the server). Busy sessions stay known until they come back or close."""
+        sessions = self.idle_sessions()
+        for session in sessions:
+            self.remove(session)
+        return sessions
+
     def __len__(self) -> int:
         """How many sessions are idle now."""
         return len(self._idle_seqs)

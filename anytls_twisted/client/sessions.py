@@ -9,12 +9,14 @@
   session goes back to the pool;
 * every ``idle_session_check_interval`` seconds the pool's reap closes sessions idle too long;
 * opens on reused sessions of v2 servers are watched: no SYNACK in time resets the stream if
-  the session is otherwise alive, or closes the session if it went silent.
+  the session is otherwise alive, or closes the session if it went silent;
+* a reload (:meth:`SessionManager.reconfigure`) that changes the server closes the idle
+  sessions at once and the busy ones when their stream ends; live streams are not cut.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -54,6 +56,8 @@ class SessionManager(Service, SessionOwner):
     @param endpoint: makes the endpoint a new session dials (TCP plus TLS to the server).
     @ivar padding: the padding scheme new sessions start with (the server's latest).
     @ivar sessions: every live session, idle or busy.
+    @ivar generation: how many reloads changed the server; a session dialled under an older
+        one carries its stream to the end and is then closed instead of pooled.
     """
 
     def __init__(
@@ -75,6 +79,8 @@ class SessionManager(Service, SessionOwner):
         self.padding: PaddingScheme = DEFAULT_SCHEME
         self.sessions: Set[ClientSessionProtocol] = set()
         self.dials = 0
+        self.generation = 0
+        self._retired: Set[ClientSessionProtocol] = set()
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._watch_timer: Any = None
@@ -108,12 +114,19 @@ class SessionManager(Service, SessionOwner):
         self.dials += 1
         d = self.endpoint().connect(_SessionFactory(self))
         d.addCallbacks(
-            self._dialled, self._dial_failed, callbackArgs=(stream,), errbackArgs=(stream,)
+            self._dialled,
+            self._dial_failed,
+            callbackArgs=(stream, self.generation),
+            errbackArgs=(stream,),
         )
 
-    def _dialled(self, session: ClientSessionProtocol, stream: ClientStream) -> None:
+    def _dialled(
+        self, session: ClientSessionProtocol, stream: ClientStream, generation: int
+    ) -> None:
         self.sessions.add(session)
         self.pool.created(session)
+        if generation != self.generation:  # dialled before a reload changed the server
+            self._retired.add(session)
         _log.info("session {session_id} to the server open", session_id=session.session_id)
         self._open_on(session, stream, reused=False)
 
@@ -128,6 +141,37 @@ class SessionManager(Service, SessionOwner):
         if watch and stream.context is not None and session.machine.streams.get(stream.sid):
             self.watchdog.opened(stream, session, self.clock.seconds())
             self._arm_watch_timer()
+
+    def reconfigure(
+        self,
+        endpoint: Callable[[], IStreamClientEndpoint],
+        password: str,
+        check_interval: float,
+        idle_timeout: float,
+        min_idle: int,
+        server_changed: bool,
+    ) -> Tuple[int, int]:
+        """Use new settings from now on (a reload). New sessions dial ``endpoint`` with
+        ``password``; the pool settings apply from the next check. When ``server_changed``,
+        sessions to the old server are retired: the idle ones are closed now, the busy ones
+        once their stream ends, so no live stream is cut. Returns (closed now, retiring)."""
+        self.endpoint = endpoint
+        self.password = password
+        old_interval = self.pool.idle_session_check_interval
+        self.pool.configure(check_interval, idle_timeout, min_idle)
+        if self._reaper.running and self.pool.idle_session_check_interval != old_interval:
+            self._reaper.stop()
+            self._reaper.start(self.pool.idle_session_check_interval, now=False)
+        if not server_changed:
+            return 0, 0
+        self.generation += 1
+        self.padding = DEFAULT_SCHEME  # the old server's scheme says nothing of the new one
+        idle = self.pool.drain()
+        for session in idle:
+            session.close("the server changed (reload)")
+        busy = [s for s in self.sessions if not s.closed and s not in idle]
+        self._retired.update(busy)
+        return len(idle), len(busy)
 
     # SessionOwner: what sessions report.
     def padding_updated(self, scheme: PaddingScheme) -> None:
@@ -147,11 +191,15 @@ class SessionManager(Service, SessionOwner):
         self.watchdog.acknowledged(stream)
         if session.closed or session.streams:
             return
-        if not self.pool.give_back(session, self.clock.seconds()):
+        if session in self._retired:
+            self.pool.remove(session)
+            session.close("the server changed (reload)")
+        elif not self.pool.give_back(session, self.clock.seconds()):
             session.close("not kept for reuse")
 
     def session_closed(self, session: ClientSessionProtocol) -> None:
         self.sessions.discard(session)
+        self._retired.discard(session)
         self.pool.remove(session)
         self.watchdog.session_closed(session)
 

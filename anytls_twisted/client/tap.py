@@ -1,17 +1,22 @@
 """``twistd anytls-client``: read the files the options name, then build the client service
 (the local proxy ports and the session manager). A configuration error ends twistd with one
-line and exit status 2, never a traceback."""
+line and exit status 2, never a traceback.
+
+SIGHUP reads the same files again (``--config``, ``--password-file``, ``--certificate``,
+``--proxy-user-file``) with the same command line: new streams use the result, live streams
+are never cut (:meth:`.sessions.SessionManager.reconfigure`), and a reload that fails keeps
+everything as it was and says why in one line. ``--listen`` needs a restart."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import attr
 from twisted.application import service, strports
 from twisted.python import usage
 
-from .. import endpoints, logs
+from .. import endpoints, logs, sighup
 from ..protocol.address import parse_ip
 from ..singbox import ConfigFileError
 from .config import ClientConfig, load_outbound, parse_uri
@@ -83,8 +88,32 @@ def load(options: Options) -> ClientConfig:
     return config
 
 
+#: What a reload rebuilds: the server's configuration and the local proxy users.
+Rebuild = Callable[[], Tuple[ClientConfig, Optional[ProxyUsers]]]
+
+#: Fields whose change means existing sessions lead to the wrong place (or with the wrong
+#: credentials or trust): the pool settings and the display name are not among them.
+_ROUTE_FIELDS = (
+    "server",
+    "server_port",
+    "password",
+    "server_name",
+    "insecure",
+    "tls",
+    "alpn",
+    "certificate",
+    "certificate_path",
+    "certificate_pins",
+)
+
+
 class ClientService(service.MultiService):
-    """The client: one session manager, one local proxy port per ``--listen``."""
+    """The client: one session manager, one local proxy port per ``--listen``.
+
+    @ivar rebuild: reads the files again for a reload (SIGHUP); None: reloading is off.
+    @ivar reloads: reloads applied.
+    @ivar reload_failures: reloads that failed (the configuration was kept).
+    """
 
     def __init__(
         self,
@@ -93,11 +122,17 @@ class ClientService(service.MultiService):
         reactor: Any,
         client_name: str = "",
         users: Optional[ProxyUsers] = None,
+        rebuild: Optional[Rebuild] = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.listen = listen
         self.users = users
+        self.reactor = reactor
+        self.rebuild = rebuild
+        self.reloads = 0
+        self.reload_failures = 0
+        self._previous_sighup: Any = None
         pool: Pool[Any] = Pool(
             config.idle_session_check_interval,
             config.idle_session_timeout,
@@ -119,22 +154,15 @@ class ClientService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         config = self.config
-        tls = "plain TCP" if not config.tls else "TLS"
-        if config.tls:
-            tls += f", SNI {config.server_name or 'none'}"
-            if config.certificate_pins:
-                tls += ", certificate pinned"
-            elif config.insecure:
-                tls += ", certificate NOT verified"
-            else:
-                tls += ", certificate verified"
+        if self.rebuild is not None:
+            self._previous_sighup = sighup.install(self.reactor, self.reload)
         _log.info(
             "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; server {server}:{port} "
             "({tls})",
             listen=", ".join(self.listen),
             server=config.server,
             port=config.server_port,
-            tls=tls,
+            tls=_describe_tls(config),
         )
         if self.users is None:
             for description in self.listen:
@@ -150,6 +178,74 @@ class ClientService(service.MultiService):
         for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
 
+    def stopService(self) -> Any:
+        sighup.restore(self._previous_sighup)
+        self._previous_sighup = None
+        return super().stopService()
+
+    def reload(self, why: str) -> bool:
+        """Read the files again and use them for new streams; False (and one error line) when
+        they cannot be used, keeping the current configuration."""
+        if self.rebuild is None:
+            return False
+        try:
+            config, users = self.rebuild()
+            tls = tls_creator(config) if config.tls else None
+        except Exception as e:
+            self.reload_failures += 1
+            _log.error(
+                "reload ({why}) failed, keeping the current configuration: {error}",
+                why=why,
+                error=str(e) or e.__class__.__name__,
+            )
+            return False
+        old = self.config
+        changed = any(getattr(old, f) != getattr(config, f) for f in _ROUTE_FIELDS)
+        reactor = self.reactor
+        closed, retiring = self.manager.reconfigure(
+            lambda: server_endpoint(reactor, config, tls),
+            config.password,
+            config.idle_session_check_interval,
+            config.idle_session_timeout,
+            config.min_idle_session,
+            server_changed=changed,
+        )
+        self.config = config
+        self.users = users
+        self.factory.users = users
+        self.reloads += 1
+        for warning in config.warnings:
+            _log.warn("{warning}", warning=warning)
+        _log.info(
+            "reloaded ({why}): server {server}:{port} ({tls}){change}; local proxy users: {users}",
+            why=why,
+            server=config.server,
+            port=config.server_port,
+            tls=_describe_tls(config),
+            server_changed=changed,
+            change=(
+                f", changed: closed {logs.plural(closed, 'idle session')}, "
+                f"{logs.plural(retiring, 'busy session')} closing after their stream"
+                if changed
+                else ", unchanged: sessions kept"
+            ),
+            sessions_closed=closed,
+            sessions_retiring=retiring,
+            users=", ".join(users.names) if users is not None else "none (no authentication)",
+        )
+        return True
+
+
+def _describe_tls(config: ClientConfig) -> str:
+    if not config.tls:
+        return "plain TCP"
+    tls = f"TLS, SNI {config.server_name or 'none'}"
+    if config.certificate_pins:
+        return tls + ", certificate pinned"
+    if config.insecure:
+        return tls + ", certificate NOT verified"
+    return tls + ", certificate verified"
+
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> ClientService:
     if reactor is None:
@@ -163,8 +259,12 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
         sys.stderr.write(f"twistd anytls-client: error: {e}\n")
         raise SystemExit(2) from None
     logs.set_level(options["log-level"])
+
+    def rebuild() -> Tuple[ClientConfig, Optional[ProxyUsers]]:
+        return load(options), _proxy_users(options["proxy-user-file"])
+
     return ClientService(
-        config, options["listen"], reactor, options["client-metadata"], users=users
+        config, options["listen"], reactor, options["client-metadata"], users, rebuild
     )
 
 

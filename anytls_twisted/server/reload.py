@@ -13,12 +13,12 @@ and the destination policy come from the command line, which a reload does not c
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.application import service
 from twisted.internet import task
 
+from .. import sighup
 from ..logs import get_logger, plural
 from .service import SessionRegistry
 from .settings import LiveConfig, Settings
@@ -73,22 +73,14 @@ class Reloader(service.Service):
     def startService(self) -> None:
         super().startService()
         self._loop.start(self.interval, now=False)
-        if hasattr(signal, "SIGHUP"):
-            try:
-                self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
-            except ValueError:  # not the main thread (some test runners)
-                self._previous_handler = None
+        self._previous_handler = sighup.install(self.reactor, self.reload)
 
     def stopService(self) -> None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGHUP, self._previous_handler)
-            self._previous_handler = None
-
-    def _on_sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload, "SIGHUP")
+        sighup.restore(self._previous_handler)
+        self._previous_handler = None
 
     def check_files(self) -> None:
         """Reload when a watched certificate or key file has changed since the last look."""
