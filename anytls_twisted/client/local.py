@@ -143,9 +143,12 @@ class LocalProxyProtocol(Protocol, LocalSide):
     def refused(self, error: str) -> None:
         if self.transport is None:
             return
+        stream = self.stream
         _log.info(
-            "stream to {destination} failed: {error}",
-            destination=str(self.stream.destination) if self.stream else "?",
+            "stream {session_id}/{stream_id} to {destination} failed: {error}",
+            session_id=getattr(stream.context, "session_id", "-") if stream else "-",
+            stream_id=stream.sid if stream and stream.sid else "-",
+            destination=str(stream.destination) if stream else "?",
             error=error,
         )
         if self.dialect != "http":

@@ -27,6 +27,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .. import logs
 from ..interfaces import IStream, IStreamContext
 from ..logs import get_logger
 from ..metrics import NullMetrics
@@ -110,6 +111,8 @@ class ClientSessionProtocol(SessionShell, Protocol):
     """
 
     transport: Any
+    #: ``host:port`` of the server, for the log (set by the session manager).
+    server = "?"
 
     def __init__(
         self,
@@ -129,6 +132,7 @@ class ClientSessionProtocol(SessionShell, Protocol):
         self.context = ClientSessionContext(self)
         self.frames_seen = False
         self.connected = False
+        self.opened_at = clock.seconds()
         self._password = password
 
     @property
@@ -186,9 +190,11 @@ class ClientSessionProtocol(SessionShell, Protocol):
             self.stream_ended(stream, f"session closed: {reason_text}")
         self.owner.session_closed(self)
         _log.info(
-            "session {session_id} to the server closed: {reason} ({streams} streams, "
-            "{bytes_in} bytes in, {bytes_out} bytes out)",
+            "session {session_id} to the server closed: {reason} ({server}, {duration}s, "
+            "{streams} streams, {bytes_in} bytes in, {bytes_out} bytes out)",
             session_id=self.session_id,
+            server=self.server,
+            duration=round(self.clock.seconds() - self.opened_at, 3),
             reason=reason_text,
             streams=self.machine.streams_opened,
             bytes_in=self.machine.bytes_in,
@@ -204,6 +210,14 @@ class ClientSessionProtocol(SessionShell, Protocol):
         self.write_frames(self.machine.open(stream, address))
         sid = self.machine.sid_of(stream)
         assert sid is not None
+        if logs.DEBUG:
+            _log.debug(
+                "stream {session_id}/{stream_id} open to {destination} ({kind})",
+                session_id=self.session_id,
+                stream_id=sid,
+                destination=str(stream.destination),
+                kind=stream.kind,
+            )
         if self.machine.write_paused:
             stream.pauseProducing()
         stream.opened(self.context, sid, known_v1)
@@ -221,6 +235,18 @@ class ClientSessionProtocol(SessionShell, Protocol):
 
     def stream_ended(self, stream: IStream, reason: str) -> None:
         """A stream left the table: release its application connection, tell the owner."""
+        if logs.DEBUG:
+            _log.debug(
+                "stream {session_id}/{stream_id} closed: {reason} ({destination}, {duration}s, "
+                "{bytes_in} bytes in, {bytes_out} bytes out)",
+                session_id=self.session_id,
+                stream_id=stream.sid,
+                reason=reason,
+                destination=str(stream.destination),
+                duration=round(self.clock.seconds() - getattr(stream, "opened_at", 0.0), 3),
+                bytes_in=stream.bytes_in,
+                bytes_out=stream.bytes_out,
+            )
         stream.connectionLost(reason)
         self.set_reading(self.machine.update_reading())
         self.owner.stream_ended(self, stream)

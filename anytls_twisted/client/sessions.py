@@ -47,6 +47,7 @@ class _SessionFactory(Factory):
             m.password, m.padding, m.clock, m, m.client_name, randrange=m.randrange
         )
         session.factory = self
+        session.server = m.server
         return session
 
 
@@ -56,6 +57,7 @@ class SessionManager(Service, SessionOwner):
     @param endpoint: makes the endpoint a new session dials (TCP plus TLS to the server).
     @ivar padding: the padding scheme new sessions start with (the server's latest).
     @ivar sessions: every live session, idle or busy.
+    @ivar server: ``host:port`` of the server, for the log.
     @ivar generation: how many reloads changed the server; a session dialled under an older
         one carries its stream to the end and is then closed instead of pooled.
     """
@@ -68,8 +70,10 @@ class SessionManager(Service, SessionOwner):
         pool: Optional[Pool[ClientSessionProtocol]] = None,
         client_name: str = "",
         randrange: Optional[Callable[[int, int], int]] = None,
+        server: str = "?",
     ) -> None:
         self.endpoint = endpoint
+        self.server = server
         self.password = password
         self.clock = clock
         self.pool: Pool[ClientSessionProtocol] = pool if pool is not None else Pool()
@@ -127,12 +131,16 @@ class SessionManager(Service, SessionOwner):
         self.pool.created(session)
         if generation != self.generation:  # dialled before a reload changed the server
             self._retired.add(session)
-        _log.info("session {session_id} to the server open", session_id=session.session_id)
+        _log.info(
+            "session {session_id} to the server open ({server})",
+            session_id=session.session_id,
+            server=session.server,
+        )
         self._open_on(session, stream, reused=False)
 
     def _dial_failed(self, failure: Failure, stream: ClientStream) -> None:
         error = failure.getErrorMessage() or getattr(failure.type, "__name__", "error")
-        _log.warn("cannot reach the server: {error}", error=error)
+        _log.warn("cannot reach the server {server}: {error}", server=self.server, error=error)
         stream.failed(f"cannot reach the server: {error}")
 
     def _open_on(self, session: ClientSessionProtocol, stream: ClientStream, reused: bool) -> None:
@@ -150,6 +158,7 @@ class SessionManager(Service, SessionOwner):
         idle_timeout: float,
         min_idle: int,
         server_changed: bool,
+        server: Optional[str] = None,
     ) -> Tuple[int, int]:
         """Use new settings from now on (a reload). New sessions dial ``endpoint`` with
         ``password``; the pool settings apply from the next check. When ``server_changed``,
@@ -157,6 +166,8 @@ class SessionManager(Service, SessionOwner):
         once their stream ends, so no live stream is cut. Returns (closed now, retiring)."""
         self.endpoint = endpoint
         self.password = password
+        if server is not None:
+            self.server = server
         old_interval = self.pool.idle_session_check_interval
         self.pool.configure(check_interval, idle_timeout, min_idle)
         if self._reaper.running and self.pool.idle_session_check_interval != old_interval:
@@ -205,8 +216,9 @@ class SessionManager(Service, SessionOwner):
 
     # Timers.
     def reap(self) -> None:
+        timeout = self.pool.idle_session_timeout
         for session in self.pool.reap(self.clock.seconds()):
-            session.close("idle")
+            session.close(f"idle: no stream for over {timeout:g}s")
 
     def _arm_watch_timer(self) -> None:
         deadline = self.watchdog.next_deadline()

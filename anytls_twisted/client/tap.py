@@ -145,6 +145,7 @@ class ClientService(service.MultiService):
             reactor,
             pool,
             client_name,
+            server=_server_label(config),
         )
         self.manager.setServiceParent(self)
         self.factory = LocalProxyFactory(self.manager, reactor, users)
@@ -209,6 +210,7 @@ class ClientService(service.MultiService):
             config.idle_session_timeout,
             config.min_idle_session,
             server_changed=changed,
+            server=_server_label(config),
         )
         self.config = config
         self.users = users
@@ -234,6 +236,12 @@ class ClientService(service.MultiService):
             users=", ".join(users.names) if users is not None else "none (no authentication)",
         )
         return True
+
+
+def _server_label(config: ClientConfig) -> str:
+    """``host:port`` of the server, IPv6 in brackets, for the log."""
+    host = f"[{config.server}]" if ":" in config.server else config.server
+    return f"{host}:{config.server_port}"
 
 
 def _describe_tls(config: ClientConfig) -> str:
