@@ -25,7 +25,14 @@ import attr
 from ..protocol.address import AddressError, parse_host_port, parse_ip
 from ..singbox import SOCKET_FIELDS, ConfigFileError, check_fields, fail, pick_anytls
 
-__all__ = ["ClientConfig", "ConfigFileError", "load_outbound", "parse_duration", "parse_uri"]
+__all__ = [
+    "ClientConfig",
+    "ConfigFileError",
+    "load_outbound",
+    "parse_duration",
+    "parse_uri",
+    "to_outbound",
+]
 
 DEFAULT_PORT = 443
 #: sing-box's defaults for the session pool (docs/configuration/outbound/anytls).
@@ -134,7 +141,7 @@ class ClientConfig:
     warnings: Tuple[str, ...] = ()
 
 
-def _default_sni(host: str) -> Optional[str]:
+def default_sni(host: str) -> Optional[str]:
     """SNI defaults to the server's name; an IP literal means no SNI (TLS forbids IPs there)."""
     return None if parse_ip(host) is not None else host
 
@@ -147,7 +154,7 @@ FINGERPRINT_WARNING = (
 )
 
 
-def _password_check(where: str, password: str, password_file: bool) -> None:
+def password_check(where: str, password: str, password_file: bool) -> None:
     if not password and not password_file:
         raise fail(where, "password", "is empty (give one, or a password file)")
 
@@ -184,7 +191,7 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
         password = urllib.parse.unquote_to_bytes(userinfo).decode("utf-8")
     except UnicodeDecodeError:
         raise fail(where, "password", "is not UTF-8 once percent-decoded") from None
-    _password_check(where, password, password_file)
+    password_check(where, password, password_file)
     try:
         destination = parse_host_port(hostport, DEFAULT_PORT)
     except AddressError as e:
@@ -193,7 +200,7 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
         "server": destination.host,
         "server_port": destination.port,
         "password": password,
-        "server_name": _default_sni(destination.host),
+        "server_name": default_sni(destination.host),
     }
     if fragment:
         values["tag"] = urllib.parse.unquote(fragment)
@@ -207,7 +214,7 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
             raise fail(where, key, "given twice")
         seen.add(key)
         if key == "sni":
-            values["server_name"] = _default_sni(value) if value else None
+            values["server_name"] = default_sni(value) if value else None
         elif key in ("insecure", "allowInsecure"):
             try:
                 values["insecure"] = _uri_bool(value)
@@ -293,7 +300,7 @@ def _tls(path: str, tls: Any, values: Dict[str, Any]) -> List[str]:
     )
     if "server_name" in tls:
         name = _typed(path, "tls.server_name", tls["server_name"], str, "a string")
-        values["server_name"] = _default_sni(name) if name else values["server_name"]
+        values["server_name"] = default_sni(name) if name else values["server_name"]
     if "certificate" in tls:
         values["certificate"] = "\n".join(_strings(path, "tls.certificate", tls["certificate"]))
     if "certificate_path" in tls:
@@ -321,11 +328,11 @@ def _tls(path: str, tls: Any, values: Dict[str, Any]) -> List[str]:
 
 
 def load_outbound(
-    source: Union[str, Mapping[str, Any]], password_file: bool = False
+    source: Union[str, Mapping[str, Any]], password_file: bool = False, path: str = "outbound"
 ) -> ClientConfig:
-    """A sing-box ``anytls`` outbound from a JSON file name, or an already parsed document:
-    the outbound itself or a whole config (its first ``anytls`` outbound). Raise
-    :class:`ConfigFileError` naming the file and the field."""
+    """A sing-box ``anytls`` outbound from a JSON file name, or an already parsed document
+    (``path`` then names it in errors): the outbound itself or a whole config (its first
+    ``anytls`` outbound). Raise :class:`ConfigFileError` naming the file and the field."""
     if isinstance(source, str):
         path = source
         try:
@@ -336,7 +343,7 @@ def load_outbound(
         except (ValueError, UnicodeDecodeError) as e:
             raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
     else:
-        path, document = "outbound", dict(source)
+        document = dict(source)
     outbound = pick_anytls(path, document, "outbounds")
     warnings = check_fields(path, outbound, "", _USED, _QUIET | _IGNORED)
     for field in ("server", "server_port"):
@@ -357,12 +364,12 @@ def load_outbound(
     if not 1 <= port <= 65535:
         raise fail(path, "server_port", "must be a port number (1 to 65535)")
     password = _typed(path, "password", outbound.get("password", ""), str, "a string")
-    _password_check(path, password, password_file)
+    password_check(path, password, password_file)
     values: Dict[str, Any] = {
         "server": server,
         "server_port": port,
         "password": password,
-        "server_name": _default_sni(server),
+        "server_name": default_sni(server),
         "tls": False,  # as in sing-box: no tls object, plain AnyTLS
     }
     if "tag" in outbound:
@@ -383,3 +390,45 @@ def load_outbound(
         warnings += _tls(path, outbound["tls"], values)
     values["warnings"] = tuple(warnings)
     return ClientConfig(**values)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a sing-box duration string (``30s``, ``1.5s``, ``500ms``)."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def to_outbound(config: ClientConfig, show_password: bool = False) -> Dict[str, Any]:
+    """``config`` as a sing-box ``anytls`` outbound that :func:`load_outbound` reads back to
+    the same settings; the password is ``<password>`` unless ``show_password``."""
+    outbound: Dict[str, Any] = {
+        "type": "anytls",
+        "tag": config.tag,
+        "server": config.server,
+        "server_port": config.server_port,
+        "password": config.password if show_password else "<password>",
+        "idle_session_check_interval": format_duration(config.idle_session_check_interval),
+        "idle_session_timeout": format_duration(config.idle_session_timeout),
+        "min_idle_session": config.min_idle_session,
+    }
+    if not config.tls:
+        return outbound
+    tls: Dict[str, Any] = {"enabled": True}
+    # An IP address as server_name would mean "verify this IP", not "no SNI": leave it out.
+    if config.server_name is not None:
+        tls["server_name"] = config.server_name
+    if config.insecure:
+        tls["insecure"] = True
+    if config.certificate is not None:
+        tls["certificate"] = config.certificate.splitlines()
+    if config.certificate_path is not None:
+        tls["certificate_path"] = config.certificate_path
+    if config.certificate_pins:
+        tls["certificate_public_key_sha256"] = list(config.certificate_pins)
+    if config.alpn:
+        tls["alpn"] = list(config.alpn)
+    if config.fingerprint is not None:
+        tls["utls"] = {"enabled": True, "fingerprint": config.fingerprint}
+    outbound["tls"] = tls
+    return outbound

@@ -49,6 +49,8 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["insecure", None, "Do not verify the server's certificate (testing only)."],
+        ["print-config", None, "Print the effective configuration (files and options applied) as a sing-box client config and exit."],
+        ["show-password", None, "With --print-config: print the password instead of <password>."],
         ["version", None, "Print the version and exit."],
     ]
     # fmt: on

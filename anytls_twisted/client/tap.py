@@ -9,6 +9,7 @@ everything as it was and says why in one line. ``--listen`` needs a restart."""
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -19,7 +20,8 @@ from twisted.python import usage
 from .. import endpoints, logs, sighup
 from ..protocol.address import parse_ip
 from ..singbox import ConfigFileError
-from .config import ClientConfig, load_outbound, parse_uri
+from .config import ClientConfig, parse_uri, to_outbound
+from .configfile import load_file
 from .connect import server_endpoint, tls_creator
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
@@ -44,7 +46,12 @@ def load(options: Options) -> ClientConfig:
         if options["server"] is not None:
             config = parse_uri(options["server"], password_file=password_file is not None)
         else:
-            config = load_outbound(options["config"], password_file=password_file is not None)
+            configs = load_file(options["config"], password_file=password_file is not None)
+            if len(configs) > 1:
+                raise ConfigError(
+                    f"{options['config']}: {len(configs)} servers; only one is supported yet"
+                )
+            config = configs[0]
     except (ConfigFileError, ValueError) as e:
         raise ConfigError(str(e)) from None
     changes: dict[str, Any] = {}
@@ -266,6 +273,11 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
             raise
         sys.stderr.write(f"twistd anytls-client: error: {e}\n")
         raise SystemExit(2) from None
+    if options["print-config"]:
+        outbound = to_outbound(config, show_password=options["show-password"])
+        sys.stdout.write(json.dumps({"outbounds": [outbound]}, indent=2) + "\n")
+        sys.stdout.flush()
+        raise SystemExit(0)
     logs.set_level(options["log-level"])
 
     def rebuild() -> Tuple[ClientConfig, Optional[ProxyUsers]]:
