@@ -9,12 +9,13 @@
   session goes back to the pool;
 * every ``idle_session_check_interval`` seconds the pool's reap closes sessions idle too long;
 * opens on reused sessions of v2 servers are watched: no SYNACK in time resets the stream if
-  the session is otherwise alive, or closes the session if it went silent.
+  the session is otherwise alive, or closes the session if it went silent;
+* what happens is reported to ``metrics`` (:mod:`.metrics`; does nothing without ``--metrics``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -26,6 +27,7 @@ from twisted.python.failure import Failure
 from ..interfaces import IStream
 from ..logs import get_logger
 from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme
+from .metrics import CLIENT_NULL_METRICS, ClientNullMetrics, dial_failure_reason, session_end
 from .pool import CloseSession, Pool, ResetStream, Watchdog
 from .session import ClientSessionProtocol, SessionOwner
 from .stream import ClientStream
@@ -52,6 +54,9 @@ class SessionManager(Service, SessionOwner):
     """Opens streams on pooled sessions to one server.
 
     @param endpoint: makes the endpoint a new session dials (TCP plus TLS to the server).
+    @param tls: whether that endpoint is TLS: a session that closes before its handshake
+        completed is then a failed dial (for the metrics).
+    @ivar metrics: the :class:`~.metrics.ClientNullMetrics` interface.
     @ivar padding: the padding scheme new sessions start with (the server's latest).
     @ivar sessions: every live session, idle or busy.
     """
@@ -64,6 +69,8 @@ class SessionManager(Service, SessionOwner):
         pool: Optional[Pool[ClientSessionProtocol]] = None,
         client_name: str = "",
         randrange: Optional[Callable[[int, int], int]] = None,
+        metrics: ClientNullMetrics = CLIENT_NULL_METRICS,
+        tls: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.password = password
@@ -75,6 +82,11 @@ class SessionManager(Service, SessionOwner):
         self.padding: PaddingScheme = DEFAULT_SCHEME
         self.sessions: Set[ClientSessionProtocol] = set()
         self.dials = 0
+        self.metrics = metrics
+        self.tls = tls
+        # Sessions this manager closed, and why (a SESSION_CLOSE_REASONS class).
+        self._causes: Dict[ClientSessionProtocol, str] = {}
+        metrics.watch(self)
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._watch_timer: Any = None
@@ -90,7 +102,7 @@ class SessionManager(Service, SessionOwner):
             self._reaper.stop()
         self._cancel_watch_timer()
         for session in list(self.sessions):
-            session.close("the client is stopping", abort=True)
+            self._close(session, "the client is stopping", "stopping", abort=True)
         return None
 
     # Streams.
@@ -106,6 +118,7 @@ class SessionManager(Service, SessionOwner):
             self._open_on(session, stream, reused=True)
             return
         self.dials += 1
+        self.metrics.session_dialled()
         d = self.endpoint().connect(_SessionFactory(self))
         d.addCallbacks(
             self._dialled, self._dial_failed, callbackArgs=(stream,), errbackArgs=(stream,)
@@ -120,11 +133,13 @@ class SessionManager(Service, SessionOwner):
     def _dial_failed(self, failure: Failure, stream: ClientStream) -> None:
         error = failure.getErrorMessage() or getattr(failure.type, "__name__", "error")
         _log.warn("cannot reach the server: {error}", error=error)
+        self.metrics.dial_failed(dial_failure_reason(failure))
         stream.failed(f"cannot reach the server: {error}")
 
     def _open_on(self, session: ClientSessionProtocol, stream: ClientStream, reused: bool) -> None:
         watch = reused and session.machine.peer_version >= 2
         session.open(stream)
+        self.metrics.stream_opened(stream)
         if watch and stream.context is not None and session.machine.streams.get(stream.sid):
             self.watchdog.opened(stream, session, self.clock.seconds())
             self._arm_watch_timer()
@@ -140,25 +155,47 @@ class SessionManager(Service, SessionOwner):
     def frame_arrived(self, session: ClientSessionProtocol) -> None:
         self.watchdog.activity(session, 0.0)
 
-    def synack_arrived(self, session: ClientSessionProtocol, stream: IStream) -> None:
+    def synack_arrived(
+        self, session: ClientSessionProtocol, stream: IStream, error: str = ""
+    ) -> None:
         self.watchdog.acknowledged(stream)
+        if error:
+            self.metrics.stream_refused()
 
     def stream_ended(self, session: ClientSessionProtocol, stream: IStream) -> None:
         self.watchdog.acknowledged(stream)
+        self.metrics.stream_closed(stream)
         if session.closed or session.streams:
             return
         if not self.pool.give_back(session, self.clock.seconds()):
-            session.close("not kept for reuse")
+            self._close(session, "not kept for reuse", "idle")
 
-    def session_closed(self, session: ClientSessionProtocol) -> None:
+    def session_closed(
+        self, session: ClientSessionProtocol, reason: Optional[Failure] = None
+    ) -> None:
         self.sessions.discard(session)
         self.pool.remove(session)
         self.watchdog.session_closed(session)
+        secured = session.handshake_done or not self.tls
+        end = session_end(self._causes.pop(session, None), reason, secured, session.frames_seen)
+        self.metrics.session_closed(end.reason)
+        if end.tls_failed:
+            self.metrics.dial_failed("tls")
+        elif end.auth_failed:
+            self.metrics.auth_failed()
+
+    def _close(
+        self, session: ClientSessionProtocol, why: str, cause: str, abort: bool = False
+    ) -> None:
+        """Close ``session`` for ``why`` (the log's words); ``cause`` is the metrics' class."""
+        if not session.closed:
+            self._causes[session] = cause
+        session.close(why, abort=abort)
 
     # Timers.
     def reap(self) -> None:
         for session in self.pool.reap(self.clock.seconds()):
-            session.close("idle")
+            self._close(session, "idle", "idle")
 
     def _arm_watch_timer(self) -> None:
         deadline = self.watchdog.next_deadline()
@@ -178,9 +215,11 @@ class SessionManager(Service, SessionOwner):
         for action in self.watchdog.expired(self.clock.seconds()):
             if isinstance(action, ResetStream):
                 stream: Any = action.stream
+                self.metrics.watchdog_reset()
                 stream.reset(reason)
             elif isinstance(action, CloseSession):
-                action.session.close(f"silent: {reason}")
+                self.metrics.watchdog_closed()
+                self._close(action.session, f"silent: {reason}", "watchdog")
         self._arm_watch_timer()
 
 
