@@ -1,5 +1,5 @@
 """``twistd anytls-client``: read the files the options name, then build the client service
-(the local proxy ports and the session manager). A configuration error ends twistd with one
+(the local proxy ports, the session manager and, with ``--metrics``, the metrics listener). A configuration error ends twistd with one
 line and exit status 2, never a traceback."""
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from twisted.application import service, strports
 from twisted.python import usage
 
 from .. import endpoints, logs
+from ..metrics import metrics_service
 from ..protocol.address import parse_ip
 from ..singbox import ConfigFileError
 from .config import ClientConfig, load_outbound, parse_uri
 from .connect import server_endpoint, tls_creator
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
+from .metrics import CLIENT_NULL_METRICS, ClientMetrics, ClientNullMetrics
 from .options import Options
 from .pool import Pool
 from .sessions import SessionManager
@@ -84,7 +86,12 @@ def load(options: Options) -> ClientConfig:
 
 
 class ClientService(service.MultiService):
-    """The client: one session manager, one local proxy port per ``--listen``."""
+    """The client: one session manager, one local proxy port per ``--listen`` and, with
+    ``metrics_endpoint``, the ``/metrics`` and ``/healthz`` listener.
+
+    @ivar metrics: the :class:`~.metrics.ClientMetrics`, or the do-nothing interface.
+    @ivar metrics_listener: the metrics web service, or None.
+    """
 
     def __init__(
         self,
@@ -93,11 +100,22 @@ class ClientService(service.MultiService):
         reactor: Any,
         client_name: str = "",
         users: Optional[ProxyUsers] = None,
+        metrics_endpoint: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.listen = listen
         self.users = users
+        self.metrics_endpoint = metrics_endpoint
+        self.metrics: ClientNullMetrics = CLIENT_NULL_METRICS
+        self.metrics_listener: Optional[service.Service] = None
+        if metrics_endpoint is not None:
+            self.metrics = live = ClientMetrics()
+            # The first child, so stopped last: /healthz answers 503 while the rest stops.
+            self.metrics_listener = metrics_service(
+                metrics_endpoint, live, lambda: bool(self.running), reactor
+            )
+            self.metrics_listener.setServiceParent(self)
         pool: Pool[Any] = Pool(
             config.idle_session_check_interval,
             config.idle_session_timeout,
@@ -110,6 +128,8 @@ class ClientService(service.MultiService):
             reactor,
             pool,
             client_name,
+            metrics=self.metrics,
+            tls=config.tls,
         )
         self.manager.setServiceParent(self)
         self.factory = LocalProxyFactory(self.manager, reactor, users)
@@ -128,13 +148,17 @@ class ClientService(service.MultiService):
                 tls += ", certificate NOT verified"
             else:
                 tls += ", certificate verified"
+        metrics = ""
+        if self.metrics_endpoint is not None:
+            metrics = f"; metrics on {self.metrics_endpoint} (/metrics, /healthz)"
         _log.info(
             "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; server {server}:{port} "
-            "({tls})",
+            "({tls}){metrics}",
             listen=", ".join(self.listen),
             server=config.server,
             port=config.server_port,
             tls=tls,
+            metrics=metrics,
         )
         if self.users is None:
             for description in self.listen:
@@ -164,7 +188,12 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
         raise SystemExit(2) from None
     logs.set_level(options["log-level"])
     return ClientService(
-        config, options["listen"], reactor, options["client-metadata"], users=users
+        config,
+        options["listen"],
+        reactor,
+        options["client-metadata"],
+        users=users,
+        metrics_endpoint=options["metrics"],
     )
 
 
