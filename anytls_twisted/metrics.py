@@ -1,5 +1,8 @@
 """Prometheus metrics (``--metrics ENDPOINT``): what the server counts and the HTTP resources.
 
+The HTTP resources (``/metrics``, ``/healthz``) and the listener serve the client's metrics
+(:mod:`anytls_twisted.client.metrics`) too.
+
 The protocol code calls a few small methods on ``factory.metrics`` at session and stream
 events. By default that is :class:`NullMetrics`, whose methods do nothing, so every code path
 calls them unconditionally and unit tests need no registry. :class:`Metrics` owns the
@@ -16,7 +19,7 @@ Every metric is described in docs/metrics.md.
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -312,7 +315,14 @@ class _Index(Resource):
         return super().getChild(path, request)
 
 
-def metrics_resource(metrics: Metrics, running: Callable[[], bool]) -> Resource:
+class HasRegistry(Protocol):
+    """What the HTTP side needs of a metrics object: the server's :class:`Metrics` or the
+    client's ``ClientMetrics``."""
+
+    registry: CollectorRegistry
+
+
+def metrics_resource(metrics: HasRegistry, running: Callable[[], bool]) -> Resource:
     """The root resource: ``/metrics`` and ``/healthz``."""
     root = _Index()
     root.putChild(b"metrics", MetricsPage(metrics.registry))
@@ -320,7 +330,7 @@ def metrics_resource(metrics: Metrics, running: Callable[[], bool]) -> Resource:
     return root
 
 
-def metrics_site(metrics: Metrics, running: Callable[[], bool]):
+def metrics_site(metrics: HasRegistry, running: Callable[[], bool]):
     """A ``twisted.web`` Site for the resource, without per-request access logging."""
     from twisted.web.server import Site
 
@@ -330,7 +340,7 @@ def metrics_site(metrics: Metrics, running: Callable[[], bool]):
     return site
 
 
-def metrics_service(description: str, metrics: Metrics, running: Callable[[], bool], reactor):
+def metrics_service(description: str, metrics: HasRegistry, running: Callable[[], bool], reactor):
     """The ``--metrics`` listener: a child service serving :func:`metrics_site` on an endpoint."""
     from twisted.application import strports
 

@@ -82,6 +82,7 @@ class LocalProxyProtocol(Protocol, LocalSide):
                 self.transport.write(event.data)
             elif isinstance(event, socks.Failed):
                 _log.debug("local SOCKS connection refused: {reason}", reason=event.reason)
+                self.factory.manager.metrics.local_refused("socks")
                 self.transport.loseConnection()
             elif isinstance(event, socks.ConnectRequest):
                 self._open(event.destination)
@@ -112,6 +113,7 @@ class LocalProxyProtocol(Protocol, LocalSide):
             return
         self._http = None
         if isinstance(result, httpproxy.Refusal):
+            self.factory.manager.metrics.local_refused("http")
             self.transport.write(result.response())
             self.transport.loseConnection()
         elif isinstance(result, httpproxy.Connect):

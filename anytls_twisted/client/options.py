@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 
 from twisted.python import usage
 
-from .. import endpoints, logs
+from .. import endpoints, logs, metrics
 from .._version import __version__
 from ..cli import number_option
 from ..singbox import ConfigFileError
@@ -44,6 +44,7 @@ class Options(usage.Options):
         ["certificate", None, None, "Trust only this PEM certificate file (the server's own self-signed one works) instead of the system CAs. [default: the config's tls.certificate_path, else the system CAs]"],
         ["alpn", None, None, "ALPN protocols to offer, comma-separated (e.g. h2,http/1.1). [default: the URI's or config's, else none]"],
         ["proxy-user-file", None, None, "A file of user:password lines: the local port then asks for them (SOCKS5 username/password, HTTP Proxy-Authorization Basic). [default: no authentication]"],
+        ["metrics", None, None, "A Twisted endpoint serving Prometheus metrics at /metrics and a health check at /healthz, e.g. tcp:9101:interface=127.0.0.1. [default: none]"],
         ["log-format", None, "text", "text (twistd's lines) or json: one JSON object per line on stdout (needs -n)."],
         ["log-level", None, "info", "Lowest level logged: debug, info, warn or error."],
     ]
@@ -120,6 +121,11 @@ class Options(usage.Options):
                 endpoints.parse(description)
             except ValueError as e:
                 raise usage.UsageError(f"--listen {description!r}: {e}") from None
+        if self["metrics"] is not None:
+            try:
+                metrics.check_endpoint(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
         if (self["server"] is None) == (self["config"] is None):
             raise usage.UsageError("give the server as --server URI or --config FILE (one)")
         if self["server"] is not None:

@@ -22,7 +22,7 @@ import itertools
 import random
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -52,14 +52,18 @@ class SessionOwner:
     def frame_arrived(self, session: ClientSessionProtocol) -> None:
         """Bytes arrived on ``session``: proof of life (for the SYNACK watchdog)."""
 
-    def synack_arrived(self, session: ClientSessionProtocol, stream: IStream) -> None:
-        """``stream``'s SYNACK arrived."""
+    def synack_arrived(
+        self, session: ClientSessionProtocol, stream: IStream, error: str = ""
+    ) -> None:
+        """``stream``'s SYNACK arrived: success (empty ``error``) or the server's refusal."""
 
     def stream_ended(self, session: ClientSessionProtocol, stream: IStream) -> None:
         """``stream`` left ``session``'s table; its FIN, if one was due, is written."""
 
-    def session_closed(self, session: ClientSessionProtocol) -> None:
-        """``session``'s connection is gone."""
+    def session_closed(
+        self, session: ClientSessionProtocol, reason: Optional[Failure] = None
+    ) -> None:
+        """``session``'s connection is gone (``reason``: what ``connectionLost`` was given)."""
 
 
 @implementer(IStreamContext)
@@ -99,7 +103,7 @@ class ClientSessionContext(ContextShell):
         raise NotImplementedError("client streams are never replaced")
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class ClientSessionProtocol(SessionShell, Protocol):
     """The client side of one AnyTLS session (one TLS connection to the server).
 
@@ -108,6 +112,7 @@ class ClientSessionProtocol(SessionShell, Protocol):
     @ivar context: what this session's streams use (:class:`ClientSessionContext`).
     @ivar frames_seen: whether anything arrived from the server yet (after which a server that
         did not announce version 2 is taken to be version 1).
+    @ivar handshake_done: whether the TLS handshake completed (never set over plain TCP).
     """
 
     transport: Any
@@ -131,6 +136,7 @@ class ClientSessionProtocol(SessionShell, Protocol):
         self.writer = PaddingWriter(padding, self._randrange)
         self.context = ClientSessionContext(self)
         self.frames_seen = False
+        self.handshake_done = False
         self.connected = False
         self.opened_at = clock.seconds()
         self._password = password
@@ -172,7 +178,7 @@ class ClientSessionProtocol(SessionShell, Protocol):
             elif kind is machine.Send:
                 self.write_frames(event.data)
             elif kind is machine.StreamAcknowledged:
-                self.owner.synack_arrived(self, event.stream)
+                self.owner.synack_arrived(self, event.stream, event.error)
                 event.stream.synack(event.error)
             elif kind is machine.StreamClosedByPeer:
                 self.stream_ended(event.stream, "the server closed the stream")
@@ -188,7 +194,7 @@ class ClientSessionProtocol(SessionShell, Protocol):
         self._close_reason = reason_text
         for stream in self.machine.close():
             self.stream_ended(stream, f"session closed: {reason_text}")
-        self.owner.session_closed(self)
+        self.owner.session_closed(self, reason)
         _log.info(
             "session {session_id} to the server closed: {reason} ({server}, {duration}s, "
             "{streams} streams, {bytes_in} bytes in, {bytes_out} bytes out)",
@@ -200,6 +206,10 @@ class ClientSessionProtocol(SessionShell, Protocol):
             bytes_in=self.machine.bytes_in,
             bytes_out=self.machine.bytes_out,
         )
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake with the server succeeded."""
+        self.handshake_done = True
 
     # What the manager asks.
     def open(self, stream: Any) -> None:

@@ -12,11 +12,12 @@
   the session is otherwise alive, or closes the session if it went silent;
 * a reload (:meth:`SessionManager.reconfigure`) that changes the server closes the idle
   sessions at once and the busy ones when their stream ends; live streams are not cut.
+* what happens is reported to ``metrics`` (:mod:`.metrics`; does nothing without ``--metrics``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 from ..interfaces import IStream
 from ..logs import get_logger
 from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme
+from .metrics import CLIENT_NULL_METRICS, ClientNullMetrics, dial_failure_reason, session_end
 from .pool import CloseSession, Pool, ResetStream, Watchdog
 from .session import ClientSessionProtocol, SessionOwner
 from .stream import ClientStream
@@ -55,6 +57,9 @@ class SessionManager(Service, SessionOwner):
     """Opens streams on pooled sessions to one server.
 
     @param endpoint: makes the endpoint a new session dials (TCP plus TLS to the server).
+    @param tls: whether that endpoint is TLS: a session that closes before its handshake
+        completed is then a failed dial (for the metrics).
+    @ivar metrics: the :class:`~.metrics.ClientNullMetrics` interface.
     @ivar padding: the padding scheme new sessions start with (the server's latest).
     @ivar sessions: every live session, idle or busy.
     @ivar server: ``host:port`` of the server, for the log.
@@ -71,6 +76,8 @@ class SessionManager(Service, SessionOwner):
         client_name: str = "",
         randrange: Optional[Callable[[int, int], int]] = None,
         server: str = "?",
+        metrics: ClientNullMetrics = CLIENT_NULL_METRICS,
+        tls: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.server = server
@@ -85,6 +92,11 @@ class SessionManager(Service, SessionOwner):
         self.dials = 0
         self.generation = 0
         self._retired: Set[ClientSessionProtocol] = set()
+        self.metrics = metrics
+        self.tls = tls
+        # Sessions this manager closed, and why (a SESSION_CLOSE_REASONS class).
+        self._causes: Dict[ClientSessionProtocol, str] = {}
+        metrics.watch(self)
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._watch_timer: Any = None
@@ -100,7 +112,7 @@ class SessionManager(Service, SessionOwner):
             self._reaper.stop()
         self._cancel_watch_timer()
         for session in list(self.sessions):
-            session.close("the client is stopping", abort=True)
+            self._close(session, "the client is stopping", "stopping", abort=True)
         return None
 
     # Streams.
@@ -116,6 +128,7 @@ class SessionManager(Service, SessionOwner):
             self._open_on(session, stream, reused=True)
             return
         self.dials += 1
+        self.metrics.session_dialled()
         d = self.endpoint().connect(_SessionFactory(self))
         d.addCallbacks(
             self._dialled,
@@ -141,11 +154,13 @@ class SessionManager(Service, SessionOwner):
     def _dial_failed(self, failure: Failure, stream: ClientStream) -> None:
         error = failure.getErrorMessage() or getattr(failure.type, "__name__", "error")
         _log.warn("cannot reach the server {server}: {error}", server=self.server, error=error)
+        self.metrics.dial_failed(dial_failure_reason(failure))
         stream.failed(f"cannot reach the server: {error}")
 
     def _open_on(self, session: ClientSessionProtocol, stream: ClientStream, reused: bool) -> None:
         watch = reused and session.machine.peer_version >= 2
         session.open(stream)
+        self.metrics.stream_opened(stream)
         if watch and stream.context is not None and session.machine.streams.get(stream.sid):
             self.watchdog.opened(stream, session, self.clock.seconds())
             self._arm_watch_timer()
@@ -159,6 +174,7 @@ class SessionManager(Service, SessionOwner):
         min_idle: int,
         server_changed: bool,
         server: Optional[str] = None,
+        tls: Optional[bool] = None,
     ) -> Tuple[int, int]:
         """Use new settings from now on (a reload). New sessions dial ``endpoint`` with
         ``password``; the pool settings apply from the next check. When ``server_changed``,
@@ -168,6 +184,8 @@ class SessionManager(Service, SessionOwner):
         self.password = password
         if server is not None:
             self.server = server
+        if tls is not None:
+            self.tls = tls
         old_interval = self.pool.idle_session_check_interval
         self.pool.configure(check_interval, idle_timeout, min_idle)
         if self._reaper.running and self.pool.idle_session_check_interval != old_interval:
@@ -179,7 +197,7 @@ class SessionManager(Service, SessionOwner):
         self.padding = DEFAULT_SCHEME  # the old server's scheme says nothing of the new one
         idle = self.pool.drain()
         for session in idle:
-            session.close("the server changed (reload)")
+            self._close(session, "the server changed (reload)", "reload")
         busy = [s for s in self.sessions if not s.closed and s not in idle]
         self._retired.update(busy)
         return len(idle), len(busy)
@@ -195,30 +213,52 @@ class SessionManager(Service, SessionOwner):
     def frame_arrived(self, session: ClientSessionProtocol) -> None:
         self.watchdog.activity(session, 0.0)
 
-    def synack_arrived(self, session: ClientSessionProtocol, stream: IStream) -> None:
+    def synack_arrived(
+        self, session: ClientSessionProtocol, stream: IStream, error: str = ""
+    ) -> None:
         self.watchdog.acknowledged(stream)
+        if error:
+            self.metrics.stream_refused()
 
     def stream_ended(self, session: ClientSessionProtocol, stream: IStream) -> None:
         self.watchdog.acknowledged(stream)
+        self.metrics.stream_closed(stream)
         if session.closed or session.streams:
             return
         if session in self._retired:
             self.pool.remove(session)
-            session.close("the server changed (reload)")
+            self._close(session, "the server changed (reload)", "reload")
         elif not self.pool.give_back(session, self.clock.seconds()):
-            session.close("not kept for reuse")
+            self._close(session, "not kept for reuse", "idle")
 
-    def session_closed(self, session: ClientSessionProtocol) -> None:
+    def session_closed(
+        self, session: ClientSessionProtocol, reason: Optional[Failure] = None
+    ) -> None:
         self.sessions.discard(session)
         self._retired.discard(session)
         self.pool.remove(session)
         self.watchdog.session_closed(session)
+        secured = session.handshake_done or not self.tls
+        end = session_end(self._causes.pop(session, None), reason, secured, session.frames_seen)
+        self.metrics.session_closed(end.reason)
+        if end.tls_failed:
+            self.metrics.dial_failed("tls")
+        elif end.auth_failed:
+            self.metrics.auth_failed()
+
+    def _close(
+        self, session: ClientSessionProtocol, why: str, cause: str, abort: bool = False
+    ) -> None:
+        """Close ``session`` for ``why`` (the log's words); ``cause`` is the metrics' class."""
+        if not session.closed:
+            self._causes[session] = cause
+        session.close(why, abort=abort)
 
     # Timers.
     def reap(self) -> None:
         timeout = self.pool.idle_session_timeout
         for session in self.pool.reap(self.clock.seconds()):
-            session.close(f"idle: no stream for over {timeout:g}s")
+            self._close(session, f"idle: no stream for over {timeout:g}s", "idle")
 
     def _arm_watch_timer(self) -> None:
         deadline = self.watchdog.next_deadline()
@@ -238,9 +278,11 @@ class SessionManager(Service, SessionOwner):
         for action in self.watchdog.expired(self.clock.seconds()):
             if isinstance(action, ResetStream):
                 stream: Any = action.stream
+                self.metrics.watchdog_reset()
                 stream.reset(reason)
             elif isinstance(action, CloseSession):
-                action.session.close(f"silent: {reason}")
+                self.metrics.watchdog_closed()
+                self._close(action.session, f"silent: {reason}", "watchdog")
         self._arm_watch_timer()
 
 

@@ -1,11 +1,11 @@
 """``twistd anytls-client``: read the files the options name, then build the client service
-(the local proxy ports and the session manager). A configuration error ends twistd with one
-line and exit status 2, never a traceback.
+(the local proxy ports, the session manager and, with ``--metrics``, the metrics listener).
+A configuration error ends twistd with one line and exit status 2, never a traceback.
 
 SIGHUP reads the same files again (``--config``, ``--password-file``, ``--certificate``,
 ``--proxy-user-file``) with the same command line: new streams use the result, live streams
 are never cut (:meth:`.sessions.SessionManager.reconfigure`), and a reload that fails keeps
-everything as it was and says why in one line. ``--listen`` needs a restart."""
+everything as it was and says why in one line. ``--listen`` and ``--metrics`` need a restart."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from twisted.application import service, strports
 from twisted.python import usage
 
 from .. import endpoints, logs, sighup
+from ..metrics import metrics_service
 from ..protocol.address import parse_ip
 from ..singbox import ConfigFileError
 from .config import ClientConfig, parse_uri, to_outbound
@@ -25,6 +26,7 @@ from .configfile import load_file
 from .connect import server_endpoint, tls_creator
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
+from .metrics import CLIENT_NULL_METRICS, ClientMetrics, ClientNullMetrics
 from .options import Options
 from .pool import Pool
 from .sessions import SessionManager
@@ -115,8 +117,11 @@ _ROUTE_FIELDS = (
 
 
 class ClientService(service.MultiService):
-    """The client: one session manager, one local proxy port per ``--listen``.
+    """The client: one session manager, one local proxy port per ``--listen`` and, with
+    ``metrics_endpoint``, the ``/metrics`` and ``/healthz`` listener.
 
+    @ivar metrics: the :class:`~.metrics.ClientMetrics`, or the do-nothing interface.
+    @ivar metrics_listener: the metrics web service, or None.
     @ivar rebuild: reads the files again for a reload (SIGHUP); None: reloading is off.
     @ivar reloads: reloads applied.
     @ivar reload_failures: reloads that failed (the configuration was kept).
@@ -130,6 +135,7 @@ class ClientService(service.MultiService):
         client_name: str = "",
         users: Optional[ProxyUsers] = None,
         rebuild: Optional[Rebuild] = None,
+        metrics_endpoint: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -140,6 +146,16 @@ class ClientService(service.MultiService):
         self.reloads = 0
         self.reload_failures = 0
         self._previous_sighup: Any = None
+        self.metrics_endpoint = metrics_endpoint
+        self.metrics: ClientNullMetrics = CLIENT_NULL_METRICS
+        self.metrics_listener: Optional[service.Service] = None
+        if metrics_endpoint is not None:
+            self.metrics = live = ClientMetrics()
+            # The first child, so stopped last: /healthz answers 503 while the rest stops.
+            self.metrics_listener = metrics_service(
+                metrics_endpoint, live, lambda: bool(self.running), reactor
+            )
+            self.metrics_listener.setServiceParent(self)
         pool: Pool[Any] = Pool(
             config.idle_session_check_interval,
             config.idle_session_timeout,
@@ -153,6 +169,8 @@ class ClientService(service.MultiService):
             pool,
             client_name,
             server=_server_label(config),
+            metrics=self.metrics,
+            tls=config.tls,
         )
         self.manager.setServiceParent(self)
         self.factory = LocalProxyFactory(self.manager, reactor, users)
@@ -164,13 +182,17 @@ class ClientService(service.MultiService):
         config = self.config
         if self.rebuild is not None:
             self._previous_sighup = sighup.install(self.reactor, self.reload)
+        metrics = ""
+        if self.metrics_endpoint is not None:
+            metrics = f"; metrics on {self.metrics_endpoint} (/metrics, /healthz)"
         _log.info(
             "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; server {server}:{port} "
-            "({tls})",
+            "({tls}){metrics}",
             listen=", ".join(self.listen),
             server=config.server,
             port=config.server_port,
             tls=_describe_tls(config),
+            metrics=metrics,
         )
         if self.users is None:
             for description in self.listen:
@@ -218,6 +240,7 @@ class ClientService(service.MultiService):
             config.min_idle_session,
             server_changed=changed,
             server=_server_label(config),
+            tls=config.tls,
         )
         self.config = config
         self.users = users
@@ -284,7 +307,13 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
         return load(options), _proxy_users(options["proxy-user-file"])
 
     return ClientService(
-        config, options["listen"], reactor, options["client-metadata"], users, rebuild
+        config,
+        options["listen"],
+        reactor,
+        options["client-metadata"],
+        users=users,
+        rebuild=rebuild,
+        metrics_endpoint=options["metrics"],
     )
 
 

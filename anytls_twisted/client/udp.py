@@ -79,7 +79,7 @@ class UdpAssociation(LocalSide):
         self.dropped = {"fragment": 0, "foreign": 0, "malformed": 0, "early": 0, "no client": 0}
         self.closed = False
         self.stream = ClientStream(self, magic_destination(2), reactor)
-        self.stream.kind = "udp"
+        self.stream.kind = "udp"  # for the metrics
         self.stream.send(encode_request(False, request))
         _log.debug(
             "UDP association {bound} for {client} open",
