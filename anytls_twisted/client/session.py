@@ -22,7 +22,7 @@ import itertools
 import random
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -40,6 +40,13 @@ _log = get_logger("anytls_twisted.client.session")
 _session_ids = itertools.count(1)
 #: The auth preamble without its padding: a SHA-256 digest and a two-byte padding length.
 PREAMBLE_SIZE = 34
+#: Why a session ended that the server closed after the TLS handshake without sending a byte.
+#: Servers answer the client's Settings at once (ServerSettings, protocol version 2), or at the
+#: latest with the first stream's SYNACK or data; one that closes first has refused the
+#: session: AnyTLS servers (ours and sing-box alike) close silently on a wrong password.
+UNANSWERED = (
+    "the server closed the session before answering: wrong password, or not an AnyTLS server"
+)
 
 
 class SessionOwner:
@@ -98,7 +105,7 @@ class ClientSessionContext(ContextShell):
         raise NotImplementedError("client streams are never replaced")
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class ClientSessionProtocol(SessionShell, Protocol):
     """The client side of one AnyTLS session (one TLS connection to the server).
 
@@ -107,6 +114,8 @@ class ClientSessionProtocol(SessionShell, Protocol):
     @ivar context: what this session's streams use (:class:`ClientSessionContext`).
     @ivar frames_seen: whether anything arrived from the server yet (after which a server that
         did not announce version 2 is taken to be version 1).
+    @ivar handshake_done: whether the TLS handshake completed (at once on a plain transport).
+    @ivar server: the server's address as ``host:port``, for logs.
     """
 
     transport: Any
@@ -128,7 +137,9 @@ class ClientSessionProtocol(SessionShell, Protocol):
         self.writer = PaddingWriter(padding, self._randrange)
         self.context = ClientSessionContext(self)
         self.frames_seen = False
+        self.handshake_done = False
         self.connected = False
+        self.server = "?"
         self._password = password
 
     @property
@@ -142,6 +153,10 @@ class ClientSessionProtocol(SessionShell, Protocol):
     # Protocol.
     def connectionMade(self) -> None:
         self.connected = True
+        peer = self.transport.getPeer()
+        self.server = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        if not ISSLTransport.providedBy(self.transport):
+            self.handshake_done = True  # plain TCP (a sing-box outbound without tls)
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             try:
@@ -178,13 +193,26 @@ class ClientSessionProtocol(SessionShell, Protocol):
             elif kind is machine.SessionFailed:
                 self.close(event.reason)
 
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
-        reason_text = self._close_reason or describe(reason)
+        # Closed by the server (not by us) after the handshake, before it sent anything.
+        unanswered = self._close_reason is None and self.handshake_done and not self.frames_seen
+        reason_text = UNANSWERED if unanswered else self._close_reason or describe(reason)
         self._cancel_close_timer()
         self._close_reason = reason_text
         for stream in self.machine.close():
             self.stream_ended(stream, f"session closed: {reason_text}")
         self.owner.session_closed(self)
+        if unanswered:
+            _log.warn(
+                "the server {server} closed session {session_id} before answering: the "
+                "password is probably wrong (or {server} is not an AnyTLS server)",
+                server=self.server,
+                session_id=self.session_id,
+            )
+            return
         _log.info(
             "session {session_id} to the server closed: {reason} ({streams} streams, "
             "{bytes_in} bytes in, {bytes_out} bytes out)",
@@ -240,4 +268,5 @@ __all__: List[str] = [
     "ClientSessionContext",
     "ClientSessionProtocol",
     "SessionOwner",
+    "UNANSWERED",
 ]
