@@ -27,6 +27,7 @@ from .e2e_support import (
     Harness,
     MiB,
     SingBoxServer,
+    SocksError,
     TwistdServer,
     connections_to,
     e2e_test,
@@ -139,6 +140,20 @@ class ClientEndToEndMixin:
             self.assertEqual(server.sessions_opened(), 1)
 
     @defer.inlineCallbacks
+    def socks_refusal(self, client, host, port):
+        """The SOCKS5 reply code of a CONNECT that must be refused (our client waits for the
+        server's SYNACK, so a refusal is a reply code, never success then a close)."""
+        try:
+            stream = yield self.h.socks_connect(client, host, port, 20.0)
+        except SocksError as e:
+            match = re.search(r"reply code (\d+)", str(e))
+            if match is None:
+                raise
+            return int(match.group(1))
+        stream.transport.abortConnection()
+        self.fail(f"SOCKS success for {host}:{port}, where a refusal was expected")
+
+    @defer.inlineCallbacks
     def echo_to(self, client, host, port, data, seconds=15.0):
         """One stream to ``host`` (an address or a name, sent as such): ``data`` echoed."""
         stream = yield self.h.socks_connect(client, host, port, seconds)
@@ -166,9 +181,10 @@ class ClientEndToEndMixin:
         yield within(defer.gatherResults([s.close() for s in streams]), 15.0, "streams to close")
 
     @defer.inlineCallbacks
-    def curl(self, client, url: str, tunnel: bool):
+    def curl(self, client, url: str, tunnel: bool, ok: bool = True):
         """``curl`` through the client's HTTP proxy (CONNECT with ``tunnel``, else the absolute
-        URI); returns the body and curl's ``http_code http_connect``."""
+        URI); returns the body and curl's ``http_code http_connect``. curl must succeed, or
+        with ``ok`` false fail."""
         binary = shutil.which("curl")
         if binary is None:
             raise unittest.SkipTest("curl is not installed (scripts/test.sh installs it)")
@@ -187,7 +203,7 @@ class ClientEndToEndMixin:
         ]
         args += ["-x", f"http://127.0.0.1:{client.socks_port}"] + (["-p"] if tunnel else []) + [url]
         proc = yield run_to_completion(self.h, "curl", binary, args, seconds=45.0)
-        self.assertEqual(proc.exit_code, 0, f"curl {' '.join(args)}: {proc.tail()}")
+        self.assertEqual(proc.exit_code == 0, ok, f"curl {' '.join(args)}: {proc.tail()}")
         with open(out, "rb") as f:
             return f.read(), proc.tail().strip()
 
@@ -205,8 +221,8 @@ class ClientEndToEndMixin:
         self.assert_one_session(client, server)
 
         closed = free_port("127.0.0.1")
-        how = yield self.h.expect_refused(client, "127.0.0.1", closed)
-        self.assertEqual(how, "socks-error")
+        code = yield self.socks_refusal(client, "127.0.0.1", closed)
+        self.assertEqual(code, 5)  # connection refused
         echo = self.h.tcp_echo()
         yield self.echo_to(client, "localhost", echo.port, b"by name")
         self.assert_one_session(client, server)  # the refusal did not cost the session
@@ -282,20 +298,24 @@ class ClientEndToEndMixin:
         echo = self.h.tcp_echo()
         for attempt in range(1, 3):
             mark = bad.process.line_count
-            how = yield self.h.expect_refused(bad, echo.host, echo.port)
-            self.assertEqual(how, "socks-error")
+            code = yield self.socks_refusal(bad, echo.host, echo.port)
+            self.assertEqual(code, 1)  # general failure
             yield bad.process.wait_for_line(WRONG_PASSWORD, 10.0, since=mark, what="the warning")
             self.assertEqual(len(bad.process.matching_lines(WRONG_PASSWORD)), attempt)
             self.assertEqual(bad.sessions_dialled(), attempt)
-        yield self.server_saw_bad_sessions(server, 2)
+        # Through the HTTP proxy: CONNECT answered 502.
+        _, codes = yield self.curl(bad, f"http://{echo.host}:{echo.port}/", tunnel=True, ok=False)
+        self.assertEqual(codes.split()[-1], "502", codes)
+        yield self.server_saw_bad_sessions(server, 3)
         self.assertEqual(echo.accepted, 0)
-        self.assertEqual(len(bad.process.matching_lines(WRONG_PASSWORD)), 2)
+        self.assertEqual(len(bad.process.matching_lines(WRONG_PASSWORD)), 3)
+        self.assertEqual(bad.sessions_dialled(), 3)
 
         good = yield start_our_client(self.h, ["--server", server_uri(server)])
         if ours:
             for _ in range(2):
-                how = yield self.h.expect_refused(good, echo.host, echo.port)
-                self.assertEqual(how, "socks-error")
+                code = yield self.socks_refusal(good, echo.host, echo.port)
+                self.assertEqual(code, 2)  # not allowed by the server's policy
             self.assertEqual(server.sessions_opened(), 1)
             self.assertEqual(good.sessions_dialled(), 1)
             self.assertTrue(
@@ -424,5 +444,6 @@ class ClientEndToEndTests(unittest.TestCase):
         self.assertIn(how, ("socks-error", "closed"))
         self.assertEqual(echo.accepted, 0)
         yield wrong.process.wait_for_line(r"certificate pin mismatch", 10.0, what="the pin error")
+        self.assertEqual(wrong.process.matching_lines(WRONG_PASSWORD), [])  # not blamed on it
         self.assertEqual(server.sessions_opened(), 1)  # only the pinned client's session
         self.h.assert_alive(wrong.process)
