@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SINGBOX_112=${SINGBOX_112:-1.12.23}
 
-# System tools that some tests drive for real: HAProxy (PROXY protocol), promtool (metrics
-# format) and systemd-analyze (unit files), from Debian's packages. Without them those tests skip.
+# System tools that some tests drive for real: HAProxy (PROXY protocol), curl (the client's HTTP
+# proxy), promtool (metrics format) and systemd-analyze (unit files), from Debian's packages.
+# Without them those tests skip.
 # Missing ones are installed system-wide with apt-get when running as root; the run says which
 # and why before it does.
 need=()
@@ -21,6 +22,7 @@ want() {  # want COMMAND PACKAGE WHAT-NEEDS-IT
 }
 want haproxy haproxy "tests/test_e2e_haproxy.py runs our server behind a real HAProxy (PROXY protocol)"
 want promtool prometheus "tests/test_e2e_metrics.py checks /metrics with promtool check metrics"
+want curl curl "tests/test_e2e_client.py drives our client's HTTP proxy with the real curl"
 want systemd-analyze systemd \
     "tests/test_systemd.py verifies contrib/systemd units and uses systemd-socket-activate"
 if [ ${#need[@]} -gt 0 ]; then

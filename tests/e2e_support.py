@@ -963,6 +963,32 @@ class SinkOrigin(_Origin):
             self.transport.write(self._hash.digest())
 
 
+class HttpOrigin(_Origin):
+    """Reads one HTTP request head; answers ``factory.body`` with a Content-Length and closes.
+    Each request line goes to ``factory.requests``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._head is None:
+            return
+        self._head += data
+        if b"\r\n\r\n" not in self._head:
+            return
+        line = self._head.split(b"\r\n", 1)[0].decode("latin-1")
+        self._head = None
+        self.factory.requests.append(line)
+        body = self.factory.body
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        self.transport.loseConnection()
+
+
 class OriginFactory(protocol.Factory):
     noisy = False
 
@@ -1132,6 +1158,8 @@ class _Server:
     pin: str = ""
     logged_pin: Optional[str] = None
     process: ManagedProcess
+    #: How the process was started (name, executable, args, env, cwd): for restart_server.
+    launch: Tuple[str, str, List[str], Optional[dict], str]
 
     def sessions_opened(self) -> Optional[int]:
         """Sessions the server reports having authenticated, if it says (ours does)."""
@@ -1150,6 +1178,11 @@ class TwistdServer(_Server):
 
 class SingBoxServer(_Server):
     kind = "singbox"
+    version = "1.14"
+    #: sing-box's info line for each stream's destination (the inbound's view).
+    DESTINATION = r"inbound connection to (\S+)"
+    #: sing-box's error line for each connection refused for its password.
+    AUTH_FAILED = r"process connection from \S+: unknown user password"
 
 
 def twistd_executable() -> List[str]:
@@ -1332,6 +1365,7 @@ class Harness:
         idle_session_check_interval: Optional[float] = None,
         log_level: Optional[str] = None,
         kind: Optional[str] = None,
+        singbox_version: str = "1.14",
         extra_args: Iterable[str] = (),
         password_args: Optional[List[str]] = None,
         ports: Optional[List[str]] = None,
@@ -1342,12 +1376,13 @@ class Harness:
         ``ports`` replaces the ``--port ssl:{port}:interface=127.0.0.1`` list (each item is
         formatted with ``port``/``port6``, the free ports picked; ``server.port`` must accept
         connections once the server runs); ``launcher`` is a command prefix, formatted the same
-        way, that runs twistd (e.g. ``systemd-socket-activate -l 127.0.0.1:{port}``)."""
+        way, that runs twistd (e.g. ``systemd-socket-activate -l 127.0.0.1:{port}``).
+        ``singbox_version`` ("1.14" or "1.12") picks the binary of a sing-box server."""
         kind = kind or SERVER_KIND
         if kind == "singbox":
             if idle_session_timeout is not None or idle_session_check_interval is not None:
                 raise SkipTest("sing-box's anytls inbound has no idle-session reaper to test")
-            server = yield self._start_singbox_server(allow_private, ipv6)
+            server = yield self._start_singbox_server(allow_private, ipv6, singbox_version)
         else:
             server = yield self._start_twistd_server(
                 allow_private,
@@ -1417,9 +1452,8 @@ class Harness:
                 command = [
                     part.format(port=server.port, port6=server.port6) for part in launcher
                 ] + command
-            server.process = self.spawn(
-                "server", command[0], command[1:] + args, env=env, cwd=REPO_ROOT
-            )
+            server.launch = ("server", command[0], command[1:] + args, env, REPO_ROOT)
+            server.process = self.spawn(*server.launch[:3], env=env, cwd=REPO_ROOT)
             yield wait_for_port("127.0.0.1", server.port, 60.0, server.process)
             if ipv6:
                 yield wait_for_port("::1", server.port6, 30.0, server.process)
@@ -1436,14 +1470,15 @@ class Harness:
         return server
 
     @defer.inlineCallbacks
-    def _start_singbox_server(self, allow_private, ipv6):
+    def _start_singbox_server(self, allow_private, ipv6, version="1.14"):
         directory = os.path.join(self.base, "server-state")
         os.makedirs(directory, exist_ok=True)
         cert_path, key_path = make_self_signed(directory)
         server = SingBoxServer()
+        server.version = version
         server.cert_path = cert_path
         server.pin = spki_pin(cert_path)
-        binary = singbox_binary("1.14")
+        binary = singbox_binary(version)
 
         @defer.inlineCallbacks
         def start(attempt):
@@ -1459,12 +1494,27 @@ class Harness:
                     indent=1,
                 )
             yield self.check_config(binary, config_path, "server")
-            server.process = self.spawn("server", binary, ["run", "-c", config_path], cwd=directory)
+            server.launch = ("server", binary, ["run", "-c", config_path], None, directory)
+            server.process = self.spawn(*server.launch[:3], cwd=directory)
             yield wait_for_port("127.0.0.1", server.port, 30.0, server.process)
             if ipv6:
                 yield wait_for_port("::1", server.port6, 30.0, server.process)
 
         yield retry_port_clash(start)
+        return server
+
+    @defer.inlineCallbacks
+    def restart_server(self, server: _Server, seconds: float = 60.0):
+        """Stop ``server``'s process and run the same command again: the same port(s),
+        certificate and state directory. Fires once the new process accepts connections."""
+        yield server.process.stop()
+        name, executable, args, env, cwd = server.launch
+        server.process = self.spawn(name, executable, args, env=env, cwd=cwd)
+        yield wait_for_port("127.0.0.1", server.port, seconds, server.process)
+        if server.port6 is not None:
+            yield wait_for_port("::1", server.port6, seconds, server.process)
+        if listening_pid_check(server.process.pid, server.port) is False:
+            raise AssertionError(f"port {server.port} is not held by the restarted server")
         return server
 
     # clients
@@ -1535,6 +1585,14 @@ class Harness:
 
     def tcp_sink(self, host: str = "127.0.0.1") -> OriginFactory:
         return self._listen(SinkOrigin, host)
+
+    def http_origin(self, body: bytes, host: str = "127.0.0.1") -> OriginFactory:
+        """An HTTP/1.1 origin answering every request with ``body`` (then closing); the
+        request lines it got are in ``.requests``."""
+        factory = self._listen(HttpOrigin, host)
+        factory.body = body
+        factory.requests = []
+        return factory
 
     def udp_echo(self, host: str = "127.0.0.1") -> UdpEcho:
         echo = UdpEcho()

@@ -65,6 +65,7 @@ class Endpoint(FakeEndpoint):
 def metered(tls=False, **pool):
     clock = MemoryReactorClock()
     endpoint = Endpoint()
+    endpoint.tls = tls
     metrics = ClientMetrics()
     m = SessionManager(
         lambda: endpoint, PASSWORD, clock, Pool(**pool), randrange=LOW, metrics=metrics, tls=tls

@@ -9,14 +9,18 @@ from typing import Any, List
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import directlyProvides
 
 from anytls_twisted.client import httpproxy, socks
 from anytls_twisted.client.local import LocalProxyFactory
 from anytls_twisted.client.pool import Pool
-from anytls_twisted.client.session import PREAMBLE_SIZE, ClientSessionProtocol
+from anytls_twisted.client.session import PREAMBLE_SIZE, UNANSWERED, ClientSessionProtocol
 from anytls_twisted.client.sessions import SessionManager
 from anytls_twisted.client.stream import SYNACK_WAIT, ClientStream, LocalSide
 from anytls_twisted.protocol import codec
@@ -24,6 +28,8 @@ from anytls_twisted.protocol.address import Destination, encode_socks_address, p
 from anytls_twisted.protocol.auth import password_digest
 from anytls_twisted.protocol.codec import Command
 from anytls_twisted.protocol.padding import DEFAULT_SCHEME, PaddingScheme, PaddingWriter
+
+from .helpers import capture_events
 
 PASSWORD = "unit-secret"
 LOW = lambda low, high: low  # noqa: E731  (the smallest size of every range: deterministic)
@@ -205,6 +211,7 @@ class ClientSessionTests(unittest.TestCase):
 
     def test_session_close_ends_every_stream(self):
         session, server, clock = connected_session()
+        server.send(Command.SERVER_SETTINGS, 0, b"v=2")
         stream, local = open_stream(session, clock)
         session.connectionLost(Failure(ConnectionError("reset")))
         self.assertEqual(local.events, [("refused", "session closed: reset")])
@@ -254,18 +261,106 @@ class ClientSessionTests(unittest.TestCase):
         self.assertEqual(server.transport.producerState, "producing")
 
 
-class FakeEndpoint:
-    """Connects to a fresh fake transport at once (or fails); records each session."""
+class UnansweredSessionTests(unittest.TestCase):
+    """A server that closes the session after the handshake without sending a byte has refused
+    it (AnyTLS servers close silently on a wrong password): one warning naming the server and
+    the likely cause, and the stream's application gets that reason."""
 
-    def __init__(self) -> None:
+    def setUp(self):
+        self.events = capture_events(self)
+
+    def warnings(self):
+        return [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.warn]
+
+    def test_closed_before_any_byte_is_reported_as_a_probable_wrong_password(self):
+        session, server, clock = connected_session()
+        stream, local = open_stream(session, clock)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(local.events, [("refused", f"session closed: {UNANSWERED}")])
+        self.assertEqual(
+            socks.reply_code_for_error(local.events[0][1]), socks.Reply.GENERAL_FAILURE
+        )
+        self.assertTrue(local.transport.disconnecting)
+        [line] = self.warnings()
+        self.assertIn("the server 127.0.0.1:5555 closed session", line)
+        self.assertIn("password is probably wrong", line)
+
+    def test_server_settings_first_is_an_answer(self):
+        session, server, clock = connected_session()
+        stream, local = open_stream(session, clock)
+        server.send(Command.SERVER_SETTINGS, 0, b"v=2")
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(
+            local.events, [("refused", "session closed: Connection was closed cleanly.")]
+        )
+        self.assertEqual(self.warnings(), [])
+
+    def test_a_synack_first_is_an_answer(self):
+        """A server that skips ServerSettings: the stream's SYNACK is its first byte."""
+        session, server, clock = connected_session()
+        stream, local = open_stream(session, clock)
+        server.send(Command.SYNACK, stream.sid)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(local.events, ["established"])
+        self.assertEqual(self.warnings(), [])
+
+    def test_a_failed_tls_handshake_is_not_blamed_on_the_password(self):
+        session = ClientSessionProtocol(PASSWORD, DEFAULT_SCHEME, MemoryReactorClock())
+        transport = Transport()
+        directlyProvides(transport, ISSLTransport)
+        session.makeConnection(transport)
+        self.assertFalse(session.handshake_done)
+        stream, local = open_stream(session, session.clock)
+        session.connectionLost(Failure(ValueError("certificate pin mismatch")))
+        self.assertEqual(local.events, [("refused", "session closed: certificate pin mismatch")])
+        self.assertEqual(self.warnings(), [])
+
+    def test_after_the_tls_handshake_silence_is_blamed(self):
+        session = ClientSessionProtocol(PASSWORD, DEFAULT_SCHEME, MemoryReactorClock())
+        transport = Transport()
+        directlyProvides(transport, ISSLTransport)
+        session.makeConnection(transport)
+        session.handshakeCompleted()
+        stream, local = open_stream(session, session.clock)
+        session.connectionLost(Failure(ConnectionLost("reset")))
+        self.assertEqual(local.events, [("refused", f"session closed: {UNANSWERED}")])
+        self.assertEqual(len(self.warnings()), 1)
+
+    def test_closed_by_the_client_is_not_blamed(self):
+        session, server, clock = connected_session()
+        session.close("the client is stopping")
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.warnings(), [])
+
+    def test_the_manager_does_not_redial_for_the_failed_stream(self):
+        """One local attempt, one connection to the server: no retry storm."""
+        m, endpoint, clock = manager()
+        local = Local()
+        m.open(ClientStream(local, EXAMPLE, clock))
+        endpoint.sessions[0].session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(local.events, [("refused", f"session closed: {UNANSWERED}")])
+        clock.advance(60)
+        self.assertEqual((m.dials, len(endpoint.sessions), len(m.pool)), (1, 1, 0))
+        self.assertEqual(len(self.warnings()), 1)
+
+
+class FakeEndpoint:
+    """Connects to a fresh fake transport at once (or fails); records each session. With
+    ``tls``, the transport says it is TLS (its handshake then completes only when a test calls
+    ``handshakeCompleted``)."""
+
+    def __init__(self, tls: bool = False) -> None:
         self.sessions: List[Server] = []
         self.fail = False
+        self.tls = tls
 
     def connect(self, factory):
         if self.fail:
             return defer.fail(ConnectionRefusedError("refused"))
         session = factory.buildProtocol(None)
         transport = Transport()
+        if self.tls:
+            directlyProvides(transport, ISSLTransport)
         session.makeConnection(transport)
         self.sessions.append(Server(session, transport))
         return defer.succeed(session)

@@ -22,7 +22,7 @@ import itertools
 import random
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -41,6 +41,13 @@ _log = get_logger("anytls_twisted.client.session")
 _session_ids = itertools.count(1)
 #: The auth preamble without its padding: a SHA-256 digest and a two-byte padding length.
 PREAMBLE_SIZE = 34
+#: Why a session ended that the server closed after the TLS handshake without sending a byte.
+#: Servers answer the client's Settings at once (ServerSettings, protocol version 2), or at the
+#: latest with the first stream's SYNACK or data; one that closes first has refused the
+#: session: AnyTLS servers (ours and sing-box alike) close silently on a wrong password.
+UNANSWERED = (
+    "the server closed the session before answering: wrong password, or not an AnyTLS server"
+)
 
 
 class SessionOwner:
@@ -112,7 +119,8 @@ class ClientSessionProtocol(SessionShell, Protocol):
     @ivar context: what this session's streams use (:class:`ClientSessionContext`).
     @ivar frames_seen: whether anything arrived from the server yet (after which a server that
         did not announce version 2 is taken to be version 1).
-    @ivar handshake_done: whether the TLS handshake completed (never set over plain TCP).
+    @ivar handshake_done: whether the TLS handshake completed (at once on a plain transport).
+    @ivar server: the server's address as ``host:port``, for logs.
     """
 
     transport: Any
@@ -152,6 +160,11 @@ class ClientSessionProtocol(SessionShell, Protocol):
     # Protocol.
     def connectionMade(self) -> None:
         self.connected = True
+        if self.server == "?":  # not set by a session manager: name the peer
+            peer = self.transport.getPeer()
+            self.server = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        if not ISSLTransport.providedBy(self.transport):
+            self.handshake_done = True  # plain TCP (a sing-box outbound without tls)
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             try:
@@ -189,12 +202,22 @@ class ClientSessionProtocol(SessionShell, Protocol):
                 self.close(event.reason)
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
-        reason_text = self._close_reason or describe(reason)
+        # Closed by the server (not by us) after the handshake, before it sent anything.
+        unanswered = self._close_reason is None and self.handshake_done and not self.frames_seen
+        reason_text = UNANSWERED if unanswered else self._close_reason or describe(reason)
         self._cancel_close_timer()
         self._close_reason = reason_text
         for stream in self.machine.close():
             self.stream_ended(stream, f"session closed: {reason_text}")
         self.owner.session_closed(self, reason)
+        if unanswered:
+            _log.warn(
+                "the server {server} closed session {session_id} before answering: the "
+                "password is probably wrong (or {server} is not an AnyTLS server)",
+                server=self.server,
+                session_id=self.session_id,
+            )
+            return
         _log.info(
             "session {session_id} to the server closed: {reason} ({server}, {duration}s, "
             "{streams} streams, {bytes_in} bytes in, {bytes_out} bytes out)",
@@ -276,4 +299,5 @@ __all__: List[str] = [
     "ClientSessionContext",
     "ClientSessionProtocol",
     "SessionOwner",
+    "UNANSWERED",
 ]
