@@ -22,7 +22,7 @@ from anytls_twisted.client.local import LocalProxyFactory
 from anytls_twisted.client.pool import Pool
 from anytls_twisted.client.session import PREAMBLE_SIZE, UNANSWERED, ClientSessionProtocol
 from anytls_twisted.client.sessions import SessionManager
-from anytls_twisted.client.stream import SYNACK_WAIT, ClientStream, LocalSide
+from anytls_twisted.client.stream import PENDING_LIMIT, SYNACK_WAIT, ClientStream, LocalSide
 from anytls_twisted.protocol import codec
 from anytls_twisted.protocol.address import Destination, encode_socks_address, parse_socks_address
 from anytls_twisted.protocol.auth import password_digest
@@ -559,3 +559,57 @@ class LocalProxyTests(unittest.TestCase):
         self.local.dataReceived(b"GET /relative HTTP/1.1\r\n\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 400 "))
         self.assertTrue(self.transport.disconnecting)
+
+
+class PendingBoundTests(unittest.TestCase):
+    """What the application sends while the session is being dialled is bounded: past
+    PENDING_LIMIT its connection stops being read, and is read again once the stream is on a
+    session (unless that session is itself backed up)."""
+
+    def setUp(self):
+        from .test_client_reload import PendingEndpoint
+
+        self.clock = MemoryReactorClock()
+        self.endpoint = PendingEndpoint()
+        self.m = SessionManager(lambda: self.endpoint, PASSWORD, self.clock, Pool(), randrange=LOW)
+        self.local = Local()
+        self.stream = ClientStream(self.local, Destination("example.com", 80), self.clock)
+        self.m.open(self.stream)
+
+    def test_paused_past_the_limit_then_resumed_and_nothing_lost(self):
+        chunk = b"x" * 16384
+        sent = 0
+        while self.local.transport.producerState == "producing":
+            self.stream.send(chunk)
+            sent += len(chunk)
+            self.assertLessEqual(sent, PENDING_LIMIT + len(chunk))
+        self.assertGreater(sent, PENDING_LIMIT)
+        session = self.endpoint.finish()
+        self.assertEqual(self.local.transport.producerState, "producing")
+        server = Server(session, session.transport)
+        payload = b"".join(f.data for f in server.frames() if f.cmd == Command.PSH)
+        address = encode_socks_address(Destination("example.com", 80))
+        self.assertEqual(payload, address + chunk * (sent // len(chunk)))
+
+    def test_stays_paused_when_the_session_is_backed_up(self):
+        for _ in range(5):
+            self.stream.send(b"y" * 16384)
+        self.assertEqual(self.local.transport.producerState, "paused")
+        self.stream.pauseProducing()  # the session says: backed up
+        self.stream.opened(_IdleContext(), 1, False)
+        self.assertEqual(self.local.transport.producerState, "paused")
+        self.stream.resumeProducing()
+        self.assertEqual(self.local.transport.producerState, "producing")
+
+
+class _IdleContext:
+    """A stream context that accepts writes and does nothing."""
+
+    session_id = 0
+    peer_version = 2
+
+    def write(self, stream, data):
+        pass
+
+    def end(self, stream, reason, error=None):
+        pass

@@ -29,6 +29,9 @@ from ..session_shell import PeerProducer
 
 #: Seconds a stream waits for its SYNACK before deciding (see the module docstring).
 SYNACK_WAIT = 15.0
+#: Bytes from the application held while no session carries the stream yet (the dial): past
+#: this, the application's connection stops being read until the stream is on a session.
+PENDING_LIMIT = 64 * 1024
 
 
 class LocalSide:
@@ -67,6 +70,9 @@ class ClientStream:
         self.state = "opening"
         self.peer_paused = False
         self._pending: List[bytes] = []
+        self._pending_size = 0
+        self._paused_local = False  # paused by us: too much pending before a session
+        self._held = False  # paused by the session (backpressure)
         self._timer: Any = None
 
     @property
@@ -81,9 +87,14 @@ class ClientStream:
         if self.state == "closed":  # the application left while the session was dialled
             context.end(self, "the local connection closed")
             return
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_size = self._pending, [], 0
         for data in pending:
             self.send(data)
+        if self._paused_local:
+            self._paused_local = False
+            transport = self.local.transport
+            if transport is not None and not self._held:
+                transport.resumeProducing()
         if known_v1:
             self._establish()
         else:
@@ -126,13 +137,16 @@ class ClientStream:
         self._release()
 
     def pauseProducing(self) -> None:
+        """The session is backed up: stop reading the application."""
+        self._held = True
         transport = self.local.transport
         if transport is not None:
             transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._held = False
         transport = self.local.transport
-        if transport is not None:
+        if transport is not None and not self._paused_local:
             transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -145,6 +159,12 @@ class ClientStream:
             return
         if self.context is None:
             self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > PENDING_LIMIT and not self._paused_local:
+                self._paused_local = True  # resumed once the stream is on a session
+                transport = self.local.transport
+                if transport is not None:
+                    transport.pauseProducing()
             return
         self.bytes_out += len(data)
         self.context.write(self, data)
