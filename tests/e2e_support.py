@@ -979,9 +979,18 @@ class HttpOrigin(_Origin):
         if b"\r\n\r\n" not in self._head:
             return
         line = self._head.split(b"\r\n", 1)[0].decode("latin-1")
-        self._head = None
         self.factory.requests.append(line)
         body = self.factory.body
+        if getattr(self.factory, "keep_alive", False):
+            # A lax origin: keeps the connection and says so, whatever the request asked.
+            self._head = b""
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
+                % len(body)
+                + body
+            )
+            return
+        self._head = None
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
@@ -1586,12 +1595,16 @@ class Harness:
     def tcp_sink(self, host: str = "127.0.0.1") -> OriginFactory:
         return self._listen(SinkOrigin, host)
 
-    def http_origin(self, body: bytes, host: str = "127.0.0.1") -> OriginFactory:
-        """An HTTP/1.1 origin answering every request with ``body`` (then closing); the
-        request lines it got are in ``.requests``."""
+    def http_origin(
+        self, body: bytes, host: str = "127.0.0.1", keep_alive: bool = False
+    ) -> OriginFactory:
+        """An HTTP/1.1 origin answering every request with ``body`` (then closing, or with
+        ``keep_alive`` keeping the connection and answering ``Connection: keep-alive`` even to
+        ``close``); the request lines it got are in ``.requests``."""
         factory = self._listen(HttpOrigin, host)
         factory.body = body
         factory.requests = []
+        factory.keep_alive = keep_alive
         return factory
 
     def udp_echo(self, host: str = "127.0.0.1") -> UdpEcho:

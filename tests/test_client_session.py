@@ -539,14 +539,21 @@ class LocalProxyTests(unittest.TestCase):
         self.assertEqual(self.transport.value(), httpproxy.connection_established())
 
     def test_http_forward_sends_the_rewritten_head(self):
+        """The request goes upstream in origin form; the response reaches the application
+        saying ``Connection: close`` (the origin's keep-alive removed), body untouched."""
         self.local.dataReceived(b"GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n")
         server = self.server()
         frames = server.frames()
         self.assertEqual(frames[2].data, encode_socks_address(Destination("example.com", 80)))
         self.assertTrue(frames[3].data.startswith(b"GET /x HTTP/1.1\r\n"))
         server.send(Command.SYNACK, 1)
-        server.send(Command.PSH, 1, b"HTTP/1.1 200 OK\r\n\r\n")
-        self.assertEqual(self.transport.value(), b"HTTP/1.1 200 OK\r\n\r\n")
+        server.send(Command.PSH, 1, b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n")
+        self.assertEqual(self.transport.value(), b"")
+        server.send(Command.PSH, 1, b"Content-Length: 2\r\n\r\nok")
+        self.assertEqual(
+            self.transport.value(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        )
 
     def test_http_refused_stream_is_a_502(self):
         self.local.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")

@@ -207,6 +207,28 @@ class ClientEndToEndMixin:
         with open(out, "rb") as f:
             return f.read(), proc.tail().strip()
 
+    @defer.inlineCallbacks
+    def curl_two_on_one_connection(self, client):
+        """Two plain GETs in one curl run to an origin that answers keep-alive even to
+        ``close``: the client's response says ``Connection: close``, so curl opens a second
+        proxy connection for the second request instead of sending it down the first one."""
+        binary = shutil.which("curl")
+        if binary is None:
+            raise unittest.SkipTest("curl is not installed (scripts/test.sh installs it)")
+        origin = self.h.http_origin(b"kept alive", keep_alive=True)
+        outs = [os.path.join(self.h.base, f"curl-ka-{i}.out") for i in (1, 2)]
+        args = ["-sS", "--max-time", "30", "--noproxy", "", "-w", "%{num_connects} "]
+        args += ["-x", f"http://127.0.0.1:{client.socks_port}"]
+        for i, out in enumerate(outs, 1):
+            args += ["-o", out, f"http://127.0.0.1:{origin.port}/{i}"]
+        proc = yield run_to_completion(self.h, "curl", binary, args, seconds=45.0)
+        self.assertEqual(proc.exit_code, 0, proc.tail())
+        for out in outs:
+            with open(out, "rb") as f:
+                self.assertEqual(f.read(), b"kept alive")
+        self.assertEqual(proc.tail().split(), ["1", "1"])  # a new proxy connection each
+        self.assertEqual(origin.requests, ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1"])
+
     @e2e_test
     def test_relays(self):
         """SOCKS5 and HTTP through our client: 20 sequential streams on one session; a closed
@@ -250,6 +272,7 @@ class ClientEndToEndMixin:
         got, codes = yield self.curl(client, url, tunnel=False)
         self.assertEqual((len(got), got == body, codes), (len(body), True, "200 000"))
         self.assertEqual(origin.requests, ["GET /blob?x=1 HTTP/1.1"] * 2)
+        yield self.curl_two_on_one_connection(client)
 
         # The server restarts on the same port: the pooled sessions die, the next stream dials.
         dialled = client.sessions_dialled()

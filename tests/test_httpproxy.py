@@ -12,6 +12,7 @@ from anytls_twisted.client.httpproxy import (
     Forward,
     Refusal,
     RequestParser,
+    ResponseCloser,
     bad_gateway,
     bad_request,
     connection_established,
@@ -391,3 +392,69 @@ class CostTests(SynchronousTestCase):
                     break
             self.assertEqual(result.status, 431)
             self.assertLess(time.monotonic() - started, 5)
+
+
+class ResponseCloserTests(SynchronousTestCase):
+    """The forwarded request's response says ``Connection: close`` to the client, whatever the
+    origin said, so the client never reuses a connection whose stream leads to this origin."""
+
+    def test_keep_alive_replaced(self):
+        closer = ResponseCloser()
+        out = closer.feed(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+            b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\r\nhi"
+        )
+        self.assertEqual(
+            out, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+        )
+        self.assertEqual(closer.feed(b"more"), b"more")
+        self.assertEqual(closer.end(), b"")
+
+    def test_interim_heads_pass_and_the_final_one_is_rewritten(self):
+        closer = ResponseCloser()
+        out = closer.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(
+            out,
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+        )
+
+    def test_switching_protocols_untouched(self):
+        head = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
+        closer = ResponseCloser()
+        self.assertEqual(closer.feed(head + b"\x81\x00"), head + b"\x81\x00")
+        self.assertTrue(closer.done)
+
+    def test_not_http_or_too_long_passes_unchanged(self):
+        closer = ResponseCloser()
+        self.assertEqual(closer.feed(b"SSH-2.0-x\r\n\r\nrest"), b"SSH-2.0-x\r\n\r\nrest")
+        closer = ResponseCloser(max_head=32)
+        self.assertEqual(closer.feed(b"HTTP/1.1 200 OK\r\n"), b"")
+        self.assertEqual(
+            closer.feed(b"X-Long: " + b"a" * 40), b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 40
+        )
+
+    def test_cut_short_head_is_flushed_at_the_end(self):
+        closer = ResponseCloser()
+        self.assertEqual(closer.feed(b"HTTP/1.1 200 OK\r\nServer"), b"")
+        self.assertEqual(closer.end(), b"HTTP/1.1 200 OK\r\nServer")
+
+    @given(st.lists(st.integers(min_value=0, max_value=120), max_size=6))
+    @settings(max_examples=200)
+    def test_any_split_gives_the_same_bytes(self, cuts):
+        data = (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\nConnection: keep-alive\n"
+            b"Content-Type: text/plain\n\nbody bytes"
+        )
+        whole = ResponseCloser().feed(data)
+        self.assertIn(b"Connection: close\r\n", whole)
+        self.assertNotIn(b"keep-alive", whole)
+        closer = ResponseCloser()
+        pieces, last = [], 0
+        for cut in sorted(set(c for c in cuts if c < len(data))):
+            pieces.append(closer.feed(data[last:cut]))
+            last = cut
+        pieces.append(closer.feed(data[last:]))
+        pieces.append(closer.end())
+        self.assertEqual(b"".join(pieces), whole)

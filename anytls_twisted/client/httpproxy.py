@@ -24,6 +24,11 @@ could reuse one; AnyTLS opens streams cheaply inside an existing session, and it
 shell from framing bodies (chunked encoding, Content-Length) and from the request smuggling
 that mistakes there allow. Browsers retry unanswered pipelined requests on a new connection.
 
+The response says so too: :class:`ResponseCloser` rewrites the head of the final response
+to carry ``Connection: close`` (interim ``1xx`` heads pass unchanged, and so does a ``101``
+upgrade), so a client never sends its next request, perhaps for another host, down a
+connection whose stream leads to this origin, even when the origin leaves the header out.
+
 Bounds: the head may be at most ``max_head`` bytes and ``max_headers`` header lines; past
 either the result is a 431 :class:`Refusal`, so a client cannot make the parser hold more.
 """
@@ -362,3 +367,80 @@ def _forward(
     lines = [f"{method} {path} {version}"] + [f"{name}: {value}" for name, value in kept]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return Forward(destination, head, upgrade, user, rest)
+
+
+# --------------------------------------------------------------------------------------------
+# The response
+
+
+#: A response's status line: the version and the three-digit code.
+_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: |$)")
+#: Response headers about the connection, replaced by ``Connection: close``.
+_CONNECTION_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+
+
+class ResponseCloser:
+    """Rewrites the origin's final response head to say ``Connection: close``, sans I/O.
+
+    :meth:`feed` takes the bytes from the origin and returns the bytes for the client: nothing
+    while a head is incomplete (at most ``max_head`` bytes are held), the rewritten head and
+    what follows once it is complete, then everything unchanged. What is not a parseable
+    response head (too long, not HTTP/1.x) passes unchanged: the client then sees what the
+    origin sent. :meth:`end` returns what is held when the stream ends.
+    """
+
+    def __init__(self, max_head: int = MAX_HEAD) -> None:
+        self.max_head = max_head
+        self.done = False
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return data
+        self._buffer += data
+        out = bytearray()
+        while not self.done:
+            match = _END.search(self._buffer, 0, self.max_head)
+            if match is None:
+                if len(self._buffer) >= self.max_head:
+                    out += self._give_up()
+                break
+            head = bytes(self._buffer[: match.start()])
+            end = match.end()
+            status = _STATUS.match(head)
+            if status is None:
+                out += self._give_up()
+                break
+            code = int(status.group(1))
+            if 100 <= code < 200 and code != 101:  # interim: the final head follows
+                out += self._buffer[:end]
+                del self._buffer[:end]
+                continue
+            self.done = True
+            rest = bytes(self._buffer[end:])
+            self._buffer = bytearray()
+            if code == 101:  # switching protocols: the connection is the tunnel now
+                out += head + bytes(match.group(0)) + rest
+            else:
+                out += _closing_head(head) + rest
+        return bytes(out)
+
+    def end(self) -> bytes:
+        """The bytes still held (a head cut short); nothing more will come."""
+        return self._give_up() if not self.done else b""
+
+    def _give_up(self) -> bytes:
+        self.done = True
+        held, self._buffer = bytes(self._buffer), bytearray()
+        return held
+
+
+def _closing_head(head: bytes) -> bytes:
+    lines = head.split(b"\n")
+    kept = [lines[0].rstrip(b"\r")]
+    for line in lines[1:]:
+        name = line.split(b":", 1)[0].strip().lower()
+        if name not in _CONNECTION_HEADERS:
+            kept.append(line.rstrip(b"\r"))
+    kept.append(b"Connection: close")
+    return b"\r\n".join(kept) + b"\r\n\r\n"

@@ -121,7 +121,7 @@ class LocalProxyProtocol(Protocol, LocalSide):
             self._open(result.destination)
             self._pending_send(result.rest)
         else:
-            self._open(result.destination)
+            self._open(result.destination, httpproxy.ResponseCloser())
             self._pending_send(result.head + result.rest)
 
     def _pending_send(self, data: bytes) -> None:
@@ -129,8 +129,9 @@ class LocalProxyProtocol(Protocol, LocalSide):
             self.stream.send(data)
 
     # The stream.
-    def _open(self, destination: Destination) -> None:
+    def _open(self, destination: Destination, response_filter: Any = None) -> None:
         self.stream = ClientStream(self, destination, self.factory.clock)
+        self.stream.response_filter = response_filter
         self.factory.manager.open(self.stream)
 
     def established(self) -> None:

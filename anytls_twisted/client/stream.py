@@ -57,6 +57,9 @@ class ClientStream:
     """
 
     kind = "tcp"
+    #: Rewrites what the server sends before the application sees it (``feed(data) -> bytes``
+    #: and ``end() -> bytes``), or None: the HTTP proxy's forwarded requests use one.
+    response_filter: Any = None
 
     def __init__(self, local: LocalSide, destination: Destination, clock: Any) -> None:
         self.local = local
@@ -127,8 +130,10 @@ class ClientStream:
         if self.state == "opening":
             self._establish()  # a v1 server, or data overtaking nothing: it is open
         self.bytes_in += len(data)
+        if self.response_filter is not None:
+            data = self.response_filter.feed(data)
         transport = self.local.transport
-        if transport is not None:
+        if transport is not None and data:
             transport.write(data)
 
     def connectionLost(self, reason: str) -> None:
@@ -228,6 +233,10 @@ class ClientStream:
         self._pending = []
         transport = self.local.transport
         if transport is not None:
+            if self.response_filter is not None:
+                held = self.response_filter.end()
+                if held:
+                    transport.write(held)
             try:
                 transport.unregisterProducer()
             except RuntimeError:
