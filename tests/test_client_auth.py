@@ -128,7 +128,7 @@ class TLSOptionTests(unittest.TestCase):
     def test_pins_replace_the_config_certificate(self):
         from anytls_twisted.client.tap import load
 
-        config = load(
+        (config,) = load(
             parse("--server", URI, "--certificate-pin", self.PIN, "--alpn", "h2, http/1.1")
         )
         self.assertEqual(config.certificate_pins, (self.PIN,))

@@ -208,12 +208,16 @@ class SessionManagerMetricsTests(SynchronousTestCase):
 
     def test_dial_failures_connect_and_timeout(self):
         m, endpoint, clock, metrics = metered()
-        endpoint.failure = ConnectionRefusedError("refused")
-        open_stream(m, clock)
-        endpoint.failure = error.DNSLookupError("no such host")
-        open_stream(m, clock)
-        endpoint.failure = error.TimeoutError("timed out")
-        open_stream(m, clock)
+        server = m.servers.servers[0]
+        for failure in (
+            ConnectionRefusedError("refused"),
+            error.DNSLookupError("no such host"),
+            error.TimeoutError("timed out"),
+        ):
+            endpoint.failure = failure
+            open_stream(m, clock)
+            self.assertFalse(server.up)
+            m.servers.dial_succeeded(server)  # as if a probe had found it up again
         self.assertEqual(value(metrics, "anytls_client_sessions_dialled_total"), 3)
         self.assertEqual(value(metrics, "anytls_client_dial_failures_total", reason="connect"), 2)
         self.assertEqual(value(metrics, "anytls_client_dial_failures_total", reason="timeout"), 1)

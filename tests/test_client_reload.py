@@ -14,14 +14,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from anytls_twisted.client.pool import Pool
-from anytls_twisted.client.sessions import SessionManager
+from anytls_twisted.client.sessions import Route, SessionManager
 from anytls_twisted.client.stream import ClientStream
 from anytls_twisted.client.tap import makeService
 from anytls_twisted.protocol.address import Destination
 from anytls_twisted.protocol.codec import Command
 
 from .helpers import capture_events
-from .test_client_session import LOW, PASSWORD, FakeEndpoint, Local, Transport
+from .test_client_session import LOW, PASSWORD, FakeEndpoint, Local, Transport, set_endpoint
 from .test_client_tap import parse
 
 
@@ -36,7 +36,8 @@ class ReconfigureTests(SynchronousTestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
         self.old, self.new = FakeEndpoint(), FakeEndpoint()
-        self.m = SessionManager(lambda: self.old, PASSWORD, self.clock, Pool(), randrange=LOW)
+        self.route = Route("old.example:443", lambda: self.old, PASSWORD)
+        self.m = SessionManager(None, "", self.clock, Pool(), randrange=LOW, routes=[self.route])
 
     def stream(self):
         local = Local()
@@ -47,9 +48,12 @@ class ReconfigureTests(SynchronousTestCase):
     def reconfigure(self, server_changed=True, **pool):
         settings = dict(check_interval=30.0, idle_timeout=30.0, min_idle=0)
         settings.update(pool)
-        return self.m.reconfigure(
-            lambda: self.new, "new-secret", server_changed=server_changed, **settings
+        route = (
+            Route("new.example:443", lambda: self.new, "new-secret")
+            if server_changed
+            else Route("old.example:443", lambda: self.new, PASSWORD)
         )
+        return self.m.reconfigure([route], **settings)
 
     def test_server_changed_closes_idle_keeps_busy_until_its_stream_ends(self):
         idle, _ = self.stream()
@@ -86,7 +90,7 @@ class ReconfigureTests(SynchronousTestCase):
 
     def test_a_dial_in_flight_during_the_reload_is_retired_after_its_stream(self):
         pending = PendingEndpoint()
-        self.m.endpoint = lambda: pending
+        set_endpoint(self.m, lambda: pending)
         s, _ = self.stream()
         self.reconfigure()
         session = pending.finish()

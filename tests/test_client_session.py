@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 from typing import Any, List
 
+import attr
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -364,6 +365,12 @@ class FakeEndpoint:
         session.makeConnection(transport)
         self.sessions.append(Server(session, transport))
         return defer.succeed(session)
+
+
+def set_endpoint(m, endpoint):
+    """Make ``m``'s (first) server dial through ``endpoint`` (a callable) from now on."""
+    health = m.servers.servers[0]
+    health.config = attr.evolve(health.config, endpoint=endpoint)
 
 
 def manager(**pool):

@@ -35,7 +35,7 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self):
         options = parse("--server", URI)
         self.assertEqual(options["listen"], [DEFAULT_LISTEN])
-        config = load(options)
+        (config,) = load(options)
         self.assertEqual((config.server, config.server_port), ("proxy.example", 8443))
         self.assertEqual(config.server_name, "front.example")
         self.assertFalse(config.insecure)
@@ -60,22 +60,35 @@ class OptionsTests(SynchronousTestCase):
             "--listen",
             "tcp:1082",
         )
-        config = load(options)
+        (config,) = load(options)
         self.assertTrue(config.insecure)
         self.assertEqual(config.idle_session_timeout, 60.0)
         self.assertEqual(config.idle_session_check_interval, 20.0)
         self.assertEqual(config.min_idle_session, 2)
         self.assertEqual(options["listen"], ["tcp:1081", "tcp:1082"])
 
-    def test_one_server_only(self):
-        with self.assertRaises(usage.UsageError) as caught:
-            parse("--server", URI, "--server", URI)
-        self.assertIn("only one server", str(caught.exception))
+    def test_several_servers_config_files_first(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("anytls://p1@one.example:1\nanytls://p2@two.example:2\n")
+        options = parse("--server", URI, "--config", path, "--strategy", "first", "--prewarm", "2")
+        self.assertEqual(
+            [(c.server, c.server_port) for c in load(options)],
+            [("one.example", 1), ("two.example", 2), ("proxy.example", 8443)],
+        )
+        self.assertEqual((options["strategy"], options["prewarm"]), ("first", 2))
 
-    def test_server_or_config(self):
-        for args in ((), ("--server", URI, "--config", "x.json")):
-            with self.assertRaises(usage.UsageError):
-                parse(*args)
+    def test_the_same_server_twice_is_refused(self):
+        with self.assertRaises(ConfigError) as caught:
+            load(parse("--server", URI, "--server", URI.replace("s3cret", "other")))
+        self.assertEqual(str(caught.exception), "server proxy.example:8443 is given twice")
+
+    def test_a_server_is_needed_and_strategies_are_known(self):
+        with self.assertRaises(usage.UsageError):
+            parse()
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--server", URI, "--strategy", "fastest")
+        self.assertIn("round-robin, first, least-latency", str(caught.exception))
 
     def test_bad_uri_is_one_line_without_the_password(self):
         with self.assertRaises(usage.UsageError) as caught:
@@ -95,7 +108,7 @@ class OptionsTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("  from-file \nignored\n")
-        config = load(parse("--server", "anytls://@h:1", "--password-file", path))
+        (config,) = load(parse("--server", "anytls://@h:1", "--password-file", path))
         self.assertEqual(config.password, "from-file")
         with self.assertRaises(ConfigError):
             load(parse("--server", "anytls://@h:1", "--password-file", path + ".missing"))
@@ -112,7 +125,7 @@ class OptionsTests(SynchronousTestCase):
         }
         with open(path, "w") as f:
             json.dump({"outbounds": [outbound]}, f)
-        config = load(parse("--config", path))
+        (config,) = load(parse("--config", path))
         self.assertEqual((config.server, config.server_name), ("192.0.2.1", "sni.example"))
         self.assertEqual(config.idle_session_timeout, 45.0)
         self.assertFalse(tls_creator(config)._verify_chain)  # insecure: nothing verified
@@ -182,7 +195,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(any("s3cret" in line for line in lines))
 
     def test_endpoint(self):
-        config = load(parse("--server", URI))
+        (config,) = load(parse("--server", URI))
         self.assertIsNotNone(server_endpoint(MemoryReactorClock(), config))
 
     def test_dropin(self):
@@ -194,7 +207,7 @@ class ServiceTests(SynchronousTestCase):
     def test_twistd_error_is_one_line(self):
         result = subprocess.run(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n"]
-            + ["--pidfile=", "anytls-client", "--server", "anytls://pw@host", "--server", "x"],
+            + ["--pidfile=", "anytls-client", "--server", "anytls://pw@host", "--server", "x://"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -205,7 +218,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(
             result.stderr.strip().splitlines(),
             [
-                "twistd anytls-client: error: --server: only one server is supported "
-                "(given twice) (see twistd anytls-client --help)"
+                "twistd anytls-client: error: --server: anytls URI: scheme: must start with "
+                "anytls:// (see twistd anytls-client --help)"
             ],
         )

@@ -17,7 +17,7 @@ from anytls_twisted.protocol.address import Destination, encode_socks_address
 from anytls_twisted.protocol.codec import Command
 from anytls_twisted.protocol.uot import encode_packet, encode_request, magic_destination
 
-from .test_client_session import Transport, manager
+from .test_client_session import Transport, manager, set_endpoint
 
 CLIENT = "127.0.0.1"  # the fake transport's peer
 LOCAL = "10.0.0.1"  # and its host
@@ -130,7 +130,7 @@ class UdpAssociateTests(unittest.TestCase):
 
     def test_early_datagrams_are_bounded(self):
         dialling: Deferred[Any] = Deferred()
-        self.m.endpoint = lambda: type("Pending", (), {"connect": lambda _, f: dialling})()
+        set_endpoint(self.m, lambda: type("Pending", (), {"connect": lambda _, f: dialling})())
         self.associate()  # a second association, whose session is still being dialled
         for i in range(MAX_EARLY + 5):
             self.from_app(datagram("1.1.1.1", 53, b"%d" % i))

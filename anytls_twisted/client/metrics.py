@@ -27,7 +27,15 @@ from twisted.python.failure import Failure
 
 #: Label values known in advance, exported as 0 from the start.
 DIAL_FAILURE_REASONS = ("connect", "timeout", "tls")
-SESSION_CLOSE_REASONS = ("idle", "watchdog", "reload", "stopping", "server_closed", "error")
+SESSION_CLOSE_REASONS = (
+    "idle",
+    "watchdog",
+    "liveness",
+    "reload",
+    "stopping",
+    "server_closed",
+    "error",
+)
 STREAM_KINDS = ("tcp", "udp")
 DIRECTIONS = ("upload", "download")
 LOCAL_PROTOCOLS = ("socks", "http")
@@ -85,6 +93,9 @@ class ClientNullMetrics:
 
     def dial_failed(self, reason: str) -> None:
         """A dial did not give a session: ``connect``, ``timeout`` or ``tls``."""
+
+    def dial_retried(self) -> None:
+        """A stream's dial is being tried again after a failure (possibly on another server)."""
 
     def auth_failed(self) -> None:
         """The server closed a session after the TLS handshake without sending anything."""

@@ -14,6 +14,7 @@ from .._version import __version__
 from ..cli import number_option
 from ..singbox import ConfigFileError
 from .config import parse_uri
+from .servers import STRATEGIES
 
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
 
@@ -35,12 +36,14 @@ class Options(usage.Options):
     longdesc = _ABOUT
     # fmt: off
     optParameters = [
-        ["config", None, None, "A sing-box anytls outbound (or a whole sing-box config whose first anytls outbound is used), instead of --server."],
+
         ["password-file", None, None, "A file holding the password (first line; surrounding whitespace stripped); replaces the URI's or config's."],
         ["idle-session-check-interval", None, None, "Seconds between checks for idle sessions to close (values of 5 or less mean 30, as in sing-box). [default: the config's, else 30]", _seconds("idle-session-check-interval")],
         ["idle-session-timeout", None, None, "Close an idle session after this many seconds (5 or less means 30). [default: the config's, else 30]", _seconds("idle-session-timeout")],
         ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _whole("min-idle-session")],
         ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it)."],
+        ["strategy", None, "round-robin", "Which healthy server a new session goes to: round-robin, first (the first healthy one in order: a primary with fall-backs) or least-latency (lowest measured round trip)."],
+        ["prewarm", None, 0, "Sessions kept open and answered per healthy server, ready for the next stream (0: none; unlike --min-idle-session, these are opened in advance).", _whole("prewarm")],
         ["certificate", None, None, "Trust only this PEM certificate file (the server's own self-signed one works) instead of the system CAs. [default: the config's tls.certificate_path, else the system CAs]"],
         ["alpn", None, None, "ALPN protocols to offer, comma-separated (e.g. h2,http/1.1). [default: the URI's or config's, else none]"],
         ["proxy-user-file", None, None, "A file of user:password lines: the local port then asks for them (SOCKS5 username/password, HTTP Proxy-Authorization Basic). [default: no authentication]"],
@@ -50,6 +53,7 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["insecure", None, "Do not verify the server's certificate (testing only)."],
+        ["disable-reuse", None, "One session per stream, never reused (anytls-go -dr, mihomo disable-reuse): for servers with reuse bugs."],
         ["print-config", None, "Print the effective configuration (files and options applied) as a sing-box client config and exit."],
         ["show-password", None, "With --print-config: print the password instead of <password>."],
         ["version", None, "Print the version and exit."],
@@ -65,7 +69,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
-        self["server"] = None
+        self["server"] = []
+        self["config"] = []
         self["certificate-pin"] = []
 
     def opt_certificate_pin(self, pin: str) -> None:
@@ -84,10 +89,12 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def opt_server(self, uri: str) -> None:
-        """The server as an anytls:// URI (anytls://PASSWORD@HOST[:PORT]/?sni=NAME&insecure=1). One server only; the password may be left out with --password-file."""
-        if self["server"] is not None:
-            raise usage.UsageError("--server: only one server is supported (given twice)")
-        self["server"] = uri
+        """A server as an anytls:// URI (anytls://PASSWORD@HOST[:PORT]/?sni=NAME&insecure=1); repeat for several (after those of --config). The password may be left out with --password-file."""
+        self["server"].append(uri)
+
+    def opt_config(self, path: str) -> None:
+        """A config file: a sing-box anytls outbound (or a whole sing-box config: its first anytls outbound), a v2ray-shaped outbound (all its servers), or anytls:// URIs one per line; repeat for several."""
+        self["config"].append(path)
 
     def opt_version(self) -> None:
         print(f"anytls-twisted {__version__}")
@@ -126,13 +133,15 @@ class Options(usage.Options):
                 metrics.check_endpoint(self["metrics"])
             except ValueError as e:
                 raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
-        if (self["server"] is None) == (self["config"] is None):
-            raise usage.UsageError("give the server as --server URI or --config FILE (one)")
-        if self["server"] is not None:
+        if not self["server"] and not self["config"]:
+            raise usage.UsageError("give a server: --server URI or --config FILE")
+        for uri in self["server"]:
             try:
-                parse_uri(self["server"], password_file=self["password-file"] is not None)
+                parse_uri(uri, password_file=self["password-file"] is not None)
             except (ConfigFileError, ValueError) as e:
                 raise usage.UsageError(f"--server: {e}") from None
+        if self["strategy"] not in STRATEGIES:
+            raise usage.UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}")
 
 
 __all__: List[str] = ["DEFAULT_LISTEN", "Options"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import socket
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
@@ -39,6 +40,8 @@ from ..session_shell import CLOSE_GRACE, ContextShell, SessionShell, describe
 _log = get_logger("anytls_twisted.client.session")
 
 _session_ids = itertools.count(1)
+#: Seconds of silence before TCP keepalive probes (mihomo's default, honk PR #114).
+KEEPALIVE_IDLE = 15.0
 #: The auth preamble without its padding: a SHA-256 digest and a two-byte padding length.
 PREAMBLE_SIZE = 34
 #: Why a session ended that the server closed after the TLS handshake without sending a byte.
@@ -66,6 +69,11 @@ class SessionOwner:
 
     def stream_ended(self, session: ClientSessionProtocol, stream: IStream) -> None:
         """``stream`` left ``session``'s table; its FIN, if one was due, is written."""
+
+    def rescue(self, session: ClientSessionProtocol, stream: IStream) -> bool:
+        """``session`` is gone with ``stream`` still in its table: True if the owner takes
+        the stream over (to open it elsewhere), else it ends with the session."""
+        return False
 
     def session_closed(
         self, session: ClientSessionProtocol, reason: Optional[Failure] = None
@@ -171,6 +179,7 @@ class ClientSessionProtocol(SessionShell, Protocol):
                 no_delay(True)
             except OSError:
                 pass
+        tcp_keepalive(self.transport, KEEPALIVE_IDLE)
         self.transport.registerProducer(self, True)
         # The preamble is packet 0: padded by the scheme's first size for packet 0, and written
         # apart from the writer, which holds Settings back until the first SYN (packet 1).
@@ -208,7 +217,8 @@ class ClientSessionProtocol(SessionShell, Protocol):
         self._cancel_close_timer()
         self._close_reason = reason_text
         for stream in self.machine.close():
-            self.stream_ended(stream, f"session closed: {reason_text}")
+            if not self.owner.rescue(self, stream):
+                self.stream_ended(stream, f"session closed: {reason_text}")
         self.owner.session_closed(self, reason)
         if unanswered:
             _log.warn(
@@ -234,7 +244,22 @@ class ClientSessionProtocol(SessionShell, Protocol):
         """IHandshakeListener: the TLS handshake with the server succeeded."""
         self.handshake_done = True
 
+    @property
+    def close_reason(self) -> Optional[str]:
+        """Why the session closed or is closing, else None."""
+        return self._close_reason
+
     # What the manager asks.
+    def announce(self) -> None:
+        """Send the Settings now, without a stream (a probe or a pre-warmed session): a v2
+        server answers them at once, which proves the password and the path."""
+        for chunk in self.writer.flush():
+            self.transport.write(chunk)
+
+    def heartbeat(self) -> None:
+        """Send a HeartRequest (nothing for a server that does not speak version 2)."""
+        self.write_frames(self.machine.heartbeat())
+
     def open(self, stream: Any) -> None:
         """Open ``stream`` (a :class:`~anytls_twisted.client.stream.ClientStream`): SYN and its
         destination, then tell the stream which id it has."""
@@ -283,6 +308,29 @@ class ClientSessionProtocol(SessionShell, Protocol):
         stream.connectionLost(reason)
         self.set_reading(self.machine.update_reading())
         self.owner.stream_ended(self, stream)
+
+
+def tcp_keepalive(transport: Any, idle: float) -> None:
+    """TCP keepalive probes after ``idle`` seconds of silence, on the socket under
+    ``transport`` (TLS wrappers are walked down), so that NATs keep an idle session's mapping
+    (client-behaviour.md section 4). Best effort: transports without a socket are left alone."""
+    seen = 0
+    while transport is not None and seen < 4:
+        handle = getattr(transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                seconds = max(1, int(idle))
+                for name, value in (("TCP_KEEPIDLE", seconds), ("TCP_KEEPINTVL", seconds)):
+                    option = getattr(socket, name, None)
+                    if option is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+        seen += 1
 
 
 def preamble_padding(scheme: PaddingScheme, randrange: Callable[[int, int], int]) -> int:

@@ -32,6 +32,9 @@ SYNACK_WAIT = 15.0
 #: Bytes from the application held while no session carries the stream yet (the dial): past
 #: this, the application's connection stops being read until the stream is on a session.
 PENDING_LIMIT = 64 * 1024
+#: Bytes sent before the server's first answer that are kept to open the stream again on
+#: another session if this one dies first (:meth:`ClientStream.rewind`); past this, no retry.
+REPLAY_LIMIT = 64 * 1024
 
 
 class LocalSide:
@@ -54,6 +57,7 @@ class ClientStream:
         stream is open on a session, else None.
     @ivar state: ``"opening"`` (no session or no answer yet), ``"open"`` (established),
         ``"refused"`` (the application was told it failed), ``"closed"``.
+    @ivar attempts: the dial attempt that gave the stream its session (0: the first).
     """
 
     kind = "tcp"
@@ -72,6 +76,10 @@ class ClientStream:
         self.context: Optional[IStreamContext] = None
         self.state = "opening"
         self.peer_paused = False
+        self.attempts = 0
+        # What was sent before the server's first answer, while it fits REPLAY_LIMIT.
+        self._replay: Optional[List[bytes]] = []
+        self._replay_size = 0
         self._pending: List[bytes] = []
         self._pending_size = 0
         self._paused_local = False  # paused by us: too much pending before a session
@@ -129,6 +137,7 @@ class ClientStream:
     def dataReceived(self, data: bytes) -> None:
         if self.state == "opening":
             self._establish()  # a v1 server, or data overtaking nothing: it is open
+        self._replay = None
         self.bytes_in += len(data)
         if self.response_filter is not None:
             data = self.response_filter.feed(data)
@@ -172,6 +181,12 @@ class ClientStream:
                     transport.pauseProducing()
             return
         self.bytes_out += len(data)
+        if self._replay is not None:
+            self._replay_size += len(data)
+            if self._replay_size > REPLAY_LIMIT:
+                self._replay = None
+            else:
+                self._replay.append(data)
         self.context.write(self, data)
 
     def local_closed(self) -> None:
@@ -183,6 +198,21 @@ class ClientStream:
             self._cancel_timer()
             return
         self.context.end(self, "the local connection closed")
+
+    def rewind(self) -> bool:
+        """Its session died before the server answered this stream: become a stream that no
+        session carries yet, holding again what it had sent, so it can be opened elsewhere.
+        False when that is not possible (answered, closed, or too much sent)."""
+        if self.state != "opening" or self._replay is None:
+            return False
+        self._cancel_timer()
+        self.context, self.sid = None, 0
+        self._pending = self._replay
+        self._pending_size = self._replay_size
+        self._replay, self._replay_size = [], 0
+        self.bytes_out = 0
+        self.peer_paused = False
+        return True
 
     def pause_peer(self, paused: bool) -> None:
         if paused == self.peer_paused or self.context is None:
@@ -198,6 +228,7 @@ class ClientStream:
         if self.state != "opening":
             return
         self.state = "open"
+        self._replay = None
         self._cancel_timer()
         transport = self.local.transport
         if transport is not None:

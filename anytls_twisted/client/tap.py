@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.application import service, strports
@@ -29,7 +29,7 @@ from .localauth import ProxyUsers, ProxyUsersError
 from .metrics import CLIENT_NULL_METRICS, ClientMetrics, ClientNullMetrics
 from .options import Options
 from .pool import Pool
-from .sessions import SessionManager
+from .sessions import Route, SessionManager
 
 __all__ = ["ClientService", "Options", "load", "makeService"]
 
@@ -40,20 +40,16 @@ class ConfigError(usage.UsageError):
     """A configuration that cannot be used; one line naming the option or file."""
 
 
-def load(options: Options) -> ClientConfig:
-    """The server's configuration from ``--server`` or ``--config``, with the overrides of the
-    other options applied."""
+def load(options: Options) -> List[ClientConfig]:
+    """The servers from ``--config`` files (in order) then ``--server`` URIs, with the
+    overrides of the other options applied to every one."""
     password_file = options["password-file"]
+    configs: List[ClientConfig] = []
     try:
-        if options["server"] is not None:
-            config = parse_uri(options["server"], password_file=password_file is not None)
-        else:
-            configs = load_file(options["config"], password_file=password_file is not None)
-            if len(configs) > 1:
-                raise ConfigError(
-                    f"{options['config']}: {len(configs)} servers; only one is supported yet"
-                )
-            config = configs[0]
+        for path in options["config"]:
+            configs += load_file(path, password_file=password_file is not None)
+        for uri in options["server"]:
+            configs.append(parse_uri(uri, password_file=password_file is not None))
     except (ConfigFileError, ValueError) as e:
         raise ConfigError(str(e)) from None
     changes: dict[str, Any] = {}
@@ -77,28 +73,36 @@ def load(options: Options) -> ClientConfig:
         changes.update(
             certificate_path=options["certificate"], certificate=None, certificate_pins=()
         )
-        config = attr.evolve(config, certificate_path=options["certificate"])
     if options["alpn"] is not None:
         alpn = tuple(p.strip() for p in options["alpn"].split(",") if p.strip())
         if any(len(p) > 255 for p in alpn):
             raise ConfigError("--alpn: each protocol name is 1 to 255 characters")
         changes["alpn"] = alpn
-    if config.certificate_path and not config.insecure and not options["insecure"]:
-        try:
-            open(config.certificate_path, "rb").close()
-        except OSError as e:
-            raise ConfigError(f"cannot read certificate file {config.certificate_path}: {e}")
-    config = attr.evolve(config, **changes)
-    if config.tls:
-        try:
-            tls_creator(config)  # settings that cannot work together fail now, in one line
-        except (ValueError, OSError) as e:
-            raise ConfigError(str(e)) from None
-    return config
+    result = []
+    for config in configs:
+        config = attr.evolve(config, **changes)
+        if config.certificate_path and not config.insecure:
+            try:
+                open(config.certificate_path, "rb").close()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot read certificate file {config.certificate_path}: {e}"
+                ) from None
+        if config.tls:
+            try:
+                tls_creator(config)  # settings that cannot work together fail now, in one line
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"{_server_label(config)}: {e}") from None
+        result.append(config)
+    labels = [_server_label(c) for c in result]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ConfigError(f"server {twice[0]} is given twice")
+    return result
 
 
-#: What a reload rebuilds: the server's configuration and the local proxy users.
-Rebuild = Callable[[], Tuple[ClientConfig, Optional[ProxyUsers]]]
+#: What a reload rebuilds: the servers' configurations and the local proxy users.
+Rebuild = Callable[[], Tuple[List[ClientConfig], Optional[ProxyUsers]]]
 
 #: Fields whose change means existing sessions lead to the wrong place (or with the wrong
 #: credentials or trust): the pool settings and the display name are not among them.
@@ -116,10 +120,24 @@ _ROUTE_FIELDS = (
 )
 
 
-class ClientService(service.MultiService):
-    """The client: one session manager, one local proxy port per ``--listen`` and, with
-    ``metrics_endpoint``, the ``/metrics`` and ``/healthz`` listener.
+def route(reactor: Any, config: ClientConfig) -> Route:
+    """How new sessions reach the server ``config`` describes (its TLS settings built now,
+    so a certificate file is read once per load)."""
+    tls = tls_creator(config) if config.tls else None
+    return Route(
+        _server_label(config),
+        lambda: server_endpoint(reactor, config, tls),
+        config.password,
+        config.tls,
+        key=tuple(getattr(config, name) for name in _ROUTE_FIELDS),
+    )
 
+
+class ClientService(service.MultiService):
+    """The client: one session manager for every server, one local proxy port per
+    ``--listen`` and, with ``metrics_endpoint``, the ``/metrics`` and ``/healthz`` listener.
+
+    @ivar configs: the servers, in the order new sessions try them.
     @ivar metrics: the :class:`~.metrics.ClientMetrics`, or the do-nothing interface.
     @ivar metrics_listener: the metrics web service, or None.
     @ivar rebuild: reads the files again for a reload (SIGHUP); None: reloading is off.
@@ -129,20 +147,26 @@ class ClientService(service.MultiService):
 
     def __init__(
         self,
-        config: ClientConfig,
+        configs: Sequence[ClientConfig],
         listen: List[str],
         reactor: Any,
         client_name: str = "",
         users: Optional[ProxyUsers] = None,
         rebuild: Optional[Rebuild] = None,
         metrics_endpoint: Optional[str] = None,
+        strategy: str = "round-robin",
+        prewarm: int = 0,
+        reuse: bool = True,
     ) -> None:
         super().__init__()
-        self.config = config
+        if not configs:
+            raise ValueError("at least one server is needed")
+        self.configs = list(configs)
         self.listen = listen
         self.users = users
         self.reactor = reactor
         self.rebuild = rebuild
+        self.strategy = strategy
         self.reloads = 0
         self.reload_failures = 0
         self._previous_sighup: Any = None
@@ -151,48 +175,63 @@ class ClientService(service.MultiService):
         self.metrics_listener: Optional[service.Service] = None
         if metrics_endpoint is not None:
             self.metrics = live = ClientMetrics()
-            # The first child, so stopped last: /healthz answers 503 while the rest stops.
+            # The first child, so stopped last: /healthz answers 503 while the rest stops,
+            # and while no server is up.
             self.metrics_listener = metrics_service(
-                metrics_endpoint, live, lambda: bool(self.running), reactor
+                metrics_endpoint,
+                live,
+                lambda: bool(self.running) and self.manager.servers.any_up,
+                reactor,
             )
             self.metrics_listener.setServiceParent(self)
+        first = self.configs[0]
         pool: Pool[Any] = Pool(
-            config.idle_session_check_interval,
-            config.idle_session_timeout,
-            config.min_idle_session,
+            first.idle_session_check_interval,
+            first.idle_session_timeout,
+            first.min_idle_session,
+            reuse=reuse,
         )
-        tls = tls_creator(config) if config.tls else None
         self.manager = SessionManager(
-            lambda: server_endpoint(reactor, config, tls),
-            config.password,
+            None,
+            "",
             reactor,
             pool,
             client_name,
-            server=_server_label(config),
             metrics=self.metrics,
-            tls=config.tls,
+            routes=[route(reactor, c) for c in self.configs],
+            strategy=strategy,
+            prewarm=prewarm,
         )
         self.manager.setServiceParent(self)
         self.factory = LocalProxyFactory(self.manager, reactor, users)
         for description in listen:
             strports.service(description, self.factory, reactor=reactor).setServiceParent(self)
 
+    @property
+    def config(self) -> ClientConfig:
+        """The first server's configuration (its pool settings are the client's)."""
+        return self.configs[0]
+
     def startService(self) -> None:
         super().startService()
-        config = self.config
         if self.rebuild is not None:
             self._previous_sighup = sighup.install(self.reactor, self.reload)
-        metrics = ""
+        extra = ""
+        if len(self.configs) > 1:
+            extra += f"; {self.strategy}"
+        if self.manager.prewarm:
+            extra += f"; {self.manager.prewarm} pre-warmed per server"
+        if not self.manager.pool.reuse:
+            extra += "; sessions not reused"
         if self.metrics_endpoint is not None:
-            metrics = f"; metrics on {self.metrics_endpoint} (/metrics, /healthz)"
+            extra += f"; metrics on {self.metrics_endpoint} (/metrics, /healthz)"
         _log.info(
-            "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; server {server}:{port} "
-            "({tls}){metrics}",
+            "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; {servers_text}{extra}",
             listen=", ".join(self.listen),
-            server=config.server,
-            port=config.server_port,
-            tls=_describe_tls(config),
-            metrics=metrics,
+            servers=[_server_label(c) for c in self.configs],
+            servers_text=_describe_servers(self.configs),
+            strategy=self.strategy,
+            extra=extra,
         )
         if self.users is None:
             for description in self.listen:
@@ -205,8 +244,9 @@ class ClientService(service.MultiService):
                     )
         else:
             _log.info("local proxy users: {users}", users=", ".join(self.users.names))
-        for warning in config.warnings:
-            _log.warn("{warning}", warning=warning)
+        for config in self.configs:
+            for warning in config.warnings:
+                _log.warn("{warning}", warning=warning)
 
     def stopService(self) -> Any:
         sighup.restore(self._previous_sighup)
@@ -219,8 +259,8 @@ class ClientService(service.MultiService):
         if self.rebuild is None:
             return False
         try:
-            config, users = self.rebuild()
-            tls = tls_creator(config) if config.tls else None
+            configs, users = self.rebuild()
+            routes = [route(self.reactor, c) for c in configs]
         except Exception as e:
             self.reload_failures += 1
             _log.error(
@@ -229,31 +269,27 @@ class ClientService(service.MultiService):
                 error=str(e) or e.__class__.__name__,
             )
             return False
-        old = self.config
-        changed = any(getattr(old, f) != getattr(config, f) for f in _ROUTE_FIELDS)
-        reactor = self.reactor
+        first = configs[0]
+        before = [r.identity for r in (h.config for h in self.manager.servers.servers)]
         closed, retiring = self.manager.reconfigure(
-            lambda: server_endpoint(reactor, config, tls),
-            config.password,
-            config.idle_session_check_interval,
-            config.idle_session_timeout,
-            config.min_idle_session,
-            server_changed=changed,
-            server=_server_label(config),
-            tls=config.tls,
+            routes,
+            first.idle_session_check_interval,
+            first.idle_session_timeout,
+            first.min_idle_session,
         )
-        self.config = config
+        changed = before != [r.identity for r in routes]
+        self.configs = list(configs)
         self.users = users
         self.factory.users = users
         self.reloads += 1
-        for warning in config.warnings:
-            _log.warn("{warning}", warning=warning)
+        for config in configs:
+            for warning in config.warnings:
+                _log.warn("{warning}", warning=warning)
         _log.info(
-            "reloaded ({why}): server {server}:{port} ({tls}){change}; local proxy users: {users}",
+            "reloaded ({why}): {servers_text}{change}; local proxy users: {users}",
             why=why,
-            server=config.server,
-            port=config.server_port,
-            tls=_describe_tls(config),
+            servers=[_server_label(c) for c in configs],
+            servers_text=_describe_servers(configs),
             server_changed=changed,
             change=(
                 f", changed: closed {logs.plural(closed, 'idle session')}, "
@@ -266,6 +302,11 @@ class ClientService(service.MultiService):
             users=", ".join(users.names) if users is not None else "none (no authentication)",
         )
         return True
+
+
+def _describe_servers(configs: Sequence[ClientConfig]) -> str:
+    parts = [f"{_server_label(c)} ({_describe_tls(c)})" for c in configs]
+    return ("server " if len(parts) == 1 else "servers ") + ", ".join(parts)
 
 
 def _server_label(config: ClientConfig) -> str:
@@ -289,7 +330,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
     if reactor is None:
         from twisted.internet import reactor
     try:
-        config = load(options)
+        configs = load(options)
         users = _proxy_users(options["proxy-user-file"])
     except ConfigError as e:
         if options.parent is None:
@@ -297,23 +338,30 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
         sys.stderr.write(f"twistd anytls-client: error: {e}\n")
         raise SystemExit(2) from None
     if options["print-config"]:
-        outbound = to_outbound(config, show_password=options["show-password"])
-        sys.stdout.write(json.dumps({"outbounds": [outbound]}, indent=2) + "\n")
+        outbounds = [to_outbound(c, show_password=options["show-password"]) for c in configs]
+        tags = [o["tag"] for o in outbounds]
+        for index, outbound in enumerate(outbounds):
+            if tags.count(outbound["tag"]) > 1:  # sing-box needs unique tags
+                outbound["tag"] = f"{outbound['tag']}-{index + 1}"
+        sys.stdout.write(json.dumps({"outbounds": outbounds}, indent=2) + "\n")
         sys.stdout.flush()
         raise SystemExit(0)
     logs.set_level(options["log-level"])
 
-    def rebuild() -> Tuple[ClientConfig, Optional[ProxyUsers]]:
+    def rebuild() -> Tuple[List[ClientConfig], Optional[ProxyUsers]]:
         return load(options), _proxy_users(options["proxy-user-file"])
 
     return ClientService(
-        config,
+        configs,
         options["listen"],
         reactor,
         options["client-metadata"],
         users=users,
         rebuild=rebuild,
         metrics_endpoint=options["metrics"],
+        strategy=options["strategy"],
+        prewarm=options["prewarm"],
+        reuse=not options["disable-reuse"],
     )
 
 
