@@ -43,6 +43,8 @@ class Options(usage.Options):
         ["min-idle-session", None, None, "Idle sessions every check keeps open regardless of age (it never opens any). [default: the config's, else 0]", _whole("min-idle-session")],
         ["client-metadata", None, "", "The client= value sent in the session's Settings (servers may log it)."],
         ["strategy", None, "round-robin", "Which healthy server a new session goes to: round-robin, first (the first healthy one in order: a primary with fall-backs) or least-latency (lowest measured round trip)."],
+        ["heartbeat-idle", None, 15.0, "Seconds of silence from the server after which a session is asked with a heartbeat: before reusing an idle one, and while streams use it.", _seconds("heartbeat-idle")],
+        ["heartbeat-timeout", None, 5.0, "Seconds a heartbeat may wait for its answer before the session is given up (the stream waiting for it goes to another session).", _seconds("heartbeat-timeout")],
         ["prewarm", None, 0, "Sessions kept open and answered per healthy server, ready for the next stream (0: none; unlike --min-idle-session, these are opened in advance).", _whole("prewarm")],
         ["certificate", None, None, "Trust only this PEM certificate file (the server's own self-signed one works) instead of the system CAs. [default: the config's tls.certificate_path, else the system CAs]"],
         ["alpn", None, None, "ALPN protocols to offer, comma-separated (e.g. h2,http/1.1). [default: the URI's or config's, else none]"],

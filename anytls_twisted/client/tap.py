@@ -24,6 +24,7 @@ from ..singbox import ConfigFileError
 from .config import ClientConfig, parse_uri, to_outbound
 from .configfile import load_file
 from .connect import server_endpoint, tls_creator
+from .liveness import Liveness
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
 from .metrics import CLIENT_NULL_METRICS, ClientMetrics, ClientNullMetrics
@@ -157,6 +158,7 @@ class ClientService(service.MultiService):
         strategy: str = "round-robin",
         prewarm: int = 0,
         reuse: bool = True,
+        liveness: Optional[Liveness[Any]] = None,
     ) -> None:
         super().__init__()
         if not configs:
@@ -201,6 +203,7 @@ class ClientService(service.MultiService):
             routes=[route(reactor, c) for c in self.configs],
             strategy=strategy,
             prewarm=prewarm,
+            liveness=liveness,
         )
         self.manager.setServiceParent(self)
         self.factory = LocalProxyFactory(self.manager, reactor, users)
@@ -362,6 +365,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> ClientServic
         strategy=options["strategy"],
         prewarm=options["prewarm"],
         reuse=not options["disable-reuse"],
+        liveness=Liveness(options["heartbeat-idle"], options["heartbeat-timeout"]),
     )
 
 
