@@ -363,6 +363,12 @@ FAMILIES = {
     "anytls_client_watchdog_resets": "counter",
     "anytls_client_watchdog_session_closes": "counter",
     "anytls_client_local_requests_refused": "counter",
+    "anytls_client_dial_retries": "counter",
+    "anytls_client_server_up": "gauge",
+    "anytls_client_server_rtt_seconds": "gauge",
+    "anytls_client_server_dial_failures": "counter",
+    "anytls_client_server_down": "counter",
+    "anytls_client_server_sessions": "gauge",
 }
 
 
@@ -489,3 +495,53 @@ class WiringTests(SynchronousTestCase):
         self.assertIn("metrics on tcp:9101:interface=127.0.0.1", startup[0])
         top.stopService()
         self.assertEqual(http_get(site, b"/healthz")[0], 503)
+
+
+class ServerMetricsTests(SynchronousTestCase):
+    """Per-server figures, read from the session manager at scrape time."""
+
+    def test_up_down_failures_rtt_and_sessions_by_server(self):
+        from anytls_twisted.client.sessions import Route
+
+        from .test_client_failover import HIGH
+
+        clock = MemoryReactorClock()
+        a, b = Endpoint(), Endpoint()
+        metrics = ClientMetrics()
+        m = SessionManager(
+            None,
+            "",
+            clock,
+            Pool(),
+            randrange=LOW,
+            metrics=metrics,
+            routes=[Route("a:1", lambda: a, PASSWORD), Route("b:1", lambda: b, PASSWORD)],
+            uniform=HIGH,
+        )
+        m.startService()
+        self.addCleanup(m.stopService)
+        a.failure = ConnectionRefusedError("refused")
+        s, _ = open_stream(m, clock)
+        clock.advance(0.1)  # the retry goes to b
+        clock.advance(0.9)  # 1 s after its failure a is probed, and still refuses
+        server = b.sessions[0]
+        clock.advance(0.02)
+        server.send(Command.SERVER_SETTINGS, 0, b"v=2")
+        server.send(Command.SYNACK, s.sid)
+        self.assertEqual(value(metrics, "anytls_client_server_up", server="a:1"), 0)
+        self.assertEqual(value(metrics, "anytls_client_server_up", server="b:1"), 1)
+        self.assertEqual(
+            value(metrics, "anytls_client_server_dial_failures_total", server="a:1"), 2
+        )
+        self.assertEqual(value(metrics, "anytls_client_server_down_total", server="a:1"), 1)
+        self.assertEqual(value(metrics, "anytls_client_dial_retries_total"), 1)
+        self.assertAlmostEqual(
+            value(metrics, "anytls_client_server_rtt_seconds", server="b:1"), 0.92
+        )
+        self.assertEqual(
+            value(metrics, "anytls_client_server_sessions", server="b:1", state="busy"), 1
+        )
+        s.local_closed()
+        self.assertEqual(
+            value(metrics, "anytls_client_server_sessions", server="b:1", state="idle"), 1
+        )

@@ -194,6 +194,23 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("certificate verified", startup[0])
         self.assertFalse(any("s3cret" in line for line in lines))
 
+    def test_healthy_while_running_and_a_server_is_up(self):
+        service = makeService(
+            parse(
+                "--server", URI, "--server", URI.replace("proxy.", "other."), "--listen", "tcp:0"
+            ),
+            MemoryReactorClock(),
+        )
+        self.assertFalse(service.healthy())
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertTrue(service.healthy())
+        servers = service.manager.servers
+        servers.dial_failed(servers.servers[0], 0.0)
+        self.assertTrue(service.healthy())
+        servers.dial_failed(servers.servers[1], 0.0)
+        self.assertFalse(service.healthy())
+
     def test_endpoint(self):
         (config,) = load(parse("--server", URI))
         self.assertIsNotNone(server_endpoint(MemoryReactorClock(), config))

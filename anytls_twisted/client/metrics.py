@@ -194,6 +194,11 @@ class ClientMetrics(ClientNullMetrics):
             "Silent sessions closed by the SYNACK watchdog.",
             registry=r,
         )
+        self.dial_retries = Counter(
+            "anytls_client_dial_retries",
+            "Dials made again for a stream after a failed one (on the next healthy server).",
+            registry=r,
+        )
         self.local_refusals = Counter(
             "anytls_client_local_requests_refused",
             "Requests the local proxy port refused (malformed, unsupported, proxy auth).",
@@ -221,6 +226,9 @@ class ClientMetrics(ClientNullMetrics):
         if reason not in DIAL_FAILURE_REASONS:
             reason = "connect"
         self.dial_failures.labels(reason).inc()
+
+    def dial_retried(self) -> None:
+        self.dial_retries.inc()
 
     def auth_failed(self) -> None:
         self.auth_failures.inc()
@@ -290,6 +298,43 @@ class _LiveCollector:
             "Stream payload bytes: upload (local applications to the server), download.",
             labels=["direction"],
         )
+        up = GaugeMetricFamily(
+            "anytls_client_server_up",
+            "1 while new sessions may go to the server, 0 while it is down and probed.",
+            labels=["server"],
+        )
+        rtt = GaugeMetricFamily(
+            "anytls_client_server_rtt_seconds",
+            "Smoothed round trip to the server (session answers and heartbeats).",
+            labels=["server"],
+        )
+        server_failures = CounterMetricFamily(
+            "anytls_client_server_dial_failures",
+            "Failed dials and probes, by server.",
+            labels=["server"],
+        )
+        server_down = CounterMetricFamily(
+            "anytls_client_server_down",
+            "Times the server was marked down.",
+            labels=["server"],
+        )
+        server_sessions = GaugeMetricFamily(
+            "anytls_client_server_sessions",
+            "Sessions open now, by server and state (idle in the pool, busy with a stream).",
+            labels=["server", "state"],
+        )
+        families = [up, rtt, server_failures, server_down, server_sessions]
+        if not empty and m.manager is not None and hasattr(m.manager, "servers"):
+            counts = m.manager.server_sessions()
+            for health in m.manager.servers.servers:
+                up.add_metric([health.name], 1 if health.up else 0)
+                if health.rtt is not None:
+                    rtt.add_metric([health.name], health.rtt)
+                server_failures.add_metric([health.name], health.dial_failures)
+                server_down.add_metric([health.name], health.went_down)
+                idle_count, busy_count = counts.get(health.name, (0, 0))
+                server_sessions.add_metric([health.name, "idle"], idle_count)
+                server_sessions.add_metric([health.name, "busy"], busy_count)
         if not empty:
             manager = m.manager
             sessions.add_metric([], len(manager.sessions) if manager is not None else 0)
@@ -300,7 +345,7 @@ class _LiveCollector:
             totals = m.live_bytes()
             for direction in DIRECTIONS:
                 byte_counter.add_metric([direction], totals[direction])
-        return [sessions, idle, streams, byte_counter]
+        return [sessions, idle, streams, byte_counter, *families]
 
 
 __all__ = [

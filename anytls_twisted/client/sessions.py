@@ -663,6 +663,18 @@ class SessionManager(Service, SessionOwner):
                     continue
             self._close(session, f"idle: no stream for over {timeout:g}s", "idle")
 
+    def server_sessions(self) -> Dict[str, Tuple[int, int]]:
+        """Sessions open now by server name: (idle in the pool, busy with streams)."""
+        idle = set(self.pool.idle_sessions())
+        counts: Dict[str, Tuple[int, int]] = {}
+        for session in self.sessions:
+            health = self._health_of.get(session)
+            if health is None or session.closed:
+                continue
+            i, b = counts.get(health.name, (0, 0))
+            counts[health.name] = (i + 1, b) if session in idle else (i, b + 1)
+        return counts
+
     def _idle_count(self, health: Health) -> int:
         return sum(1 for s in self.pool.idle_sessions() if self._health_of.get(s) is health)
 

@@ -179,12 +179,7 @@ class ClientService(service.MultiService):
             self.metrics = live = ClientMetrics()
             # The first child, so stopped last: /healthz answers 503 while the rest stops,
             # and while no server is up.
-            self.metrics_listener = metrics_service(
-                metrics_endpoint,
-                live,
-                lambda: bool(self.running) and self.manager.servers.any_up,
-                reactor,
-            )
+            self.metrics_listener = metrics_service(metrics_endpoint, live, self.healthy, reactor)
             self.metrics_listener.setServiceParent(self)
         first = self.configs[0]
         pool: Pool[Any] = Pool(
@@ -209,6 +204,10 @@ class ClientService(service.MultiService):
         self.factory = LocalProxyFactory(self.manager, reactor, users)
         for description in listen:
             strports.service(description, self.factory, reactor=reactor).setServiceParent(self)
+
+    def healthy(self) -> bool:
+        """What ``/healthz`` says: running, and at least one server up."""
+        return bool(self.running) and self.manager.servers.any_up
 
     @property
     def config(self) -> ClientConfig:
