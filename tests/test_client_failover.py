@@ -288,7 +288,9 @@ class LivenessTests(Base):
         self.assertFalse(server.transport.disconnecting)
 
 
-class PrewarmTests(Base):
+class PrewarmSetup(Base):
+    """A manager with ``--prewarm 1`` and a 10 s idle timeout (no tests of its own)."""
+
     def setUp(self):
         super().setUp()
         self.m.stopService()
@@ -302,6 +304,8 @@ class PrewarmTests(Base):
                 if not server.session.frames_seen and not server.session.closed:
                     server.send(Command.SERVER_SETTINGS, 0, b"v=2")
 
+
+class PrewarmTests(PrewarmSetup):
     def test_ready_sessions_per_server_and_refilled_after_use(self):
         a, b = self.endpoints.values()
         self.assertEqual((len(a.sessions), len(b.sessions)), (1, 1))
@@ -372,3 +376,27 @@ class NoReuseTests(Base):
             s.local_closed()
             self.assertTrue(server.transport.disconnecting)
         self.assertEqual(len(a.sessions), 3)
+
+
+class PrewarmHoldTests(PrewarmSetup):
+    names = ("a.example:443",)
+
+    def test_a_server_closing_idle_sessions_at_once_is_not_redialled_hot(self):
+        """A server that answers, then closes every idle session by itself: the refills wait
+        1, 2, 4 s... instead of dialling in a loop; a stream served resets the wait."""
+        (a,) = self.endpoints.values()
+        waits = []
+        for _ in range(4):
+            self.answer_warm()
+            before = len(a.sessions)
+            kill(a.sessions[-1])
+            waited = 0.0
+            while len(a.sessions) == before:
+                self.clock.advance(0.25)
+                waited += 0.25
+            waits.append(waited)
+        self.assertEqual(waits, [1.0, 2.0, 4.0, 8.0])
+        self.answer_warm()
+        s, _ = self.stream()  # takes the warm session: the server serves
+        self.assertIsNotNone(s.context)
+        self.assertEqual(self.m._refill_hold, {})

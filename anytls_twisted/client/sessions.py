@@ -172,6 +172,10 @@ class SessionManager(Service, SessionOwner):
         self._warm_dials: Dict[int, int] = {}  # id(health) -> dials in flight
         self._checking: Dict[ClientSessionProtocol, Tuple[ClientStream, Any]] = {}
         self._retry_calls: Set[Any] = set()
+        # Pre-warming held back per server (id of its health): (until, last delay), after the
+        # server closed idle sessions on its own, so that such a server is not redialled hot.
+        self._refill_hold: Dict[int, Tuple[float, float]] = {}
+        self._refill_timer: Any = None
         # Sessions this manager closed, and why (a SESSION_CLOSE_REASONS class).
         self._causes: Dict[ClientSessionProtocol, str] = {}
         metrics.watch(self)
@@ -212,10 +216,10 @@ class SessionManager(Service, SessionOwner):
             if loop.running:
                 loop.stop()
         self._cancel_watch_timer()
-        for call in [self._probe_timer, *self._retry_calls]:
+        for call in [self._probe_timer, self._refill_timer, *self._retry_calls]:
             if call is not None and call.active():
                 call.cancel()
-        self._probe_timer = None
+        self._probe_timer = self._refill_timer = None
         self._retry_calls.clear()
         for session in list(self.sessions) + list(self._warming) + list(self._checking):
             self._close(session, "the client is stopping", "stopping", abort=True)
@@ -332,6 +336,9 @@ class SessionManager(Service, SessionOwner):
         self._retry_calls.add(call)
 
     def _open_on(self, session: ClientSessionProtocol, stream: ClientStream, reused: bool) -> None:
+        health = self._health_of.get(session)
+        if health is not None:
+            self._refill_hold.pop(id(health), None)  # the server serves: warm freely again
         watch = reused and session.machine.peer_version >= 2
         session.open(stream)
         self.metrics.stream_opened(stream)
@@ -461,12 +468,32 @@ class SessionManager(Service, SessionOwner):
         for warming in self._warming.values():
             if not warming.probe:
                 idle[id(warming.health)] = idle.get(id(warming.health), 0) + 1
+        now = self.clock.seconds()
+        held_until: Optional[float] = None
         for health in self.servers.servers:
             if not health.up:
+                continue
+            until, _ = self._refill_hold.get(id(health), (0.0, 0.0))
+            if until > now:
+                held_until = until if held_until is None else min(held_until, until)
                 continue
             have = idle.get(id(health), 0) + self._warm_dials.get(id(health), 0)
             for _ in range(self.prewarm - have):
                 self._warm_dial(health, probe=False)
+        if held_until is not None and self._refill_timer is None:
+
+            def again() -> None:
+                self._refill_timer = None
+                self._refill()
+
+            self._refill_timer = self.clock.callLater(held_until - now, again)
+
+    def _hold_refill(self, health: Health) -> None:
+        """The server closed an idle session by itself: wait before dialling it a warm one
+        again, twice as long each time in a row (1 s to 30 s)."""
+        _, delay = self._refill_hold.get(id(health), (0.0, 0.0))
+        delay = min(30.0, delay * 2 if delay else 1.0)
+        self._refill_hold[id(health)] = (self.clock.seconds() + delay, delay)
 
     # Reloads.
     def reconfigure(
@@ -630,6 +657,13 @@ class SessionManager(Service, SessionOwner):
             if warming.timer is not None and warming.timer.active():
                 warming.timer.cancel()
             self._warm_failed(warming.health, warming.probe, session.close_reason or "closed")
+        elif (
+            self.prewarm
+            and health is not None
+            and end.reason in ("server_closed", "error")
+            and not session.machine.streams_opened
+        ):
+            self._hold_refill(health)
         checking = self._checking.pop(session, None)
         if checking is not None:  # closed while asked before reuse: the stream goes elsewhere
             stream, timer = checking
