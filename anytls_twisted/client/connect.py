@@ -47,3 +47,9 @@ def server_endpoint(
     if not config.tls:
         return tcp
     return wrapClientTLS(tls if tls is not None else tls_creator(config), tcp)
+
+
+def server_label(config: ClientConfig) -> str:
+    """``host:port`` of the server, IPv6 in brackets, for the log."""
+    host = f"[{config.server}]" if ":" in config.server else config.server
+    return f"{host}:{config.server_port}"

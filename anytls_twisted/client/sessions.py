@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -88,6 +88,7 @@ class SessionManager(Service, SessionOwner):
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = clock
         self._watch_timer: Any = None
+        self._closed_waiters: List[Deferred[None]] = []
 
     # Service.
     def startService(self) -> None:
@@ -102,6 +103,15 @@ class SessionManager(Service, SessionOwner):
         for session in list(self.sessions):
             session.close("the client is stopping", abort=True)
         return None
+
+    def wait_closed(self) -> Deferred[None]:
+        """Fire once no session is left: after :meth:`stopService`, when the aborted
+        connections are gone (a reactor turn later), so an owner can stop cleanly."""
+        if not self.sessions:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        return d
 
     # Streams.
     def open(self, stream: ClientStream) -> None:
@@ -213,6 +223,10 @@ class SessionManager(Service, SessionOwner):
         self._retired.discard(session)
         self.pool.remove(session)
         self.watchdog.session_closed(session)
+        if not self.sessions:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     # Timers.
     def reap(self) -> None:

@@ -22,7 +22,7 @@ from ..protocol.address import parse_ip
 from ..singbox import ConfigFileError
 from .config import ClientConfig, parse_uri, to_outbound
 from .configfile import load_file
-from .connect import server_endpoint, tls_creator
+from .connect import server_endpoint, server_label, tls_creator
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
 from .options import Options
@@ -152,7 +152,7 @@ class ClientService(service.MultiService):
             reactor,
             pool,
             client_name,
-            server=_server_label(config),
+            server=server_label(config),
         )
         self.manager.setServiceParent(self)
         self.factory = LocalProxyFactory(self.manager, reactor, users)
@@ -217,7 +217,7 @@ class ClientService(service.MultiService):
             config.idle_session_timeout,
             config.min_idle_session,
             server_changed=changed,
-            server=_server_label(config),
+            server=server_label(config),
         )
         self.config = config
         self.users = users
@@ -243,12 +243,6 @@ class ClientService(service.MultiService):
             users=", ".join(users.names) if users is not None else "none (no authentication)",
         )
         return True
-
-
-def _server_label(config: ClientConfig) -> str:
-    """``host:port`` of the server, IPv6 in brackets, for the log."""
-    host = f"[{config.server}]" if ":" in config.server else config.server
-    return f"{host}:{config.server_port}"
 
 
 def _describe_tls(config: ClientConfig) -> str:
