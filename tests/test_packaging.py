@@ -48,3 +48,8 @@ class WheelContentsTests(SynchronousTestCase):
     def test_twistd_plugin(self):
         """The dropin that makes ``twistd anytls`` exist is installed."""
         self.assertTrue(shipped(installed(), "twisted/plugins/anytls_twisted_plugin.py"))
+
+    def test_endpoint_plugin(self):
+        """The dropin that makes ``anytls:`` endpoint strings work in any Twisted program is
+        installed next to it."""
+        self.assertTrue(shipped(installed(), "twisted/plugins/anytls_endpoint_plugin.py"))

@@ -13,6 +13,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 
 from .config import ClientConfig
+from .sessions import Route
 from .tls import client_tls
 
 #: Seconds allowed for the TCP connect to the server.
@@ -47,3 +48,38 @@ def server_endpoint(
     if not config.tls:
         return tcp
     return wrapClientTLS(tls if tls is not None else tls_creator(config), tcp)
+
+
+def server_label(config: ClientConfig) -> str:
+    """``host:port`` of the server, IPv6 in brackets, for the log."""
+    host = f"[{config.server}]" if ":" in config.server else config.server
+    return f"{host}:{config.server_port}"
+
+
+#: Fields whose change means existing sessions lead to the wrong place (or with the wrong
+#: credentials or trust): the pool settings and the display name are not among them.
+_ROUTE_FIELDS = (
+    "server",
+    "server_port",
+    "password",
+    "server_name",
+    "insecure",
+    "tls",
+    "alpn",
+    "certificate",
+    "certificate_path",
+    "certificate_pins",
+)
+
+
+def route(reactor: Any, config: ClientConfig) -> Route:
+    """How new sessions reach the server ``config`` describes (its TLS settings built now,
+    so a certificate file is read once per load)."""
+    tls = tls_creator(config) if config.tls else None
+    return Route(
+        server_label(config),
+        lambda: server_endpoint(reactor, config, tls),
+        config.password,
+        config.tls,
+        key=tuple(getattr(config, name) for name in _ROUTE_FIELDS),
+    )

@@ -99,6 +99,12 @@ class ClientSessionContext(ContextShell):
     def peer_version(self) -> int:
         return self._session.machine.peer_version
 
+    @property
+    def local_address(self) -> Any:
+        """The local end of the session's connection (a stream transport's ``getHost``)."""
+        transport = self._session.transport
+        return transport.getHost() if transport is not None else None
+
     def acknowledge(self, stream: IStream, error: str = "") -> None:
         """Only servers acknowledge streams."""
 

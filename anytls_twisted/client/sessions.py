@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set,
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -185,6 +185,7 @@ class SessionManager(Service, SessionOwner):
         self._ticker.clock = clock
         self._watch_timer: Any = None
         self._probe_timer: Any = None
+        self._closed_waiters: List[Deferred[None]] = []
 
     # The first server's settings (one-server callers and tests read them).
     @property
@@ -224,6 +225,15 @@ class SessionManager(Service, SessionOwner):
         for session in list(self.sessions) + list(self._warming) + list(self._checking):
             self._close(session, "the client is stopping", "stopping", abort=True)
         return None
+
+    def wait_closed(self) -> Deferred[None]:
+        """Fire once no session is left: after :meth:`stopService`, when the aborted
+        connections are gone (a reactor turn later), so an owner can stop cleanly."""
+        if not self.sessions and not self._warming:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        return d
 
     # Streams.
     def open(self, stream: ClientStream) -> None:
@@ -672,6 +682,10 @@ class SessionManager(Service, SessionOwner):
             if self.running:
                 self.open(stream)
         self._refill()
+        if not self.sessions and not self._warming:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     def _close(
         self, session: ClientSessionProtocol, why: str, cause: str, abort: bool = False

@@ -23,14 +23,14 @@ from ..protocol.address import parse_ip
 from ..singbox import ConfigFileError
 from .config import ClientConfig, parse_uri, to_outbound
 from .configfile import load_file
-from .connect import server_endpoint, tls_creator
+from .connect import route, server_label, tls_creator
 from .liveness import Liveness
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
 from .metrics import CLIENT_NULL_METRICS, ClientMetrics, ClientNullMetrics
 from .options import Options
 from .pool import Pool
-from .sessions import Route, SessionManager
+from .sessions import SessionManager
 
 __all__ = ["ClientService", "Options", "load", "makeService"]
 
@@ -93,9 +93,9 @@ def load(options: Options) -> List[ClientConfig]:
             try:
                 tls_creator(config)  # settings that cannot work together fail now, in one line
             except (ValueError, OSError) as e:
-                raise ConfigError(f"{_server_label(config)}: {e}") from None
+                raise ConfigError(f"{server_label(config)}: {e}") from None
         result.append(config)
-    labels = [_server_label(c) for c in result]
+    labels = [server_label(c) for c in result]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
         raise ConfigError(f"server {twice[0]} is given twice")
@@ -104,34 +104,6 @@ def load(options: Options) -> List[ClientConfig]:
 
 #: What a reload rebuilds: the servers' configurations and the local proxy users.
 Rebuild = Callable[[], Tuple[List[ClientConfig], Optional[ProxyUsers]]]
-
-#: Fields whose change means existing sessions lead to the wrong place (or with the wrong
-#: credentials or trust): the pool settings and the display name are not among them.
-_ROUTE_FIELDS = (
-    "server",
-    "server_port",
-    "password",
-    "server_name",
-    "insecure",
-    "tls",
-    "alpn",
-    "certificate",
-    "certificate_path",
-    "certificate_pins",
-)
-
-
-def route(reactor: Any, config: ClientConfig) -> Route:
-    """How new sessions reach the server ``config`` describes (its TLS settings built now,
-    so a certificate file is read once per load)."""
-    tls = tls_creator(config) if config.tls else None
-    return Route(
-        _server_label(config),
-        lambda: server_endpoint(reactor, config, tls),
-        config.password,
-        config.tls,
-        key=tuple(getattr(config, name) for name in _ROUTE_FIELDS),
-    )
 
 
 class ClientService(service.MultiService):
@@ -230,7 +202,7 @@ class ClientService(service.MultiService):
         _log.info(
             "anytls-client: proxy (SOCKS5, SOCKS4a, HTTP) on {listen}; {servers_text}{extra}",
             listen=", ".join(self.listen),
-            servers=[_server_label(c) for c in self.configs],
+            servers=[server_label(c) for c in self.configs],
             servers_text=_describe_servers(self.configs),
             strategy=self.strategy,
             extra=extra,
@@ -290,7 +262,7 @@ class ClientService(service.MultiService):
         _log.info(
             "reloaded ({why}): {servers_text}{change}; local proxy users: {users}",
             why=why,
-            servers=[_server_label(c) for c in configs],
+            servers=[server_label(c) for c in configs],
             servers_text=_describe_servers(configs),
             server_changed=changed,
             change=(
@@ -307,14 +279,8 @@ class ClientService(service.MultiService):
 
 
 def _describe_servers(configs: Sequence[ClientConfig]) -> str:
-    parts = [f"{_server_label(c)} ({_describe_tls(c)})" for c in configs]
+    parts = [f"{server_label(c)} ({_describe_tls(c)})" for c in configs]
     return ("server " if len(parts) == 1 else "servers ") + ", ".join(parts)
-
-
-def _server_label(config: ClientConfig) -> str:
-    """``host:port`` of the server, IPv6 in brackets, for the log."""
-    host = f"[{config.server}]" if ":" in config.server else config.server
-    return f"{host}:{config.server_port}"
 
 
 def _describe_tls(config: ClientConfig) -> str:
