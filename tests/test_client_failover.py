@@ -400,3 +400,17 @@ class PrewarmHoldTests(PrewarmSetup):
         s, _ = self.stream()  # takes the warm session: the server serves
         self.assertIsNotNone(s.context)
         self.assertEqual(self.m._refill_hold, {})
+
+
+class SettingsKeptTests(SynchronousTestCase):
+    def test_an_empty_liveness_or_pool_given_is_the_one_used(self):
+        """Both are empty containers (false) when new: a manager must not take them for
+        "not given" and fall back to defaults (``--heartbeat-idle`` was once ignored so)."""
+        from anytls_twisted.client.liveness import Liveness
+
+        liveness, pool = Liveness(0.5, 1.0), Pool(reuse=False)
+        m = SessionManager(
+            lambda: FakeEndpoint(), PASSWORD, MemoryReactorClock(), pool, liveness=liveness
+        )
+        self.assertIs(m.liveness, liveness)
+        self.assertIs(m.pool, pool)

@@ -18,7 +18,8 @@ import tempfile
 import urllib.parse
 from typing import List
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from .e2e_support import (
@@ -288,6 +289,24 @@ class ClientEndToEndMixin:
             self.assertEqual(server.sessions_opened(), 1)
         self.h.assert_alive(client.process)
         self.h.assert_alive(server.process)
+
+    @e2e_test
+    def test_heartbeat_before_reuse(self):
+        """The server answers a heartbeat: an idle session silent for longer than
+        ``--heartbeat-idle`` is asked before reuse and, answered, carries the next stream (no
+        new session, no "no answer" line)."""
+        server = yield self.start_server()
+        client = yield start_our_client(
+            self.h,
+            ["--server", server_uri(server), "--heartbeat-idle", "0.5", "--log-level", "debug"],
+        )
+        echo = self.h.tcp_echo()
+        yield self.h.echo_once(client, echo, b"first")
+        yield deferLater(reactor, 0.7, lambda: None)  # the session stays quiet past 0.5 s
+        yield self.h.echo_once(client, echo, b"after a quiet while")
+        self.assertEqual(len(client.process.matching_lines(r"asking it with a heartbeat")), 1)
+        self.assertEqual(client.process.matching_lines(r"no answer to a heartbeat"), [])
+        self.assertEqual(client.sessions_dialled(), 1)
 
     @e2e_test
     def test_udp_associate(self):

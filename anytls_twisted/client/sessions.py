@@ -155,7 +155,9 @@ class SessionManager(Service, SessionOwner):
         self.clock = clock
         self.pool: Pool[ClientSessionProtocol] = pool if pool is not None else Pool()
         self.watchdog: Watchdog[ClientSessionProtocol, IStream] = Watchdog()
-        self.liveness: Liveness[ClientSessionProtocol] = liveness or Liveness()
+        self.liveness: Liveness[ClientSessionProtocol] = (
+            liveness if liveness is not None else Liveness()
+        )
         self.client_name = client_name
         self.randrange = randrange
         self.padding: PaddingScheme = DEFAULT_SCHEME
@@ -258,6 +260,13 @@ class SessionManager(Service, SessionOwner):
         self, session: ClientSessionProtocol, stream: ClientStream, now: float
     ) -> None:
         """Ask a silent idle session with a heartbeat; ``stream`` waits for the answer."""
+        _log.debug(
+            "session {session_id} ({server}) was silent for {heartbeat_idle:g}s or more: "
+            "asking it with a heartbeat before reuse",
+            session_id=session.session_id,
+            server=session.server,
+            heartbeat_idle=self.liveness.check_after,
+        )
         session.heartbeat()
         self.liveness.asked(session, now)
         timer = self.clock.callLater(self.liveness.answer_timeout, self._check_failed, session)
