@@ -309,6 +309,28 @@ class ClientEndToEndMixin:
         self.assertEqual(client.sessions_dialled(), 1)
 
     @e2e_test
+    def test_prewarmed_session_carries_the_first_stream(self):
+        """``--prewarm 1``: a session is dialled at start and announces itself without a stream
+        (Settings alone); the server answers it, and the first stream then uses it."""
+        server = yield self.start_server()
+        client = yield start_our_client(
+            self.h, ["--server", server_uri(server), "--prewarm", "1", "--log-level", "debug"]
+        )
+        match = yield client.process.wait_for_line(
+            r"session (\d+) to the server open \(\S+, ready, pre-warmed\)", 15.0
+        )
+        warm = match.group(1)
+        echo = self.h.tcp_echo()
+        yield self.h.echo_once(client, echo, b"no handshake for me")
+        self.assertTrue(client.process.matching_lines(rf"stream {warm}/1 open to "))
+        # Taking it made the client warm another one, also answered.
+        yield poll_until(
+            lambda: len(client.process.matching_lines(r"ready, pre-warmed")) == 2,
+            15.0,
+            "a second pre-warmed session",
+        )
+
+    @e2e_test
     def test_udp_associate(self):
         """SOCKS5 UDP ASSOCIATE (UoT v2, non-connect): 30 datagrams to a 127.0.0.1 echo and
         (when available) 30 to a ::1 echo, each echoed intact."""
