@@ -11,7 +11,7 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.client.liveness import ANSWER_TIMEOUT, CHECK_AFTER
+from anytls_twisted.client.liveness import ANSWER_TIMEOUT, CHECK_AFTER, Liveness
 from anytls_twisted.client.pool import Pool
 from anytls_twisted.client.sessions import LIVENESS_TICK, Route, SessionManager
 from anytls_twisted.client.stream import ClientStream
@@ -48,7 +48,7 @@ class Base(SynchronousTestCase):
         self.m.startService()
         self.addCleanup(self.m.stopService)
 
-    def make(self, strategy="round-robin", prewarm=0, pool=None):
+    def make(self, strategy="round-robin", prewarm=0, pool=None, liveness=None):
         routes = [
             Route(name, (lambda e=endpoint: e), PASSWORD)
             for name, endpoint in self.endpoints.items()
@@ -63,6 +63,7 @@ class Base(SynchronousTestCase):
             strategy=strategy,
             prewarm=prewarm,
             uniform=HIGH,
+            liveness=liveness,
         )
 
     def stream(self):
@@ -274,6 +275,23 @@ class LivenessTests(Base):
         kill(server)
         self.assertTrue(local.transport.disconnecting)  # an error, not a hang
         self.assertEqual(len(self.lines("presumed dead")), 1)
+
+    def test_the_given_heartbeat_settings_are_used(self):
+        """--heartbeat-idle and --heartbeat-timeout reach the manager: a new Liveness is
+        empty, hence false, and must not be swapped for the default one (it was)."""
+        liveness = Liveness(1.0, 1.0)
+        self.m.stopService()
+        self.m = self.make(liveness=liveness)
+        self.m.startService()
+        self.assertIs(self.m.liveness, liveness)
+        server = self.idle_session()
+        self.clock.advance(1.0)
+        s, local = self.stream()
+        self.assertEqual([f.cmd for f in server.frames()], [Command.HEART_REQUEST])
+        self.clock.advance(1.0)
+        self.assertTrue(server.transport.disconnecting)
+        kill(server)
+        self.assertEqual(len(self.lines("no answer to a heartbeat in 1s before reuse")), 1)
 
     def test_a_busy_session_that_answers_stays(self):
         (a,) = self.endpoints.values()

@@ -155,7 +155,10 @@ class SessionManager(Service, SessionOwner):
         self.clock = clock
         self.pool: Pool[ClientSessionProtocol] = pool if pool is not None else Pool()
         self.watchdog: Watchdog[ClientSessionProtocol, IStream] = Watchdog()
-        self.liveness: Liveness[ClientSessionProtocol] = liveness or Liveness()
+        # Not ``liveness or Liveness()``: a Liveness has a length, and a new one is empty.
+        self.liveness: Liveness[ClientSessionProtocol] = (
+            liveness if liveness is not None else Liveness()
+        )
         self.client_name = client_name
         self.randrange = randrange
         self.padding: PaddingScheme = DEFAULT_SCHEME
