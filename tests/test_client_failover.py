@@ -249,7 +249,7 @@ class LivenessTests(Base):
         self.clock.advance(CHECK_AFTER + 1)
         s, local = self.stream()
         self.clock.advance(ANSWER_TIMEOUT)
-        self.assertTrue(server.transport.disconnecting)
+        self.assertTrue(server.transport.aborted)  # presumed dead: no polite close
         kill(server)
         self.assertEqual(len(a.sessions), 2)
         answer(a.sessions[1], s)
@@ -271,7 +271,9 @@ class LivenessTests(Base):
         self.clock.advance(LIVENESS_TICK * 3)  # 15 s of silence: asked
         self.assertEqual([f.cmd for f in server.frames()], [Command.HEART_REQUEST])
         self.clock.advance(LIVENESS_TICK)  # answer_timeout (5 s) later: presumed dead
-        self.assertTrue(server.transport.disconnecting)
+        # Aborted: a polite close would wait CLOSE_GRACE (5 s) for a close_notify that a dead
+        # path never brings, and the application would be told only then.
+        self.assertTrue(server.transport.aborted)
         kill(server)
         self.assertTrue(local.transport.disconnecting)  # an error, not a hang
         self.assertEqual(len(self.lines("presumed dead")), 1)
@@ -292,6 +294,22 @@ class LivenessTests(Base):
         self.assertTrue(server.transport.disconnecting)
         kill(server)
         self.assertEqual(len(self.lines("no answer to a heartbeat in 1s before reuse")), 1)
+
+    def test_a_silent_reused_session_is_aborted_and_its_stream_moved_at_once(self):
+        """A stream opened on a reused session that stays silent past the SYNACK deadline:
+        the session is aborted (not closed politely, which waited CLOSE_GRACE, 5 s more, before
+        the stream could move), and the stream, which sent only its SYN, opens elsewhere."""
+        (a,) = self.endpoints.values()
+        server = self.idle_session()
+        s, local = self.stream()  # heard from just now: reused without asking
+        self.assertIn(Command.SYN, [f.cmd for f in server.frames()])
+        self.clock.advance(self.m.watchdog.timeout)
+        self.assertTrue(server.transport.aborted)
+        kill(server, Failure(ConnectionLost("aborted")))  # what the abort brings
+        self.clock.advance(0.1)  # the retry schedule's second step
+        self.assertEqual(len(a.sessions), 2)
+        answer(a.sessions[1], s)
+        self.assertEqual(local.events, ["established"])
 
     def test_a_busy_session_that_answers_stays(self):
         (a,) = self.endpoints.values()
@@ -362,7 +380,7 @@ class PrewarmTests(Base):
                 for frame in server.frames():
                     if frame.cmd == Command.HEART_REQUEST:
                         server.send(Command.HEART_RESPONSE, 0)
-        self.assertTrue(dead.transport.disconnecting)
+        self.assertTrue(dead.transport.aborted)
         kill(dead)
         self.assertEqual(len(a.sessions), 2)  # refilled
 

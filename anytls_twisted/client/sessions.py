@@ -258,6 +258,7 @@ class SessionManager(Service, SessionOwner):
             session,
             f"no answer to a heartbeat in {self.liveness.answer_timeout:g}s before reuse",
             "liveness",
+            abort=True,
         )
         self.open(stream)
 
@@ -432,7 +433,7 @@ class SessionManager(Service, SessionOwner):
             # Open and quiet: a version-1 server, which never answers before a stream.
             self._warm_answered(session, warming)
             return
-        self._close(session, f"no answer from the server in {WARM_TIMEOUT:g}s", "error")
+        self._close(session, f"no answer from the server in {WARM_TIMEOUT:g}s", "error", abort=True)
 
     def _warm_answered(self, session: ClientSessionProtocol, warming: _Warming) -> None:
         del self._warming[session]
@@ -645,7 +646,13 @@ class SessionManager(Service, SessionOwner):
     def _close(
         self, session: ClientSessionProtocol, why: str, cause: str, abort: bool = False
     ) -> None:
-        """Close ``session`` for ``why`` (the log's words); ``cause`` is the metrics' class."""
+        """Close ``session`` for ``why`` (the log's words); ``cause`` is the metrics' class.
+
+        Sessions presumed dead (a heartbeat, a SYNACK or a probe unanswered) are closed with
+        ``abort``: a polite close would wait :data:`~..session_shell.CLOSE_GRACE` seconds for
+        the peer's close_notify, which a dead path never brings, and only then end the
+        session's streams (the application told late, a stream waiting for its SYNACK moved to
+        another session late)."""
         if not session.closed:
             self._causes[session] = cause
         session.close(why, abort=abort)
@@ -687,6 +694,7 @@ class SessionManager(Service, SessionOwner):
                 session,
                 f"no answer to a heartbeat in {self.liveness.answer_timeout:g}s (presumed dead)",
                 "liveness",
+                abort=True,
             )
         self._refill()
 
@@ -712,7 +720,7 @@ class SessionManager(Service, SessionOwner):
                 stream.reset(reason)
             elif isinstance(action, CloseSession):
                 self.metrics.watchdog_closed()
-                self._close(action.session, f"silent: {reason}", "watchdog")
+                self._close(action.session, f"silent: {reason}", "watchdog", abort=True)
         self._arm_watch_timer()
 
 
