@@ -311,6 +311,26 @@ class LivenessTests(Base):
         answer(a.sessions[1], s)
         self.assertEqual(local.events, ["established"])
 
+    def test_short_heartbeat_settings_check_busy_sessions_as_often(self):
+        """With --heartbeat-idle 1 --heartbeat-timeout 1 a silent busy session is asked after
+        1 s and closed 1 s later, not at the 5 s liveness ticks (up to 10 s)."""
+        self.m.stopService()
+        self.m = self.make(liveness=Liveness(1.0, 1.0))
+        self.m.startService()
+        self.assertEqual(self.m.tick_interval, 1.0)
+        (a,) = self.endpoints.values()
+        s, local = self.stream()
+        server = a.sessions[0]
+        answer(server, s)
+        server.frames()
+        self.clock.advance(1.0)
+        self.assertEqual([f.cmd for f in server.frames()], [Command.HEART_REQUEST])
+        self.clock.advance(1.0)
+        self.assertTrue(server.transport.aborted)
+        kill(server)
+        self.assertTrue(local.transport.disconnecting)
+        self.assertEqual(len(self.lines("no answer to a heartbeat in 1s (presumed dead)")), 1)
+
     def test_a_busy_session_that_answers_stays(self):
         (a,) = self.endpoints.values()
         s, _ = self.stream()

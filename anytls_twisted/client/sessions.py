@@ -50,7 +50,8 @@ from .stream import ClientStream
 
 _log = get_logger("anytls_twisted.client.sessions")
 
-#: Seconds between liveness checks of busy sessions (and pre-warm top-ups).
+#: Seconds between liveness checks of busy sessions (and pre-warm top-ups); shorter when the
+#: heartbeat settings are (:attr:`SessionManager.tick_interval`).
 LIVENESS_TICK = 5.0
 #: Seconds a probe or pre-warm session may take to be answered by the server.
 WARM_TIMEOUT = 10.0
@@ -206,7 +207,7 @@ class SessionManager(Service, SessionOwner):
     def startService(self) -> None:
         super().startService()
         self._reaper.start(self.pool.idle_session_check_interval, now=False)
-        self._ticker.start(LIVENESS_TICK, now=False)
+        self._ticker.start(self.tick_interval, now=False)
         self._refill()
 
     def stopService(self) -> Optional[Deferred[None]]:
@@ -676,8 +677,16 @@ class SessionManager(Service, SessionOwner):
     def _idle_count(self, health: Health) -> int:
         return sum(1 for s in self.pool.idle_sessions() if self._health_of.get(s) is health)
 
+    @property
+    def tick_interval(self) -> float:
+        """Seconds between :meth:`tick` calls: :data:`LIVENESS_TICK`, or less when the
+        heartbeat settings are shorter, so that a busy session is asked about when it has been
+        silent for ``check_after`` and closed about ``answer_timeout`` later (with a 5 s tick,
+        ``--heartbeat-timeout 1`` took up to 5 s, and detection up to two ticks)."""
+        return min(LIVENESS_TICK, self.liveness.check_after, self.liveness.answer_timeout)
+
     def tick(self) -> None:
-        """Every :data:`LIVENESS_TICK`: ask busy sessions that went silent, close those that
+        """Every :attr:`tick_interval`: ask busy sessions that went silent, close those that
         did not answer, and keep idle ones that wait for pre-warmed streams answered."""
         now = self.clock.seconds()
         busy = [
