@@ -11,7 +11,7 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.client.liveness import ANSWER_TIMEOUT, CHECK_AFTER
+from anytls_twisted.client.liveness import ANSWER_TIMEOUT, CHECK_AFTER, Liveness
 from anytls_twisted.client.pool import Pool
 from anytls_twisted.client.sessions import LIVENESS_TICK, Route, SessionManager
 from anytls_twisted.client.stream import ClientStream
@@ -48,7 +48,7 @@ class Base(SynchronousTestCase):
         self.m.startService()
         self.addCleanup(self.m.stopService)
 
-    def make(self, strategy="round-robin", prewarm=0, pool=None):
+    def make(self, strategy="round-robin", prewarm=0, pool=None, liveness=None):
         routes = [
             Route(name, (lambda e=endpoint: e), PASSWORD)
             for name, endpoint in self.endpoints.items()
@@ -63,6 +63,7 @@ class Base(SynchronousTestCase):
             strategy=strategy,
             prewarm=prewarm,
             uniform=HIGH,
+            liveness=liveness,
         )
 
     def stream(self):
@@ -248,7 +249,7 @@ class LivenessTests(Base):
         self.clock.advance(CHECK_AFTER + 1)
         s, local = self.stream()
         self.clock.advance(ANSWER_TIMEOUT)
-        self.assertTrue(server.transport.disconnecting)
+        self.assertTrue(server.transport.aborted)  # presumed dead: no polite close
         kill(server)
         self.assertEqual(len(a.sessions), 2)
         answer(a.sessions[1], s)
@@ -270,10 +271,65 @@ class LivenessTests(Base):
         self.clock.advance(LIVENESS_TICK * 3)  # 15 s of silence: asked
         self.assertEqual([f.cmd for f in server.frames()], [Command.HEART_REQUEST])
         self.clock.advance(LIVENESS_TICK)  # answer_timeout (5 s) later: presumed dead
-        self.assertTrue(server.transport.disconnecting)
+        # Aborted: a polite close would wait CLOSE_GRACE (5 s) for a close_notify that a dead
+        # path never brings, and the application would be told only then.
+        self.assertTrue(server.transport.aborted)
         kill(server)
         self.assertTrue(local.transport.disconnecting)  # an error, not a hang
         self.assertEqual(len(self.lines("presumed dead")), 1)
+
+    def test_the_given_heartbeat_settings_are_used(self):
+        """--heartbeat-idle and --heartbeat-timeout reach the manager: a new Liveness is
+        empty, hence false, and must not be swapped for the default one (it was)."""
+        liveness = Liveness(1.0, 1.0)
+        self.m.stopService()
+        self.m = self.make(liveness=liveness)
+        self.m.startService()
+        self.assertIs(self.m.liveness, liveness)
+        server = self.idle_session()
+        self.clock.advance(1.0)
+        s, local = self.stream()
+        self.assertEqual([f.cmd for f in server.frames()], [Command.HEART_REQUEST])
+        self.clock.advance(1.0)
+        self.assertTrue(server.transport.disconnecting)
+        kill(server)
+        self.assertEqual(len(self.lines("no answer to a heartbeat in 1s before reuse")), 1)
+
+    def test_a_silent_reused_session_is_aborted_and_its_stream_moved_at_once(self):
+        """A stream opened on a reused session that stays silent past the SYNACK deadline:
+        the session is aborted (not closed politely, which waited CLOSE_GRACE, 5 s more, before
+        the stream could move), and the stream, which sent only its SYN, opens elsewhere."""
+        (a,) = self.endpoints.values()
+        server = self.idle_session()
+        s, local = self.stream()  # heard from just now: reused without asking
+        self.assertIn(Command.SYN, [f.cmd for f in server.frames()])
+        self.clock.advance(self.m.watchdog.timeout)
+        self.assertTrue(server.transport.aborted)
+        kill(server, Failure(ConnectionLost("aborted")))  # what the abort brings
+        self.clock.advance(0.1)  # the retry schedule's second step
+        self.assertEqual(len(a.sessions), 2)
+        answer(a.sessions[1], s)
+        self.assertEqual(local.events, ["established"])
+
+    def test_short_heartbeat_settings_check_busy_sessions_as_often(self):
+        """With --heartbeat-idle 1 --heartbeat-timeout 1 a silent busy session is asked after
+        1 s and closed 1 s later, not at the 5 s liveness ticks (up to 10 s)."""
+        self.m.stopService()
+        self.m = self.make(liveness=Liveness(1.0, 1.0))
+        self.m.startService()
+        self.assertEqual(self.m.tick_interval, 1.0)
+        (a,) = self.endpoints.values()
+        s, local = self.stream()
+        server = a.sessions[0]
+        answer(server, s)
+        server.frames()
+        self.clock.advance(1.0)
+        self.assertEqual([f.cmd for f in server.frames()], [Command.HEART_REQUEST])
+        self.clock.advance(1.0)
+        self.assertTrue(server.transport.aborted)
+        kill(server)
+        self.assertTrue(local.transport.disconnecting)
+        self.assertEqual(len(self.lines("no answer to a heartbeat in 1s (presumed dead)")), 1)
 
     def test_a_busy_session_that_answers_stays(self):
         (a,) = self.endpoints.values()
@@ -348,7 +404,7 @@ class PrewarmTests(PrewarmSetup):
                 for frame in server.frames():
                     if frame.cmd == Command.HEART_REQUEST:
                         server.send(Command.HEART_RESPONSE, 0)
-        self.assertTrue(dead.transport.disconnecting)
+        self.assertTrue(dead.transport.aborted)
         kill(dead)
         self.assertEqual(len(a.sessions), 2)  # refilled
 

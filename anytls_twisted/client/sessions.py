@@ -50,7 +50,8 @@ from .stream import ClientStream
 
 _log = get_logger("anytls_twisted.client.sessions")
 
-#: Seconds between liveness checks of busy sessions (and pre-warm top-ups).
+#: Seconds between liveness checks of busy sessions (and pre-warm top-ups); shorter when the
+#: heartbeat settings are (:attr:`SessionManager.tick_interval`).
 LIVENESS_TICK = 5.0
 #: Seconds a probe or pre-warm session may take to be answered by the server.
 WARM_TIMEOUT = 10.0
@@ -155,6 +156,7 @@ class SessionManager(Service, SessionOwner):
         self.clock = clock
         self.pool: Pool[ClientSessionProtocol] = pool if pool is not None else Pool()
         self.watchdog: Watchdog[ClientSessionProtocol, IStream] = Watchdog()
+        # Not ``liveness or Liveness()``: a Liveness has a length, and a new one is empty.
         self.liveness: Liveness[ClientSessionProtocol] = (
             liveness if liveness is not None else Liveness()
         )
@@ -210,7 +212,7 @@ class SessionManager(Service, SessionOwner):
     def startService(self) -> None:
         super().startService()
         self._reaper.start(self.pool.idle_session_check_interval, now=False)
-        self._ticker.start(LIVENESS_TICK, now=False)
+        self._ticker.start(self.tick_interval, now=False)
         self._refill()
 
     def stopService(self) -> Optional[Deferred[None]]:
@@ -278,6 +280,7 @@ class SessionManager(Service, SessionOwner):
             session,
             f"no answer to a heartbeat in {self.liveness.answer_timeout:g}s before reuse",
             "liveness",
+            abort=True,
         )
         self.open(stream)
 
@@ -455,7 +458,7 @@ class SessionManager(Service, SessionOwner):
             # Open and quiet: a version-1 server, which never answers before a stream.
             self._warm_answered(session, warming)
             return
-        self._close(session, f"no answer from the server in {WARM_TIMEOUT:g}s", "error")
+        self._close(session, f"no answer from the server in {WARM_TIMEOUT:g}s", "error", abort=True)
 
     def _warm_answered(self, session: ClientSessionProtocol, warming: _Warming) -> None:
         del self._warming[session]
@@ -699,7 +702,13 @@ class SessionManager(Service, SessionOwner):
     def _close(
         self, session: ClientSessionProtocol, why: str, cause: str, abort: bool = False
     ) -> None:
-        """Close ``session`` for ``why`` (the log's words); ``cause`` is the metrics' class."""
+        """Close ``session`` for ``why`` (the log's words); ``cause`` is the metrics' class.
+
+        Sessions presumed dead (a heartbeat, a SYNACK or a probe unanswered) are closed with
+        ``abort``: a polite close would wait :data:`~..session_shell.CLOSE_GRACE` seconds for
+        the peer's close_notify, which a dead path never brings, and only then end the
+        session's streams (the application told late, a stream waiting for its SYNACK moved to
+        another session late)."""
         if not session.closed:
             self._causes[session] = cause
         session.close(why, abort=abort)
@@ -735,8 +744,16 @@ class SessionManager(Service, SessionOwner):
     def _idle_count(self, health: Health) -> int:
         return sum(1 for s in self.pool.idle_sessions() if self._health_of.get(s) is health)
 
+    @property
+    def tick_interval(self) -> float:
+        """Seconds between :meth:`tick` calls: :data:`LIVENESS_TICK`, or less when the
+        heartbeat settings are shorter, so that a busy session is asked about when it has been
+        silent for ``check_after`` and closed about ``answer_timeout`` later (with a 5 s tick,
+        ``--heartbeat-timeout 1`` took up to 5 s, and detection up to two ticks)."""
+        return min(LIVENESS_TICK, self.liveness.check_after, self.liveness.answer_timeout)
+
     def tick(self) -> None:
-        """Every :data:`LIVENESS_TICK`: ask busy sessions that went silent, close those that
+        """Every :attr:`tick_interval`: ask busy sessions that went silent, close those that
         did not answer, and keep idle ones that wait for pre-warmed streams answered."""
         now = self.clock.seconds()
         busy = [
@@ -753,6 +770,7 @@ class SessionManager(Service, SessionOwner):
                 session,
                 f"no answer to a heartbeat in {self.liveness.answer_timeout:g}s (presumed dead)",
                 "liveness",
+                abort=True,
             )
         self._refill()
 
@@ -778,7 +796,7 @@ class SessionManager(Service, SessionOwner):
                 stream.reset(reason)
             elif isinstance(action, CloseSession):
                 self.metrics.watchdog_closed()
-                self._close(action.session, f"silent: {reason}", "watchdog")
+                self._close(action.session, f"silent: {reason}", "watchdog", abort=True)
         self._arm_watch_timer()
 
 
