@@ -29,6 +29,9 @@ from twisted.web.resource import Resource
 #: Label values known in advance, exported as 0 from the start.
 AUTH_FAILURE_REASONS = ("wrong_password", "timeout")
 CONNECT_FAILURE_REASONS = ("refused", "timeout", "no_such_host", "policy", "other")
+#: Why the reaper closed a session: ``idle`` (--idle-session-timeout), ``heartbeat`` (a
+#: heartbeat went unanswered, --heartbeat-timeout).
+REAP_REASONS = ("idle", "heartbeat")
 STREAM_KINDS = ("tcp", "udp")
 DIRECTIONS = ("client_to_origin", "origin_to_client")
 #: SYNACK latency buckets (seconds): loopback connects up to the guard (2 s) and the connect
@@ -63,8 +66,11 @@ class NullMetrics:
     def destination_refused(self, kind: str) -> None:
         """The destination policy refused a destination (``udp``: one datagram)."""
 
-    def session_reaped(self) -> None:
-        """The reaper closed an idle session."""
+    def session_reaped(self, reason: str = "idle") -> None:
+        """The reaper closed a session: ``idle`` or ``heartbeat`` (no answer)."""
+
+    def heartbeat_sent(self) -> None:
+        """The reaper asked a silent idle session with a heartbeat."""
 
 
 #: The shared do-nothing instance.
@@ -85,7 +91,8 @@ class Metrics(NullMetrics):
     @ivar refused: ``anytls_destinations_refused_total``: destinations the policy refused, by
         kind.
     @ivar synack_latency: ``anytls_synack_latency_seconds``, by kind and result.
-    @ivar reaped: ``anytls_sessions_reaped_total``: idle sessions the reaper closed.
+    @ivar reaped: ``anytls_sessions_reaped_total``: sessions the reaper closed, by reason.
+    @ivar heartbeats: ``anytls_heartbeats_sent_total``: heartbeats sent to silent idle sessions.
     @ivar _sessions: The authenticated sessions open now.
     @ivar _streams: The streams open now; their byte and datagram counters are read at scrape
         time.
@@ -138,8 +145,16 @@ class Metrics(NullMetrics):
             registry=r,
         )
         self.reaped = Counter(
-            "anytls_sessions_reaped", "Idle sessions closed by the reaper.", registry=r
+            "anytls_sessions_reaped",
+            "Sessions closed by the reaper, by reason (idle, heartbeat: no answer).",
+            ["reason"],
+            registry=r,
         )
+        self.heartbeats = Counter(
+            "anytls_heartbeats_sent", "Heartbeats sent to silent idle sessions.", registry=r
+        )
+        for reason in REAP_REASONS:
+            self.reaped.labels(reason)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
         for reason in CONNECT_FAILURE_REASONS:
@@ -160,8 +175,11 @@ class Metrics(NullMetrics):
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason).inc()
 
-    def session_reaped(self) -> None:
-        self.reaped.inc()
+    def session_reaped(self, reason: str = "idle") -> None:
+        self.reaped.labels(reason).inc()
+
+    def heartbeat_sent(self) -> None:
+        self.heartbeats.inc()
 
     # Streams.
     def stream_opened(self, stream) -> None:

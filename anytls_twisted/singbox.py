@@ -9,6 +9,7 @@ not implement named in one warning instead of silently dropped.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Collection, Dict, List
 
 #: Fields of every sing-box block that change nothing here.
@@ -82,3 +83,28 @@ def check_fields(
         else "fields " + ", ".join(skipped) + " are"
     )
     return [f"{path}: sing-box {fields} not supported by anytls-twisted and ignored"]
+
+
+#: sing-box durations (Go ``time.ParseDuration``), for both sides' config files.
+_DURATION = re.compile(r"(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """A sing-box (Go ``time.ParseDuration``) duration such as ``"30s"``, ``"1m30s"`` or
+    ``"500ms"`` -> seconds; ``"0"`` is allowed bare, signs are not (no negative intervals)."""
+    if text == "0":
+        return 0.0
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f'{text!r} is not a duration such as "30s", "1m30s" or "500ms"')
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))

@@ -11,12 +11,12 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted.client.liveness import ANSWER_TIMEOUT, CHECK_AFTER, Liveness
 from anytls_twisted.client.pool import Pool
 from anytls_twisted.client.sessions import LIVENESS_TICK, Route, SessionManager
 from anytls_twisted.client.stream import ClientStream
 from anytls_twisted.protocol.address import Destination
 from anytls_twisted.protocol.codec import Command
+from anytls_twisted.protocol.liveness import ANSWER_TIMEOUT, CHECK_AFTER, Liveness
 
 from .helpers import capture_events
 from .test_client_session import LOW, PASSWORD, FakeEndpoint, Local
@@ -462,7 +462,7 @@ class SettingsKeptTests(SynchronousTestCase):
     def test_an_empty_liveness_or_pool_given_is_the_one_used(self):
         """Both are empty containers (false) when new: a manager must not take them for
         "not given" and fall back to defaults (``--heartbeat-idle`` was once ignored so)."""
-        from anytls_twisted.client.liveness import Liveness
+        from anytls_twisted.protocol.liveness import Liveness
 
         liveness, pool = Liveness(0.5, 1.0), Pool(reuse=False)
         m = SessionManager(

@@ -183,6 +183,19 @@ class OptionsWithConfigTests(SynchronousTestCase):
         self.assertEqual(settings.alpn, ())
         self.assertEqual(settings.config.padding.raw, DEFAULT_SCHEME.raw)
 
+    def test_heartbeat_fields(self):
+        """heartbeat_interval/heartbeat_timeout (sing-box durations) set the heartbeats; the
+        command line beats them; absent, the defaults apply."""
+        path = self.config(dict(INBOUND, heartbeat_interval="25s", heartbeat_timeout="1m"))
+        config = self.parse("--config", path).config
+        self.assertEqual((config.heartbeat_interval, config.heartbeat_timeout), (25, 60))
+        config = self.parse("--config", path, "--heartbeat-interval", "0").config
+        self.assertEqual((config.heartbeat_interval, config.heartbeat_timeout), (0, 60))
+        config = self.parse("--config", self.config(dict(INBOUND, heartbeat_interval="0s"))).config
+        self.assertEqual((config.heartbeat_interval, config.heartbeat_timeout), (0, 15))
+        config = self.parse("--config", self.config()).config
+        self.assertEqual((config.heartbeat_interval, config.heartbeat_timeout), (60, 15))
+
     def test_invalid_file_is_usage_error(self):
         self.assertRaises(
             usage.UsageError, self.parse, "--config", self.config(dict(INBOUND, users="x"))

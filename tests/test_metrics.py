@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from anytls_twisted.metrics import (
     AUTH_FAILURE_REASONS,
     CONNECT_FAILURE_REASONS,
+    REAP_REASONS,
     Metrics,
     NullMetrics,
     metrics_resource,
@@ -91,8 +92,8 @@ class InterfaceTests(SynchronousTestCase):
         """Each Metrics has its own registry, so several servers fit in one process."""
         a, b = Metrics(), Metrics()
         a.session_reaped()
-        self.assertEqual(value(a, "anytls_sessions_reaped_total"), 1)
-        self.assertEqual(value(b, "anytls_sessions_reaped_total"), 0)
+        self.assertEqual(value(a, "anytls_sessions_reaped_total", reason="idle"), 1)
+        self.assertEqual(value(b, "anytls_sessions_reaped_total", reason="idle"), 0)
 
     def test_known_labels_exported_as_zero(self):
         metrics = Metrics()
@@ -112,6 +113,14 @@ class InterfaceTests(SynchronousTestCase):
             self.assertEqual(
                 metrics.registry.get_sample_value("anytls_streams_open", {"kind": kind}), 0
             )
+        for reason in REAP_REASONS:
+            self.assertEqual(
+                metrics.registry.get_sample_value(
+                    "anytls_sessions_reaped_total", {"reason": reason}
+                ),
+                0,
+            )
+        self.assertEqual(metrics.registry.get_sample_value("anytls_heartbeats_sent_total"), 0)
         self.assertEqual(metrics.registry.get_sample_value("anytls_sessions_open"), 0)
 
 
@@ -153,14 +162,35 @@ class SessionMetricsTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "anytls_auth_failures_total", reason="wrong_password"), 0)
 
     def test_reaped(self):
-        server, metrics = metered(idle_session_timeout=300, idle_session_check_interval=30)
+        server, metrics = metered(
+            idle_session_timeout=300, idle_session_check_interval=30, heartbeat_interval=0
+        )
         reaper = ReaperService(server.registry, 30, server.reactor)
         reaper.startService()
         self.addCleanup(reaper.stopService)
         client = session(server)
         server.reactor.advance(300)
         self.assertTrue(client.closed)
-        self.assertEqual(value(metrics, "anytls_sessions_reaped_total"), 1)
+        self.assertEqual(value(metrics, "anytls_sessions_reaped_total", reason="idle"), 1)
+        self.assertEqual(value(metrics, "anytls_sessions_reaped_total", reason="heartbeat"), 0)
+        self.assertEqual(value(metrics, "anytls_heartbeats_sent_total"), 0)
+
+    def test_heartbeats_sent_and_unanswered(self):
+        """Each heartbeat sent is counted; a session closed for not answering one is reaped
+        with reason ``heartbeat``, not ``idle``."""
+        server, metrics = metered(heartbeat_interval=60, heartbeat_timeout=15)
+        reaper = ReaperService(server.registry, None, server.reactor)
+        reaper.startService()
+        self.addCleanup(reaper.stopService)
+        answering, silent = session(server), session(server)
+        server.reactor.advance(67.5)
+        self.assertEqual(value(metrics, "anytls_heartbeats_sent_total"), 2)
+        answering.frame(Command.HEART_RESPONSE, 0)
+        server.reactor.advance(15)
+        self.assertTrue(silent.closed)
+        self.assertFalse(answering.closed)
+        self.assertEqual(value(metrics, "anytls_sessions_reaped_total", reason="heartbeat"), 1)
+        self.assertEqual(value(metrics, "anytls_sessions_reaped_total", reason="idle"), 0)
 
 
 class StreamMetricsTests(SynchronousTestCase):
@@ -400,6 +430,7 @@ class ResourceTests(SynchronousTestCase):
             "anytls_uot_datagrams": "counter",
             "anytls_uot_datagrams_dropped": "counter",
             "anytls_sessions_reaped": "counter",
+            "anytls_heartbeats_sent": "counter",
         }
         for name, kind in expected.items():
             self.assertIn(name, families)

@@ -191,6 +191,18 @@ class ServerRulesTests(SynchronousTestCase):
         self.assertTrue(machine.still_authorised(USERS.lookup))
         self.assertFalse(machine.still_authorised(UserTable([("alice", "new")]).lookup))
 
+    def test_filler_counts_waste_and_heartbeat_answers_only(self):
+        """``filler_in``: the bytes of whole Waste and HeartResponse frames, which are not the
+        peer doing anything (the server's idle reaper ignores reads made only of them)."""
+        machine = opened_server()
+        feed(machine, encode_frame(Command.HEART_REQUEST, 0) + encode_frame(Command.SYN, 1))
+        feed(machine, encode_frame(Command.PSH, 1, b"data") + encode_frame(Command.FIN, 1))
+        self.assertEqual(machine.filler_in, 0)
+        answer = encode_frame(Command.HEART_RESPONSE, 0)
+        waste = encode_frame(Command.WASTE, 0, b"\0" * 30)
+        self.assertEqual(feed(machine, answer + waste), [m.HeartbeatAnswered(0)])
+        self.assertEqual(machine.filler_in, len(answer) + len(waste))
+
     @settings(max_examples=50, deadline=None)
     @given(st.lists(st.integers(min_value=1, max_value=300), max_size=6))
     def test_any_split_same_events(self, cuts):

@@ -43,6 +43,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.idle_session_timeout, defaults.IDLE_SESSION_TIMEOUT)
         self.assertEqual(config.idle_session_check_interval, defaults.IDLE_SESSION_CHECK_INTERVAL)
         self.assertEqual(config.udp_timeout, defaults.UDP_TIMEOUT)
+        self.assertEqual(config.heartbeat_interval, defaults.HEARTBEAT_INTERVAL)
+        self.assertEqual(config.heartbeat_timeout, defaults.HEARTBEAT_TIMEOUT)
+        self.assertEqual((defaults.HEARTBEAT_INTERVAL, defaults.HEARTBEAT_TIMEOUT), (60, 15))
         self.assertEqual(settings.client.server_name, "localhost")
         self.assertIs(config.padding, DEFAULT_SCHEME)
         self.assertFalse(config.policy.allow_private)
@@ -64,6 +67,14 @@ class OptionsTests(SynchronousTestCase):
             (["--auth-timeout", "-1"], "--auth-timeout: must be a positive number, got '-1'"),
             (["--udp-timeout", "nan"], "--udp-timeout: must be a positive number, got 'nan'"),
             (["--worker-index", "-2"], "--worker-index: must be a whole number, got '-2'"),
+            (
+                ["--heartbeat-interval", "-1"],
+                "--heartbeat-interval: must be 0 (off) or a positive number, got '-1'",
+            ),
+            (
+                ["--heartbeat-timeout", "0"],
+                "--heartbeat-timeout: must be a positive number, got '0'",
+            ),
         ]:
             e = self.assertRaises(usage.UsageError, self.parse, "--password", "x", *args)
             self.assertEqual(str(e), expected)
@@ -94,6 +105,8 @@ class OptionsTests(SynchronousTestCase):
             "--config",
             "--certificate-check-interval",
             "--client-config-format",
+            "--heartbeat-interval",
+            "--heartbeat-timeout",
         ]:
             self.assertIn(name, text)
         for default in [
@@ -102,8 +115,16 @@ class OptionsTests(SynchronousTestCase):
             "[default: 300.0]",
             "[default: 2.0]",
             "else localhost]",
+            "heartbeat_interval, else 60]",
+            "heartbeat_timeout, else 15]",
         ]:
             self.assertIn(default, text)
+
+    def test_heartbeat_options(self):
+        config = self.load(
+            "--password", "x", "--heartbeat-interval", "0", "--heartbeat-timeout", "2.5"
+        ).config
+        self.assertEqual((config.heartbeat_interval, config.heartbeat_timeout), (0, 2.5))
 
     def test_repeated_ports(self):
         options = self.parse(

@@ -16,14 +16,20 @@ import base64
 import binascii
 import difflib
 import json
-import re
 import urllib.parse
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import attr
 
 from ..protocol.address import AddressError, parse_host_port, parse_ip
-from ..singbox import SOCKET_FIELDS, ConfigFileError, check_fields, fail, pick_anytls
+from ..singbox import (
+    SOCKET_FIELDS,
+    ConfigFileError,
+    check_fields,
+    fail,
+    parse_duration,
+    pick_anytls,
+)
 
 __all__ = [
     "ClientConfig",
@@ -229,33 +235,6 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
             values["fingerprint"] = value
             values["warnings"] = (FINGERPRINT_WARNING.format(where=where, field=key, value=value),)
     return ClientConfig(**values)
-
-
-# --------------------------------------------------------------------------------------------
-# Durations
-
-_DURATION = re.compile(r"(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+")
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(text: str) -> float:
-    """A sing-box (Go ``time.ParseDuration``) duration such as ``"30s"``, ``"1m30s"`` or
-    ``"500ms"`` -> seconds; ``"0"`` is allowed bare, signs are not (no negative intervals)."""
-    if text == "0":
-        return 0.0
-    if not _DURATION.fullmatch(text):
-        raise ValueError(f'{text!r} is not a duration such as "30s", "1m30s" or "500ms"')
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
 
 
 # --------------------------------------------------------------------------------------------

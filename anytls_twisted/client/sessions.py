@@ -2,8 +2,8 @@
 failover, reuse, reaping, liveness, pre-warming and the SYNACK watchdog.
 
 :class:`SessionManager` is the Twisted shell around the pure rules of :class:`~.pool.Pool`,
-:class:`~.pool.Watchdog`, :class:`~.servers.Servers` and :class:`~.liveness.Liveness`
-(client-behaviour.md sections 1, 2, 4 and 9):
+:class:`~.pool.Watchdog`, :class:`~.servers.Servers` and
+:class:`~anytls_twisted.protocol.liveness.Liveness` (client-behaviour.md sections 1, 2, 4 and 9):
 
 * a stream takes the newest idle session; one silent for a while is first asked with a
   heartbeat (the stream waits for the answer and goes elsewhere without one);
@@ -40,8 +40,8 @@ from twisted.python.failure import Failure
 
 from ..interfaces import IStream
 from ..logs import get_logger
+from ..protocol.liveness import Liveness
 from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme
-from .liveness import Liveness
 from .metrics import CLIENT_NULL_METRICS, ClientNullMetrics, dial_failure_reason, session_end
 from .pool import CloseSession, Pool, ResetStream, Watchdog
 from .servers import RETRY_DELAYS, ServerHealth, Servers

@@ -20,11 +20,11 @@ from twisted.python import usage
 from .. import endpoints, logs, sighup
 from ..metrics import metrics_service
 from ..protocol.address import parse_ip
+from ..protocol.liveness import Liveness
 from ..singbox import ConfigFileError
 from .config import ClientConfig, parse_uri, to_outbound
 from .configfile import load_file
 from .connect import route, server_label, tls_creator
-from .liveness import Liveness
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
 from .metrics import CLIENT_NULL_METRICS, ClientMetrics, ClientNullMetrics

@@ -178,6 +178,9 @@ class SessionMachine(Generic[S]):
     @ivar streams: the stream table, stream id to the shell's stream object.
     @ivar streams_opened: streams ever opened on this session.
     @ivar bytes_in: bytes received, preamble included.
+    @ivar filler_in: bytes of whole Waste and HeartResponse frames received: frames that are
+        not the peer doing anything (the server's idle reaper does not count a read made only
+        of them, so answering our heartbeats does not keep an idle session forever).
     @ivar bytes_out: bytes of frames produced for the peer, headers included.
     @ivar write_paused: the peer is backed up (our transport's buffer is full); streams must
         stop reading their targets.
@@ -190,6 +193,7 @@ class SessionMachine(Generic[S]):
         self.streams: Dict[int, S] = {}
         self.streams_opened = 0
         self.bytes_in = 0
+        self.filler_in = 0
         self.bytes_out = 0
         self.write_paused = False
         self.read_paused = False
@@ -245,11 +249,12 @@ class SessionMachine(Generic[S]):
                 self._blocked.discard(frame.sid)
                 events.append(StreamClosedByPeer(stream))
         elif cmd == Command.WASTE:
-            pass
+            self.filler_in += HEADER_SIZE + len(frame.data)
         elif cmd == Command.HEART_REQUEST:
             if self._answers_heartbeats():
                 events.append(Send(self._encode(Command.HEART_RESPONSE, frame.sid)))
         elif cmd == Command.HEART_RESPONSE:
+            self.filler_in += HEADER_SIZE + len(frame.data)
             events.append(HeartbeatAnswered(frame.sid))
         elif cmd == Command.ALERT:
             if frame.data:

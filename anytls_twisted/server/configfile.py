@@ -23,12 +23,16 @@ from ..singbox import (
     ConfigFileError,
     check_fields,
     fail,
+    parse_duration,
     pick_anytls,
     string,
 )
 
 #: The inbound's fields we use, and those that make no difference here.
 _USED = {"listen", "listen_port", "users", "padding_scheme", "tls"}
+#: Our own fields (sing-box's inbound has no heartbeats): sing-box durations, like the
+#: outbound's ``idle_session_timeout``.
+_OURS = {"heartbeat_interval", "heartbeat_timeout"}
 #: sing-box's listen fields that we do not implement.
 _IGNORED = SOCKET_FIELDS | {
     "udp_timeout",
@@ -72,6 +76,8 @@ class FileSettings:
     certificate_path: Optional[str] = None
     key_path: Optional[str] = None
     alpn: Tuple[str, ...] = ()
+    heartbeat_interval: Optional[float] = None
+    heartbeat_timeout: Optional[float] = None
     warnings: Tuple[str, ...] = ()
 
     def port_description(self) -> Optional[str]:
@@ -114,6 +120,19 @@ def _padding(path: str, value: Any) -> PaddingScheme:
         raise fail(path, "padding_scheme", str(e)) from None
 
 
+def _duration(path: str, field: str, value: Any, zero: bool) -> float:
+    what = 'a duration such as "60s"' + (' ("0s": off)' if zero else "")
+    if not isinstance(value, str):
+        raise fail(path, field, f"must be {what}")
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise fail(path, field, str(e)) from None
+    if seconds <= 0 and not zero:
+        raise fail(path, field, f"must be {what}, not zero")
+    return seconds
+
+
 def load(path: str) -> FileSettings:
     """Read and validate ``path``; raise :class:`ConfigFileError` naming the problem."""
     try:
@@ -124,7 +143,7 @@ def load(path: str) -> FileSettings:
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
     inbound = pick_anytls(path, document)
-    warnings = check_fields(path, inbound, "", _USED, QUIET | _IGNORED)
+    warnings = check_fields(path, inbound, "", _USED | _OURS, QUIET | _IGNORED)
     values: dict = {"path": path}
     if "users" in inbound:
         values["users"] = _users(path, inbound["users"])
@@ -135,6 +154,10 @@ def load(path: str) -> FileSettings:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise fail(path, "listen_port", "must be a port number (0 to 65535)")
         values["listen_port"] = port
+    for field in sorted(_OURS):
+        if field in inbound:
+            zero = field == "heartbeat_interval"
+            values[field] = _duration(path, field, inbound[field], zero)
     if inbound.get("padding_scheme"):
         values["padding"] = _padding(path, inbound["padding_scheme"])
     tls = inbound.get("tls")

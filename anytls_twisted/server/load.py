@@ -8,7 +8,7 @@ prints nothing, and returns the config file's warnings in ``Settings.warnings``.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from twisted.python import usage
 
@@ -78,6 +78,7 @@ def load(options: Options) -> Settings:
             padding=padding,
             policy=DestinationPolicy(allow_private=bool(options["allow-private"])),
             max_streams=options["max-streams-per-session"],
+            **_heartbeats(options, file),
             **{field: options[field.replace("_", "-")] for field in _SAME_NAMED},
         ),
         users=users,
@@ -92,6 +93,19 @@ def load(options: Options) -> Settings:
         generated_certificate=store.generated,
         warnings=file.warnings if file else (),
     )
+
+
+def _heartbeats(options: Options, file: Optional[configfile.FileSettings]) -> Dict[str, Any]:
+    """``heartbeat_interval``/``heartbeat_timeout``: the option if given, else the config
+    file's field, else the default (so a reload applies a changed field)."""
+    values = {}
+    for field in ("heartbeat_interval", "heartbeat_timeout"):
+        value = options[field.replace("_", "-")]
+        if value is None and file is not None:
+            value = getattr(file, field)
+        if value is not None:
+            values[field] = value
+    return values
 
 
 def _ports(descriptions: Sequence[str]) -> List[tls.PortSpec]:

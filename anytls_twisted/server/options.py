@@ -17,6 +17,7 @@ from . import configfile, load
 from . import settings as defaults
 
 _seconds = _number(float, "a positive number", lambda value: value > 0)
+_off_or_seconds = _number(float, "0 (off) or a positive number", lambda value: value >= 0)
 _count = _number(int, "a positive integer", lambda value: value > 0)
 _index = _number(int, "a whole number", lambda value: value >= 0)
 
@@ -45,7 +46,9 @@ class Options(usage.Options):
         ["connect-timeout", None, defaults.CONNECT_TIMEOUT, "Seconds allowed to resolve and connect to an origin.", _seconds("connect-timeout")],
         ["synack-guard", None, defaults.SYNACK_GUARD, "Seconds after which a still-pending connect is acknowledged anyway, so sing-box's 3 s watchdog does not close reused sessions; a later failure ends the stream with FIN.", _seconds("synack-guard")],
         ["idle-session-timeout", None, defaults.IDLE_SESSION_TIMEOUT, "Close sessions with no streams and no frames for this many seconds. Longer than clients' own pools (sing-box: 30-60 s), so clients normally close first.", _seconds("idle-session-timeout")],
-        ["idle-session-check-interval", None, defaults.IDLE_SESSION_CHECK_INTERVAL, "Seconds between idle-session checks.", _seconds("idle-session-check-interval")],
+        ["idle-session-check-interval", None, defaults.IDLE_SESSION_CHECK_INTERVAL, "Seconds between idle-session checks (with heartbeats on, at most half --heartbeat-interval and half --heartbeat-timeout).", _seconds("idle-session-check-interval")],
+        ["heartbeat-interval", None, None, f"Ask idle sessions (no open streams) of protocol v2 clients that sent nothing for this many seconds with a heartbeat, and close those that do not answer within --heartbeat-timeout; 0: never. Stock clients answer and never send heartbeats themselves. [default: the config file's heartbeat_interval, else {defaults.HEARTBEAT_INTERVAL:g}]", _off_or_seconds("heartbeat-interval")],
+        ["heartbeat-timeout", None, None, f"Seconds a heartbeat may wait for its answer before the session is closed. [default: the config file's heartbeat_timeout, else {defaults.HEARTBEAT_TIMEOUT:g}]", _seconds("heartbeat-timeout")],
         ["udp-timeout", None, defaults.UDP_TIMEOUT, "Close a UDP-over-TCP stream after this many seconds without datagrams.", _seconds("udp-timeout")],
         ["max-streams-per-session", None, defaults.MAX_STREAMS_PER_SESSION, "Concurrent streams one session may open.", _count("max-streams-per-session")],
         ["shutdown-grace", None, defaults.SHUTDOWN_GRACE, "Seconds sessions get to close at shutdown before they are aborted.", _seconds("shutdown-grace")],

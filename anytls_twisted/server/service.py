@@ -1,7 +1,8 @@
 """The Twisted shells around the session: factory, live-session registry, reaper, service.
 
 ``AnyTLSService`` is a ``MultiService`` that builds and owns the session factory, the registry,
-one listener per ``--port`` and the idle-session reaper. Stopping it closes the listeners first
+one listener per ``--port`` and the reaper, which closes idle sessions and asks silent idle
+ones with heartbeats (the rule: :class:`~anytls_twisted.protocol.liveness.Liveness`). Stopping it closes the listeners first
 (no new sessions), then the sessions, aborting any that have not closed within the shutdown
 grace. All of them read the settings from one :class:`~.settings.LiveConfig` when they use them,
 so a reload reaches every part at once.
@@ -21,6 +22,8 @@ from twisted.internet.protocol import Factory
 from .. import tls
 from ..logs import get_logger
 from ..metrics import NULL_METRICS
+from ..protocol.liveness import Liveness
+from ..protocol.session import State
 from .dialer import OriginDialer
 from .session import SessionProtocol
 from .settings import LiveConfig, ServerConfig
@@ -34,7 +37,8 @@ class SessionRegistry:
 
     @ivar live: the :class:`~.settings.LiveConfig` (the reaper reads the idle timeout).
     @ivar sessions: the sessions whose connection is open, authenticated or not.
-    @ivar reaped: sessions the reaper has closed.
+    @ivar reaped: sessions the reaper has closed (idle, or not answering a heartbeat).
+    @ivar heartbeats: which idle sessions to ask with a heartbeat, which are presumed dead.
     """
 
     def __init__(
@@ -45,6 +49,9 @@ class SessionRegistry:
         self.metrics = metrics
         self.sessions: Set[SessionProtocol] = set()
         self.reaped = 0
+        self.heartbeats: Liveness[SessionProtocol] = Liveness(
+            self.config.heartbeat_interval or 1.0, self.config.heartbeat_timeout
+        )
         self._emptied: List[defer.Deferred] = []
 
     @property
@@ -57,27 +64,90 @@ class SessionRegistry:
 
     def discard(self, session: SessionProtocol) -> None:
         self.sessions.discard(session)
+        self.heartbeats.forget(session)
         if not self.sessions:
             waiting, self._emptied = self._emptied, []
             for d in waiting:
                 d.callback(None)
 
-    def reap_idle(self) -> None:
-        """Close authenticated sessions with no streams and no frames for the idle timeout.
+    def check_interval(self) -> float:
+        """Seconds between two checks: ``--idle-session-check-interval``, or less with
+        heartbeats, so that one goes out at most half an interval late and an unanswered one
+        is noticed at most half a timeout late."""
+        config = self.config
+        interval = config.idle_session_check_interval
+        if config.heartbeat_interval > 0:
+            interval = min(interval, config.heartbeat_interval / 2, config.heartbeat_timeout / 2)
+        return interval
 
-        Errors are logged per session: a ``LoopingCall`` stops for good after an exception.
+    def reap_idle(self) -> None:
+        """One check of the authenticated sessions with no open streams: close those with no
+        frames for the idle timeout; ask those of v2 clients silent for the heartbeat interval
+        with a heartbeat, and close those whose heartbeat went unanswered.
+
+        Sessions with open streams are left alone: a stock client whose local application stops
+        reading stops reading the whole session, so it may not answer for a long time. Errors
+        are logged per session: a ``LoopingCall`` stops for good after an exception.
         """
         now = self.clock.seconds()
-        timeout = self.config.idle_session_timeout
+        config = self.config
+        timeout = config.idle_session_timeout
+        heartbeats = config.heartbeat_interval > 0
+        watched: List[SessionProtocol] = []
         for session in list(self.sessions):
             try:
+                if session.user is None or not session.idle or session.state is State.CLOSED:
+                    continue
                 idle_for = now - session.last_activity
-                if session.user is not None and session.idle and idle_for >= timeout:
+                if idle_for >= timeout:
                     self.reaped += 1
-                    self.metrics.session_reaped()
+                    self.metrics.session_reaped("idle")
                     session.close(f"idle for {idle_for:.0f}s with no streams")
+                elif heartbeats and session.peer_version >= 2:
+                    self.heartbeats.heard(session, session.last_activity)
+                    watched.append(session)
             except Exception:
                 _log.failure("reaping session {session_id}", session_id=session.session_id)
+        if watched:
+            self._check_heartbeats(now, watched)
+
+    def _check_heartbeats(self, now: float, watched: List[SessionProtocol]) -> None:
+        rule = self.heartbeats
+        rule.check_after = self.config.heartbeat_interval  # a reload may have changed them
+        rule.answer_timeout = self.config.heartbeat_timeout
+        ask, dead = rule.tick(now, watched)
+        for session in dead:
+            try:
+                waited = now - (rule.asked_at(session) or now)
+                self.reaped += 1
+                self.metrics.session_reaped("heartbeat")
+                session.close(f"no answer to a heartbeat in {waited:.0f}s (presumed dead)")
+            except Exception:
+                _log.failure("closing session {session_id}", session_id=session.session_id)
+        for session in ask:
+            try:
+                _log.debug(
+                    "session {session_id} was silent for {heartbeat_interval:g}s or more: "
+                    "asking it with a heartbeat",
+                    session_id=session.session_id,
+                    heartbeat_interval=rule.check_after,
+                )
+                session.heartbeat()
+                rule.asked(session, now)
+                self.metrics.heartbeat_sent()
+            except Exception:
+                _log.failure("asking session {session_id}", session_id=session.session_id)
+
+    def answered(self, session: SessionProtocol) -> None:
+        """``session`` sent a HeartResponse."""
+        now = self.clock.seconds()
+        asked = self.heartbeats.asked_at(session)
+        if self.heartbeats.heard(session, now) and asked is not None:
+            _log.debug(
+                "session {session_id} answered the heartbeat in {rtt:.3f}s",
+                session_id=session.session_id,
+                rtt=now - asked,
+            )
 
     def close_all(self, grace: float) -> defer.Deferred:
         """Close every session; abort those still open after ``grace`` seconds."""
@@ -137,19 +207,25 @@ class ReaperService(service.Service):
     """Runs ``registry.reap_idle`` every check interval with a ``LoopingCall``.
 
     @ivar registry: the sessions to check.
-    @ivar interval: seconds between checks.
+    @ivar interval: seconds between checks; None: ``registry.check_interval()``, read again
+        after every check (a reload may change the heartbeat settings).
     @ivar loop: the ``LoopingCall``, running while the service runs.
     """
 
-    def __init__(self, registry: SessionRegistry, interval: float, clock) -> None:
+    def __init__(self, registry: SessionRegistry, interval: Optional[float], clock) -> None:
         self.registry = registry
         self.interval = interval
-        self.loop = task.LoopingCall(registry.reap_idle)
+        self.loop = task.LoopingCall(self._check)
         self.loop.clock = clock
+
+    def _check(self) -> None:
+        self.registry.reap_idle()
+        if self.interval is None:
+            self.loop.interval = self.registry.check_interval()
 
     def startService(self) -> None:
         super().startService()
-        self.loop.start(self.interval, now=False)
+        self.loop.start(self.interval or self.registry.check_interval(), now=False)
 
     def stopService(self) -> None:
         super().stopService()
@@ -180,7 +256,7 @@ class AnyTLSService(service.MultiService):
     @ivar registry: the :class:`SessionRegistry` of live sessions.
     @ivar factory: the :class:`AnyTLSFactory` building sessions.
     @ivar listeners: the listening services, one per ``listeners`` entry, in order.
-    @ivar reaper: the :class:`ReaperService` closing idle sessions.
+    @ivar reaper: the :class:`ReaperService` closing idle sessions and asking silent ones.
     """
 
     def __init__(
@@ -210,7 +286,7 @@ class AnyTLSService(service.MultiService):
         self.listeners: List[service.Service] = []
         for where, wrap in listeners:
             self.add_listener(where, wrap(self.factory), reactor)
-        self.reaper = ReaperService(self.registry, self.config.idle_session_check_interval, reactor)
+        self.reaper = ReaperService(self.registry, None, reactor)
         self.reaper.setServiceParent(self)
 
     @property

@@ -135,7 +135,9 @@ class SessionProtocol(SessionShell, Protocol):
     @ivar session_id: a process-wide number, for logs.
     @ivar peer: the client's address as ``host:port`` (from the PROXY header when there is one).
     @ivar opened_at: when the connection was made (clock seconds).
-    @ivar last_activity: when a frame last arrived or a stream last ended, for the reaper.
+    @ivar last_activity: when a frame last arrived or a stream last ended, for the reaper; reads
+        made only of HeartResponse and Waste frames do not count (answering our heartbeats
+        does not keep an idle session from the idle timeout).
     """
 
     transport: Any  # TLS over TCP: ITransport, IPushProducer and abortConnection
@@ -221,6 +223,7 @@ class SessionProtocol(SessionShell, Protocol):
         m = self.machine
         if m.state is State.AUTH:
             self._note_peer()
+        filler = m.filler_in
         event: Any
         for event in m.receive(data):
             kind = type(event)
@@ -230,7 +233,7 @@ class SessionProtocol(SessionShell, Protocol):
                 self.write(event.data)
             else:
                 self._event(event)
-        if m.user is not None:
+        if m.user is not None and m.filler_in - filler != len(data):
             self.last_activity = self.clock.seconds()
 
     def _event(self, event: Any) -> None:
@@ -263,6 +266,8 @@ class SessionProtocol(SessionShell, Protocol):
                 stream_id=event.sid,
                 limit=event.limit,
             )
+        elif kind is machine.HeartbeatAnswered:
+            self.factory.registry.answered(self)
         elif kind is machine.UnknownCommand and logs.DEBUG:
             _log.debug(
                 "session {session_id}: ignoring unknown command {cmd} ({length} bytes)",
@@ -304,6 +309,10 @@ class SessionProtocol(SessionShell, Protocol):
     def _closing(self) -> bool:
         self._cancel_auth_timer()
         return True
+
+    def heartbeat(self) -> None:
+        """Ask the client whether it is alive (a HeartRequest; nothing for v1 clients)."""
+        self.write(self.machine.heartbeat())
 
     # For the context.
     def write(self, data: bytes) -> None:

@@ -26,6 +26,11 @@ CONNECT_TIMEOUT = 5.0
 SYNACK_GUARD = 2.0
 IDLE_SESSION_TIMEOUT = 300.0
 IDLE_SESSION_CHECK_INTERVAL = 30.0
+#: Idle sessions silent for this long are asked with a heartbeat (0: never); see
+#: docs/configuration.md for why 60 s.
+HEARTBEAT_INTERVAL = 60.0
+#: Seconds a heartbeat may wait for its answer before the session is closed.
+HEARTBEAT_TIMEOUT = 15.0
 UDP_TIMEOUT = 300.0
 SHUTDOWN_GRACE = 5.0
 CERTIFICATE_CHECK_INTERVAL = 30.0
@@ -57,6 +62,8 @@ class ServerConfig:
     synack_guard: float = SYNACK_GUARD
     idle_session_timeout: float = IDLE_SESSION_TIMEOUT
     idle_session_check_interval: float = IDLE_SESSION_CHECK_INTERVAL
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     udp_timeout: float = UDP_TIMEOUT
     shutdown_grace: float = SHUTDOWN_GRACE
     max_streams: int = MAX_STREAMS_PER_SESSION

@@ -1,20 +1,22 @@
-"""Whether a session to the server is still alive, as pure logic (no Twisted, no clock).
+"""Whether the peer of a session is still alive, as pure logic (no Twisted, no clock): one rule
+for both sides.
 
 NATs and middleboxes drop idle TCP connections without a FIN after about 30 s (honk PR #114),
-and a server that restarts or a laptop that sleeps leaves sessions that look open and are not
-(client-behaviour.md section 4). The stock clients only find out when a stream on the dead
-session times out. Here:
+and a peer that restarts, a laptop that sleeps or a phone that changes networks leaves sessions
+that look open and are not (client-behaviour.md section 4). Nothing in AnyTLS notices: stock
+clients and servers never send heartbeats, they only answer them (anytls-protocol.md section 8).
+A session from which nothing arrived for :attr:`Liveness.check_after` seconds is asked with a
+HeartRequest; if nothing arrives within :attr:`Liveness.answer_timeout`, its peer is presumed
+dead. Any frame from the peer counts as an answer (a busy peer's data proves life as well as a
+HeartResponse). Only peers of protocol version 2 answer heartbeats; the shells ask only them.
 
-* **before reuse**: a session from which nothing arrived for :attr:`Liveness.check_after`
-  seconds is asked with a HeartRequest before a stream is opened on it; the stream waits for
-  the answer (one round trip), and goes to another session if none comes within
-  :attr:`Liveness.answer_timeout`. Nothing is sent on it meanwhile, so nothing is lost.
-* **while busy**: a session carrying streams from which nothing arrived for ``check_after``
-  seconds gets a HeartRequest; if that is not answered within ``answer_timeout``, the session
-  is presumed dead and closed, and its streams get an error instead of hanging.
-
-Any frame from the server counts as an answer (a busy server's data proves life as well as a
-HeartResponse). Only servers of protocol version 2 answer heartbeats; the shell asks only them.
+* **The client** asks an idle session before reusing it (the stream waits for the answer and
+  goes to another session if none comes), and busy sessions that went silent
+  (:mod:`anytls_twisted.client.sessions`).
+* **The server** asks idle sessions (no open streams) that went silent, from its reaper
+  (``--heartbeat-interval``, :mod:`anytls_twisted.server.service`), and closes those that do not
+  answer. It leaves sessions with open streams alone: a stock client whose local application
+  stops reading stops reading the whole session, so a live peer may not answer for a long time.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = ["ANSWER_TIMEOUT", "CHECK_AFTER", "Liveness"]
 
 S = TypeVar("S", bound=Hashable)
 
+#: The client's defaults (``--heartbeat-idle``, ``--heartbeat-timeout``).
 #: Seconds of silence from the server after which a session is asked before it is trusted.
 CHECK_AFTER = 15.0
 #: Seconds a HeartRequest may wait for an answer.
@@ -41,9 +44,12 @@ class _State:
 class Liveness(Generic[S]):
     """Silence per session, and what to do about it.
 
-    The shell calls :meth:`heard` for every read from the server, :meth:`asked` when it sends a
-    HeartRequest, :meth:`forget` when a session closes, :meth:`should_ask` before reusing an
-    idle session, and :meth:`tick` every few seconds with the busy sessions.
+    The shell calls :meth:`heard` when something arrives (the client for every read; the
+    server at each check, with the time of the session's last frame, and for each
+    HeartResponse), :meth:`asked` when it sends a HeartRequest, :meth:`forget` when a session
+    closes, :meth:`should_ask` before reusing an idle session (the client), and :meth:`tick`
+    every few seconds with the sessions it watches (the client's busy ones, the server's idle
+    ones). The attributes may be changed between calls (the server's reload).
     """
 
     def __init__(self, check_after: float = CHECK_AFTER, answer_timeout: float = ANSWER_TIMEOUT):
@@ -57,15 +63,20 @@ class Liveness(Generic[S]):
         return len(self._sessions)
 
     def heard(self, session: S, now: float) -> bool:
-        """Something arrived on ``session``; True if it answered a question (a heartbeat)."""
+        """Something arrived on ``session`` at ``now``; True if it answered a question.
+
+        ``now`` may lie in the past (the server passes the time of a session's last frame at
+        each check): something heard before the question was asked does not answer it."""
         state = self._sessions.get(session)
         if state is None:
             self._sessions[session] = _State(now)
             return False
-        state.last_heard = now
-        answered = state.asked_at is not None
+        if now > state.last_heard:
+            state.last_heard = now
+        if state.asked_at is None or now < state.asked_at:
+            return False
         state.asked_at = None
-        return answered
+        return True
 
     def asked(self, session: S, now: float) -> None:
         """A HeartRequest went out on ``session``."""
@@ -95,7 +106,7 @@ class Liveness(Generic[S]):
         )
 
     def tick(self, now: float, busy: Iterable[S]) -> Tuple[List[S], List[S]]:
-        """For the busy sessions: (those to ask now, those presumed dead: close them)."""
+        """For the watched sessions: (those to ask now, those presumed dead: close them)."""
         ask: List[S] = []
         dead: List[S] = []
         for session in busy:
