@@ -28,7 +28,7 @@ from ..singbox import (
 )
 
 #: The inbound's fields we use, and those that make no difference here.
-_USED = {"listen", "listen_port", "users", "padding_scheme", "tls"}
+_USED = {"listen", "listen_port", "users", "padding_scheme", "tls", "fallback", "fallback_for_alpn"}
 #: sing-box's listen fields that we do not implement.
 _IGNORED = SOCKET_FIELDS | {
     "udp_timeout",
@@ -72,6 +72,8 @@ class FileSettings:
     certificate_path: Optional[str] = None
     key_path: Optional[str] = None
     alpn: Tuple[str, ...] = ()
+    fallback: Optional[str] = None  # a Twisted client endpoint string
+    fallback_for_alpn: Tuple[Tuple[str, str], ...] = ()
     warnings: Tuple[str, ...] = ()
 
     def port_description(self) -> Optional[str]:
@@ -99,6 +101,29 @@ def _users(path: str, value: Any) -> Tuple[Tuple[str, str], ...]:
             )
         )
     return tuple(users)
+
+
+def _server(path: str, field: str, value: Any) -> str:
+    """A sing-box server object (``{server, server_port}``) as a Twisted client endpoint."""
+    if not isinstance(value, dict):
+        raise fail(path, field, "must be an object with server and server_port")
+    check_fields(path, value, field + ".", {"server", "server_port"}, ())
+    server = string(path, field + ".server", value.get("server"))
+    port = value.get("server_port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise fail(path, field + ".server_port", "must be a port number (1 to 65535)")
+    return EndpointString("tcp", (), (("host", server), ("port", str(port)))).format()
+
+
+def _fallback_for_alpn(path: str, value: Any) -> Tuple[Tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise fail(path, "fallback_for_alpn", "must be an object: ALPN protocol -> server")
+    routes = []
+    for protocol, server in value.items():
+        if not protocol:
+            raise fail(path, "fallback_for_alpn", "an ALPN protocol name is empty")
+        routes.append((protocol, _server(path, f"fallback_for_alpn.{protocol}", server)))
+    return tuple(routes)
 
 
 def _padding(path: str, value: Any) -> PaddingScheme:
@@ -135,6 +160,10 @@ def load(path: str) -> FileSettings:
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise fail(path, "listen_port", "must be a port number (0 to 65535)")
         values["listen_port"] = port
+    if inbound.get("fallback") is not None:
+        values["fallback"] = _server(path, "fallback", inbound["fallback"])
+    if inbound.get("fallback_for_alpn"):
+        values["fallback_for_alpn"] = _fallback_for_alpn(path, inbound["fallback_for_alpn"])
     if inbound.get("padding_scheme"):
         values["padding"] = _padding(path, inbound["padding_scheme"])
     tls = inbound.get("tls")

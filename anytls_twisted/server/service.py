@@ -22,6 +22,7 @@ from .. import tls
 from ..logs import get_logger
 from ..metrics import NULL_METRICS
 from .dialer import OriginDialer
+from .fallback import FallbackDialer
 from .session import SessionProtocol
 from .settings import LiveConfig, ServerConfig
 from .udp import listen_udp as quiet_listen_udp
@@ -106,6 +107,7 @@ class AnyTLSFactory(Factory):
     @ivar listen_udp: ``(port, protocol, interface) -> port`` for UDP-over-TCP sockets.
     @ivar registry: the :class:`SessionRegistry` sessions join and leave.
     @ivar metrics: a ``metrics.Metrics``, or ``NullMetrics`` (does nothing).
+    @ivar fallback_dialer: connects to fallback endpoints (``IFallbackDialer``).
     """
 
     protocol = SessionProtocol
@@ -119,6 +121,7 @@ class AnyTLSFactory(Factory):
         listen_udp: Callable,
         registry: SessionRegistry,
         metrics=NULL_METRICS,
+        fallback_dialer=None,
     ) -> None:
         self.live = LiveConfig.of(config)
         self.clock = clock
@@ -126,6 +129,7 @@ class AnyTLSFactory(Factory):
         self.listen_udp = listen_udp
         self.registry = registry
         self.metrics = metrics  # metrics.Metrics, or NullMetrics (does nothing)
+        self.fallback_dialer = fallback_dialer or FallbackDialer(clock)
 
     @property
     def config(self) -> ServerConfig:
