@@ -203,6 +203,11 @@ class FallbackEndToEndTests(unittest.TestCase):
         self.assertTrue(probe.received.startswith(b"HTTP/1.1 200 OK"), probe.received[:200])
         self.assertIn(DECOY_TEXT, probe.received)
         self.assertIsNone(probe.alpn, "the server selected an ALPN protocol by default")
+        self.assertTrue(
+            server.process.matching_lines(
+                rf"not AnyTLS clients go to the fallback tcp:127\.0\.0\.1:{web}$"
+            )
+        )
         yield server.process.wait_for_line(
             r"connection from 127\.0\.0\.1:\d+ relayed to the fallback tcp:127\.0\.0\.1:\d+: "
             r"its first 32 bytes match no user's password",
