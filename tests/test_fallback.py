@@ -165,6 +165,9 @@ class RelayTests(SynchronousTestCase):
         self.assertTrue(self.client.closed)
         self.assertEqual(self.client.transport.value(), b"")
         self.assertTrue(any("unreachable" in e.get("log_format", "") for e in events))
+        relay = self.client.proto.fallback
+        self.client.send(b"late" * 1000)  # read while waiting for close_notify: dropped
+        self.assertEqual((relay.bytes_in, relay._pending), (len(REQUEST), [REQUEST]))
 
     def test_connect_timeout(self):
         """A fallback that never answers the connect is given up at --connect-timeout."""

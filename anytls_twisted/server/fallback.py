@@ -177,6 +177,8 @@ class FallbackRelay:
 
     # The client's side (IFallback).
     def dataReceived(self, data: bytes) -> None:
+        if self._ended:
+            return  # read only to see the client's close_notify
         self.bytes_in += len(data)
         self._active()
         if self.target is not None:
