@@ -76,3 +76,30 @@ class IStreamContext(Interface):
         """``new`` takes over ``old``'s stream id (a pending stream whose destination
         arrived becomes a TCP or UDP stream). ``new`` starts paused if the peer is backed
         up."""
+
+
+class IFallback(Interface):
+    """A connection that is not an AnyTLS client, relayed to the fallback: what its session
+    calls once it has handed the connection over (``server/fallback.py``)."""
+
+    endpoint = Attribute("The fallback's endpoint string.")
+    bytes_in = Attribute("Bytes from the client, those read before the hand-over included.")
+    bytes_out = Attribute("Bytes from the fallback to the client.")
+
+    def dataReceived(data: bytes) -> None:
+        """Bytes from the client, for the fallback."""
+
+    def closing() -> None:
+        """The client's connection is being closed by its session: stop relaying into it."""
+
+    def connectionLost(reason: str) -> None:
+        """The client's connection is gone: close the fallback's (once)."""
+
+
+class IFallbackDialer(Interface):
+    """Connects to fallback endpoints."""
+
+    def connect(endpoint: str, factory: object, timeout: float) -> object:
+        """A Deferred firing with ``factory``'s protocol once the Twisted client endpoint
+        string ``endpoint`` is connected, or failing (``defer.TimeoutError`` after
+        ``timeout`` seconds)."""

@@ -28,6 +28,8 @@ from twisted.web.resource import Resource
 
 #: Label values known in advance, exported as 0 from the start.
 AUTH_FAILURE_REASONS = ("wrong_password", "timeout")
+#: Why a connection went to the fallback (protocol/fallback.py REASONS).
+FALLBACK_REASONS = ("wrong_password", "timeout")
 CONNECT_FAILURE_REASONS = ("refused", "timeout", "no_such_host", "policy", "other")
 #: Why the reaper closed a session: ``idle`` (--idle-session-timeout), ``heartbeat`` (a
 #: heartbeat went unanswered, --heartbeat-timeout).
@@ -50,6 +52,9 @@ class NullMetrics:
 
     def auth_failed(self, reason: str) -> None:
         """A connection failed authentication: ``wrong_password`` or ``timeout``."""
+
+    def fallback(self, reason: str) -> None:
+        """A connection that failed authentication was handed to the fallback."""
 
     def stream_opened(self, stream) -> None:
         """A TCP or UoT stream was created (its destination address has arrived)."""
@@ -87,6 +92,7 @@ class Metrics(NullMetrics):
     @ivar sessions_total: ``anytls_sessions_total``: sessions authenticated, by user.
     @ivar streams_total: ``anytls_streams_total``: streams opened, by kind (tcp, udp).
     @ivar auth_failures: ``anytls_auth_failures_total``, by reason.
+    @ivar fallbacks: ``anytls_fallbacks_total``: connections handed to the fallback, by reason.
     @ivar connect_failures: ``anytls_origin_connect_failures_total``, by reason.
     @ivar refused: ``anytls_destinations_refused_total``: destinations the policy refused, by
         kind.
@@ -125,6 +131,12 @@ class Metrics(NullMetrics):
             ["reason"],
             registry=r,
         )
+        self.fallbacks = Counter(
+            "anytls_fallbacks",
+            "Connections that failed authentication and were relayed to the fallback, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.connect_failures = Counter(
             "anytls_origin_connect_failures",
             "TCP origin connects that failed, by reason.",
@@ -157,6 +169,8 @@ class Metrics(NullMetrics):
             self.reaped.labels(reason)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
         for reason in CONNECT_FAILURE_REASONS:
             self.connect_failures.labels(reason)
         for kind in STREAM_KINDS:
@@ -180,6 +194,9 @@ class Metrics(NullMetrics):
 
     def heartbeat_sent(self) -> None:
         self.heartbeats.inc()
+
+    def fallback(self, reason: str) -> None:
+        self.fallbacks.labels(reason).inc()
 
     # Streams.
     def stream_opened(self, stream) -> None:

@@ -9,7 +9,8 @@ PYTHON=${PYTHON:-python3}
 SINGBOX_112=${SINGBOX_112:-1.12.23}
 
 # System tools that some tests drive for real: HAProxy (PROXY protocol), curl (the client's HTTP
-# proxy), promtool (metrics format) and systemd-analyze (unit files), from Debian's packages.
+# proxy), promtool (metrics format), chromium (a browser at the fallback) and systemd-analyze (unit
+# files), from Debian's packages.
 # Without them those tests skip.
 # Missing ones are installed system-wide with apt-get when running as root; the run says which
 # and why before it does.
@@ -23,6 +24,8 @@ want() {  # want COMMAND PACKAGE WHAT-NEEDS-IT
 want haproxy haproxy "tests/test_e2e_haproxy.py runs our server behind a real HAProxy (PROXY protocol)"
 want promtool prometheus "tests/test_e2e_metrics.py checks /metrics with promtool check metrics"
 want curl curl "tests/test_e2e_client.py drives our client's HTTP proxy with the real curl"
+want chromium chromium \
+    "tests/test_e2e_fallback.py opens the decoy site behind --fallback in headless Chromium"
 want systemd-analyze systemd \
     "tests/test_systemd.py verifies contrib/systemd units and uses systemd-socket-activate"
 if [ ${#need[@]} -gt 0 ]; then

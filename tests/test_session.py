@@ -102,6 +102,34 @@ class AuthTests(SynchronousTestCase):
         self.assertTrue(client.transport.disconnected or client.transport.disconnecting)
         self.assertEqual(client.transport.value(), b"")
 
+    def test_random_bytes_decided_at_32(self):
+        """Random bytes are closed as soon as 32 are in (whatever padding length bytes 33-34
+        announce), and fewer than 32 at the auth timeout: nothing can be decided before."""
+        random = bytes(range(256)) * 300  # bytes 33-34 announce 8226 bytes of padding
+        for size in (1, 31, 32, 33, 100, 70000):
+            server = Server(auth_timeout=10)
+            client = server.connect()
+            client.send(random[:size])
+            if size >= 32:
+                self.assertTrue(client.transport.disconnecting, f"{size} bytes kept open")
+            else:
+                self.assertFalse(client.closed, f"{size} bytes closed before the timeout")
+                server.reactor.advance(9.9)
+                self.assertFalse(client.closed)
+                server.reactor.advance(0.2)
+                self.assertTrue(client.closed, f"{size} bytes not closed at the auth timeout")
+            self.assertEqual(client.transport.value(), b"")
+            self.assertIsNone(client.proto.user)
+
+    def test_random_bytes_split_decided_at_32nd(self):
+        """The decision falls on the read that brings the 32nd byte, not later."""
+        server = Server()
+        client = server.connect()
+        client.send(b"\x16" * 31)
+        self.assertFalse(client.closed)
+        client.send(b"\x16\xff\xff")
+        self.assertTrue(client.transport.disconnecting)
+
     def test_auth_in_time_cancels_timer(self):
         server = Server(auth_timeout=10)
         client = server.connect()

@@ -71,10 +71,49 @@ class ServerRulesTests(SynchronousTestCase):
 
     def test_wrong_password(self):
         machine = server()
-        events = feed(machine, encode_preamble("wrong") + encode_frame(Command.SETTINGS, 0, b"v=2"))
-        self.assertEqual(events, [m.AuthenticationFailed()])
+        wire = encode_preamble("wrong") + encode_frame(Command.SETTINGS, 0, b"v=2")
+        events = feed(machine, wire)
+        self.assertEqual(events, [m.AuthenticationFailed(wire)])
         self.assertTrue(machine.closed)
         self.assertEqual(feed(machine, b"anything"), [])
+
+    def test_mismatch_decided_at_32_bytes(self):
+        """Bytes whose first 32 match no digest fail at the 32nd byte, though their bytes 33-34
+        announce 65535 bytes of padding; the event carries every byte read, in order."""
+        for first, second in (
+            (b"\xff" * 31, b"\xff"),
+            (b"\xff" * 20, b"\xff" * 50),
+            (b"", b"\xff" * 100),
+        ):
+            machine = server()
+            self.assertEqual(feed(machine, first), [])
+            self.assertFalse(machine.closed)
+            self.assertEqual(feed(machine, second), [m.AuthenticationFailed(first + second)])
+            self.assertTrue(machine.closed)
+
+    def test_fewer_than_32_bytes_decide_nothing(self):
+        """31 bytes, even ones that are no user's digest prefix, leave the machine waiting
+        (an early close would tell a prober the digest byte by byte); abandon() gives them back
+        for a fallback."""
+        machine = server()
+        self.assertEqual(feed(machine, b"GET / HTTP/1.0\r\n\r\n"), [])
+        self.assertFalse(machine.closed)
+        self.assertEqual(machine.abandon(), b"GET / HTTP/1.0\r\n\r\n")
+        self.assertTrue(machine.closed)
+        self.assertEqual(feed(machine, b"x" * 40), [])
+
+    def test_known_digest_waits_for_its_padding(self):
+        """A user's digest is accepted at 32 bytes but authenticates only with its padding;
+        abandoning it then hands nothing to a fallback (it was judged, and is a user's)."""
+        wire = encode_preamble(PASSWORD, 1000)
+        machine = server()
+        self.assertEqual(feed(machine, wire[:40]), [])
+        self.assertFalse(machine.closed)
+        self.assertIsNone(machine.user)
+        self.assertEqual(feed(machine, wire[40:]), [m.Authenticated("alice")])
+        other = server()
+        feed(other, wire[:40])
+        self.assertEqual(other.abandon(), b"")
 
     def test_padding_update_uses_live_scheme(self):
         """The scheme is read when Settings arrives, so a reload applies to the next session."""

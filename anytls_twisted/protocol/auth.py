@@ -2,7 +2,8 @@
 
 The preamble is ``sha256(password)`` (32 bytes), ``padding0_len`` (u16 BE) and that many
 padding bytes (anytls-protocol.md section 3). Unlike the reference servers we accept it split
-across reads, and hand back the session bytes that follow it.
+across reads, and hand back the session bytes that follow it. The digest can be judged as soon
+as its 32 bytes are in (:attr:`PreambleReader.digest`), before the padding has arrived.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class PreambleReader:
 
     def __init__(self) -> None:
         self._buffer = b""
+
+    @property
+    def buffered(self) -> bytes:
+        """The bytes fed since the last complete preamble."""
+        return self._buffer
+
+    @property
+    def digest(self) -> Optional[bytes]:
+        """The first 32 bytes once they are in, else None: what a server judges at once."""
+        return self._buffer[:DIGEST_SIZE] if len(self._buffer) >= DIGEST_SIZE else None
 
     def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes]]:
         self._buffer += data

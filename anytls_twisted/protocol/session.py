@@ -31,7 +31,7 @@ from typing import (
     Union,
 )
 
-from .auth import PreambleReader, encode_preamble
+from .auth import DIGEST_SIZE, PreambleReader, encode_preamble
 from .codec import (
     HEADER_SIZE,
     MAX_DATA,
@@ -78,7 +78,11 @@ class Authenticated(NamedTuple):
 
 
 class AuthenticationFailed(NamedTuple):
-    """Server: the preamble's digest matches no user; close without a word."""
+    """Server: the first 32 bytes match no user's digest; decided as soon as they are in,
+    whatever padding length follows. Close without a word, or hand ``received`` (every byte
+    read so far, in order) to a fallback."""
+
+    received: bytes = b""
 
 
 class SettingsReceived(NamedTuple):
@@ -400,26 +404,50 @@ class ServerSession(SessionMachine[S]):
         self._lookup = lookup
         self._limits = limits
         self._preamble: Optional[PreambleReader] = PreambleReader()
+        self._known: Optional[str] = None  # the digest's user, before the padding is in
         self.digest = b""  # kept to re-check the user after a reload; never logged
         self.user: Optional[str] = None
         self.client_name = ""
 
     def _receive_preamble(self, data: bytes, events: List[Event]) -> bytes:
-        assert self._preamble is not None
-        result = self._preamble.feed(data)
+        """Judge the digest as soon as its 32 bytes are in: a mismatch is final there, so
+        random bytes do not hold the connection while waiting for the padding length they
+        seem to announce (up to 65535 bytes). Fewer than 32 bytes decide nothing: any prefix
+        may be some user's, and ending early on a non-prefix would tell a prober the digest
+        byte by byte."""
+        reader = self._preamble
+        assert reader is not None
+        if self._known is None:
+            held = reader.buffered
+            if len(held) + len(data) < DIGEST_SIZE:
+                reader.feed(data)
+                return b""
+            digest = (held + data[:DIGEST_SIZE])[:DIGEST_SIZE]
+            user = self._lookup(digest)
+            if user is None:
+                self._preamble = None
+                self.state = State.CLOSED
+                events.append(AuthenticationFailed(held + data))
+                return b""
+            self._known = user
+        result = reader.feed(data)
         if result is None:
             return b""
         digest, rest = result
         self._preamble = None
-        user = self._lookup(digest)
-        if user is None:
-            self.state = State.CLOSED
-            events.append(AuthenticationFailed())
-            return b""
-        self.digest, self.user = digest, user
+        self.digest, self.user = digest, self._known
         self.state = State.SETTINGS
-        events.append(Authenticated(user))
+        events.append(Authenticated(self._known))
         return rest
+
+    def abandon(self) -> bytes:
+        """Authentication did not finish in time: the session ends. Return the bytes read so
+        far if none of them was judged (fewer than 32: a fallback may have them), else b""."""
+        reader, self._preamble = self._preamble, None
+        self.state = State.CLOSED
+        if reader is None or self._known is not None:
+            return b""
+        return reader.buffered
 
     def _answers_heartbeats(self) -> bool:
         # A v1 client never sends one; a request before Settings is answered as v2 clients expect.

@@ -116,6 +116,14 @@ class AnyTLSServer(AnyTLSService):
                 client_endpoints(settings),
                 clientconfig.shown_password(settings.users, settings.client.show_password),
             )
+        routes = settings.config.fallback
+        if routes:
+            by_alpn = "".join(f", ALPN {p}: {e}" for p, e in routes.by_alpn)
+            _log.info(
+                "connections that are not AnyTLS clients go to the fallback {fallback}{by_alpn}",
+                fallback=routes.default or "(none)",
+                by_alpn=by_alpn,
+            )
         if settings.config.policy.allow_private:
             _log.warn("--allow-private: clients may reach loopback and private addresses")
         if settings.metrics is not None:

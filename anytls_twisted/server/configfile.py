@@ -29,7 +29,7 @@ from ..singbox import (
 )
 
 #: The inbound's fields we use, and those that make no difference here.
-_USED = {"listen", "listen_port", "users", "padding_scheme", "tls"}
+_USED = {"listen", "listen_port", "users", "padding_scheme", "tls", "fallback", "fallback_for_alpn"}
 #: Our own fields (sing-box's inbound has no heartbeats): sing-box durations, like the
 #: outbound's ``idle_session_timeout``.
 _OURS = {"heartbeat_interval", "heartbeat_timeout"}
@@ -78,6 +78,8 @@ class FileSettings:
     alpn: Tuple[str, ...] = ()
     heartbeat_interval: Optional[float] = None
     heartbeat_timeout: Optional[float] = None
+    fallback: Optional[str] = None  # a Twisted client endpoint string
+    fallback_for_alpn: Tuple[Tuple[str, str], ...] = ()
     warnings: Tuple[str, ...] = ()
 
     def port_description(self) -> Optional[str]:
@@ -105,6 +107,29 @@ def _users(path: str, value: Any) -> Tuple[Tuple[str, str], ...]:
             )
         )
     return tuple(users)
+
+
+def _server(path: str, field: str, value: Any) -> str:
+    """A sing-box server object (``{server, server_port}``) as a Twisted client endpoint."""
+    if not isinstance(value, dict):
+        raise fail(path, field, "must be an object with server and server_port")
+    check_fields(path, value, field + ".", {"server", "server_port"}, ())
+    server = string(path, field + ".server", value.get("server"))
+    port = value.get("server_port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise fail(path, field + ".server_port", "must be a port number (1 to 65535)")
+    return EndpointString("tcp", (), (("host", server), ("port", str(port)))).format()
+
+
+def _fallback_for_alpn(path: str, value: Any) -> Tuple[Tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise fail(path, "fallback_for_alpn", "must be an object: ALPN protocol -> server")
+    routes = []
+    for protocol, server in value.items():
+        if not protocol:
+            raise fail(path, "fallback_for_alpn", "an ALPN protocol name is empty")
+        routes.append((protocol, _server(path, f"fallback_for_alpn.{protocol}", server)))
+    return tuple(routes)
 
 
 def _padding(path: str, value: Any) -> PaddingScheme:
@@ -158,6 +183,10 @@ def load(path: str) -> FileSettings:
         if field in inbound:
             zero = field == "heartbeat_interval"
             values[field] = _duration(path, field, inbound[field], zero)
+    if inbound.get("fallback") is not None:
+        values["fallback"] = _server(path, "fallback", inbound["fallback"])
+    if inbound.get("fallback_for_alpn"):
+        values["fallback_for_alpn"] = _fallback_for_alpn(path, inbound["fallback_for_alpn"])
     if inbound.get("padding_scheme"):
         values["padding"] = _padding(path, inbound["padding_scheme"])
     tls = inbound.get("tls")

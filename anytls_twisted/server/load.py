@@ -15,7 +15,8 @@ from twisted.python import usage
 from .. import certs, clientconfig, metrics, tls
 from ..protocol.address import DestinationPolicy
 from ..protocol.auth import UserTable
-from . import configfile, workers
+from ..protocol.fallback import FallbackRoutes
+from . import configfile, fallback, workers
 from .settings import DEFAULT_PORT, ClientChoices, Port, ServerConfig, Settings, Workers
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ def check_strings(options: Options) -> None:
     """What can be checked in the options' own values, without reading a file."""
     _ports(options["port"])
     _alpn(options["alpn"] or "")
+    if options["fallback"] is not None:
+        _fallback_endpoint("--fallback", options["fallback"])
     _public_address(options["public-address"])
     _metrics(options["metrics"], 0)
     _workers(options, [])
@@ -68,6 +71,7 @@ def load(options: Options) -> Settings:
     alpn = _alpn(
         options["alpn"] if options["alpn"] is not None else ",".join(file.alpn if file else ())
     )
+    routes = _fallback(options["fallback"], file)
     state_dir = options["state-dir"] or certs.default_state_dir()
     store = certs.Certificates(state_dir, client.server_name)
     ports = tuple(_port(spec, cert, key, store, alpn) for spec in specs)
@@ -79,6 +83,7 @@ def load(options: Options) -> Settings:
             policy=DestinationPolicy(allow_private=bool(options["allow-private"])),
             max_streams=options["max-streams-per-session"],
             **_heartbeats(options, file),
+            fallback=routes,
             **{field: options[field.replace("_", "-")] for field in _SAME_NAMED},
         ),
         users=users,
@@ -91,7 +96,39 @@ def load(options: Options) -> Settings:
         certificate_check_interval=options["certificate-check-interval"],
         watched=store.files(),
         generated_certificate=store.generated,
-        warnings=file.warnings if file else (),
+        warnings=(file.warnings if file else ()) + _fallback_warnings(routes, alpn, file),
+    )
+
+
+def _fallback_endpoint(where: str, endpoint: str) -> str:
+    with _reported(f"{where}: "):
+        fallback.check_endpoint(endpoint)
+    return endpoint
+
+
+def _fallback(option: Optional[str], file: Optional[configfile.FileSettings]) -> FallbackRoutes:
+    """``--fallback`` (else the file's ``fallback``) and the file's ``fallback_for_alpn``."""
+    path = file.path if file else ""
+    default = option
+    if default is None and file and file.fallback:
+        default = _fallback_endpoint(f"{path}: fallback", file.fallback)
+    by_alpn = tuple(
+        (protocol, _fallback_endpoint(f"{path}: fallback_for_alpn.{protocol}", endpoint))
+        for protocol, endpoint in (file.fallback_for_alpn if file else ())
+    )
+    return FallbackRoutes(default, by_alpn)
+
+
+def _fallback_warnings(
+    routes: FallbackRoutes, alpn: Tuple[str, ...], file: Optional[configfile.FileSettings]
+) -> Tuple[str, ...]:
+    unused = routes.unreachable(alpn)
+    if not unused or file is None:
+        return ()
+    selected = ", ".join(alpn) or "none"
+    return (
+        f"{file.path}: fallback_for_alpn {', '.join(unused)} is never used: the server selects "
+        f"ALPN only from --alpn or tls.alpn (now: {selected}), see docs/tls.md",
     )
 
 

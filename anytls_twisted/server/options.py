@@ -41,6 +41,7 @@ class Options(usage.Options):
         ["cert", None, None, "Certificate file (PEM, chain after the leaf) for ssl: ports that name no certKey."],
         ["key", None, None, "Private key file (PEM) for ssl: ports that name no privateKey."],
         ["alpn", None, None, "ALPN protocols to select from, comma-separated (e.g. h2,http/1.1). [default: the config file's tls.alpn, else none: negotiate no ALPN, like the reference servers; clients offering ALPN are accepted either way]"],
+        ["fallback", None, None, "A Twisted client endpoint (e.g. tcp:127.0.0.1:8080) that connections which are not AnyTLS clients (a wrong password, a browser) are relayed to, byte for byte, the bytes already read included: a decoy web site. The config file's fallback_for_alpn routes by negotiated ALPN. [default: the config file's fallback, else none: such connections are closed]"],
         ["padding-scheme", None, None, "A padding scheme file sent to clients whose scheme differs. [default: the protocol's default scheme]"],
         ["auth-timeout", None, defaults.AUTH_TIMEOUT, "Seconds allowed for the TLS handshake plus the auth preamble.", _seconds("auth-timeout")],
         ["connect-timeout", None, defaults.CONNECT_TIMEOUT, "Seconds allowed to resolve and connect to an origin.", _seconds("connect-timeout")],

@@ -7,7 +7,9 @@ Established sessions keep running; new sessions and new TLS handshakes use the n
 sessions of users who are gone (or whose password changed) are closed. A reload that fails
 keeps the old configuration and says why. A reload that names other listening ports (a config
 file's ``listen``/``listen_port`` changed) fails as a whole: ports need a restart. Timeouts
-and the destination policy come from the command line, which a reload does not change.
+and the destination policy come from the command line, which a reload does not change; the
+file's ``fallback``/``fallback_for_alpn`` are part of the configuration and apply to the next
+connections handed to the fallback.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from ..metrics import NULL_METRICS
 from ..protocol.liveness import Liveness
 from ..protocol.session import State
 from .dialer import OriginDialer
+from .fallback import FallbackDialer
 from .session import SessionProtocol
 from .settings import LiveConfig, ServerConfig
 from .udp import listen_udp as quiet_listen_udp
@@ -176,6 +177,7 @@ class AnyTLSFactory(Factory):
     @ivar listen_udp: ``(port, protocol, interface) -> port`` for UDP-over-TCP sockets.
     @ivar registry: the :class:`SessionRegistry` sessions join and leave.
     @ivar metrics: a ``metrics.Metrics``, or ``NullMetrics`` (does nothing).
+    @ivar fallback_dialer: connects to fallback endpoints (``IFallbackDialer``).
     """
 
     protocol = SessionProtocol
@@ -189,6 +191,7 @@ class AnyTLSFactory(Factory):
         listen_udp: Callable,
         registry: SessionRegistry,
         metrics=NULL_METRICS,
+        fallback_dialer=None,
     ) -> None:
         self.live = LiveConfig.of(config)
         self.clock = clock
@@ -196,6 +199,7 @@ class AnyTLSFactory(Factory):
         self.listen_udp = listen_udp
         self.registry = registry
         self.metrics = metrics  # metrics.Metrics, or NullMetrics (does nothing)
+        self.fallback_dialer = fallback_dialer or FallbackDialer(clock)
 
     @property
     def config(self) -> ServerConfig:

@@ -21,11 +21,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import logs
-from ..interfaces import IStream, IStreamContext
+from ..interfaces import IFallback, IStream, IStreamContext
 from ..logs import get_logger
+from ..protocol import fallback as routes
 from ..protocol import session as machine
 from ..protocol.session import ALERT_NO_SETTINGS, State  # noqa: F401 (re-exported)
 from ..session_shell import CLOSE_GRACE, ContextShell, SessionShell, describe
+from .fallback import FallbackRelay
 from .pending import PendingStream
 from .stream import no_delay
 
@@ -138,6 +140,8 @@ class SessionProtocol(SessionShell, Protocol):
     @ivar last_activity: when a frame last arrived or a stream last ended, for the reaper; reads
         made only of HeartResponse and Waste frames do not count (answering our heartbeats
         does not keep an idle session from the idle timeout).
+    @ivar fallback: the relay to the fallback (an ``IFallback``) once the connection turned
+        out not to be an AnyTLS client and was handed over, else None.
     """
 
     transport: Any  # TLS over TCP: ITransport, IPushProducer and abortConnection
@@ -148,6 +152,7 @@ class SessionProtocol(SessionShell, Protocol):
         self.opened_at = 0.0
         self.last_activity = 0.0
         self._auth_timer: Any = None
+        self.fallback: Optional[IFallback] = None
 
     # What tests, metrics, the reaper and reload read.
     @property
@@ -220,6 +225,9 @@ class SessionProtocol(SessionShell, Protocol):
         factory.registry.add(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.fallback is not None:
+            self.fallback.dataReceived(data)
+            return
         m = self.machine
         if m.state is State.AUTH:
             self._note_peer()
@@ -255,8 +263,7 @@ class SessionProtocol(SessionShell, Protocol):
                 user=event.user,
             )
         elif kind is machine.AuthenticationFailed:
-            self.metrics.auth_failed("wrong_password")
-            self.close("authentication failed")
+            self._not_anytls(event.received, routes.WRONG_PASSWORD)
         elif kind is machine.SessionFailed:
             self.close(event.reason)
         elif kind is machine.StreamRefused:
@@ -284,6 +291,20 @@ class SessionProtocol(SessionShell, Protocol):
             self.stream_ended(stream, "session closed")
         self.factory.registry.discard(self)
         self.metrics.session_closed(self)
+        relay = self.fallback
+        if relay is not None:
+            relay.connectionLost(reason_text)
+            if logs.DEBUG:
+                _log.debug(
+                    "fallback connection from {peer} closed: {reason} ({duration:.1f}s, "
+                    "{bytes_in} bytes in, {bytes_out} bytes out)",
+                    peer=self.peer,
+                    reason=reason_text,
+                    duration=self.clock.seconds() - self.opened_at,
+                    bytes_in=relay.bytes_in,
+                    bytes_out=relay.bytes_out,
+                )
+            return
         if self.user is None:
             self._note_peer()
             _log.info(
@@ -308,11 +329,50 @@ class SessionProtocol(SessionShell, Protocol):
 
     def _closing(self) -> bool:
         self._cancel_auth_timer()
+        if self.fallback is not None:
+            self.fallback.closing()
         return True
 
     def heartbeat(self) -> None:
         """Ask the client whether it is alive (a HeartRequest; nothing for v1 clients)."""
         self.write(self.machine.heartbeat())
+
+    # Not an AnyTLS client.
+    def _not_anytls(self, received: bytes, reason: str) -> None:
+        """Authentication failed (``reason``, with ``received`` the bytes read so far): hand
+        the connection to the fallback its negotiated ALPN selects, or close it."""
+        self._cancel_auth_timer()
+        self.metrics.auth_failed(reason)
+        config = self.factory.config
+        alpn = _negotiated_protocol(self.transport)
+        endpoint, why_not = config.fallback.choose(alpn) if config.fallback else (None, "")
+        if endpoint is None or not received:
+            text = "authentication failed"
+            if reason == routes.TIMEOUT:
+                text = "handshake and authentication not finished in time"
+            self.close(f"{text} ({why_not})" if why_not else text, abort=reason == routes.TIMEOUT)
+            return
+        self.metrics.fallback(reason)
+        self._note_peer()
+        _log.info(
+            "connection from {peer} relayed to the fallback {endpoint}: {why}{alpn_text}",
+            peer=self.peer,
+            endpoint=endpoint,
+            why=routes.WHY[reason],
+            reason=reason,
+            alpn=alpn or "",
+            alpn_text=f" (ALPN {alpn})" if alpn else "",
+        )
+        self.fallback = FallbackRelay(
+            self.transport,
+            self.close,
+            endpoint,
+            received,
+            self.factory.fallback_dialer,
+            self.clock,
+            config.connect_timeout,
+            config.idle_session_timeout,
+        )
 
     # For the context.
     def write(self, data: bytes) -> None:
@@ -341,13 +401,21 @@ class SessionProtocol(SessionShell, Protocol):
     # Timers.
     def _auth_timed_out(self) -> None:
         self._auth_timer = None
-        self.metrics.auth_failed("timeout")
-        self.close("handshake and authentication not finished in time", abort=True)
+        self._not_anytls(self.machine.abandon(), routes.TIMEOUT)
 
     def _cancel_auth_timer(self) -> None:
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         self._auth_timer = None
+
+
+def _negotiated_protocol(transport: Any) -> Optional[str]:
+    """The ALPN protocol the TLS handshake selected; None without TLS or without one."""
+    try:
+        protocol = getattr(transport, "negotiatedProtocol", None)
+    except Exception:  # pyOpenSSL before the handshake, or a plain port's wrapper
+        return None
+    return protocol.decode("ascii", "replace") if protocol else None
 
 
 __all__: List[str] = ["CLOSE_GRACE", "SessionContext", "SessionProtocol", "State"]

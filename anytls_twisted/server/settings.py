@@ -14,6 +14,7 @@ from zope.interface import implementer
 from ..certs import TLSMaterial
 from ..protocol.address import DestinationPolicy
 from ..protocol.auth import UserTable
+from ..protocol.fallback import FallbackRoutes
 from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme
 from ..tls import PortSpec
 
@@ -51,6 +52,7 @@ class ServerConfig:
     @ivar max_streams: concurrent streams per session.
     @ivar pending_high_water: bytes a stream holds before its origin connects, before it
         pauses the client (four times that ends the stream).
+    @ivar fallback: where connections that are not AnyTLS clients go (empty: closed).
     The other fields are the timeouts of the same names, in seconds (docs/configuration.md).
     """
 
@@ -68,6 +70,7 @@ class ServerConfig:
     shutdown_grace: float = SHUTDOWN_GRACE
     max_streams: int = MAX_STREAMS_PER_SESSION
     pending_high_water: int = PENDING_HIGH_WATER
+    fallback: FallbackRoutes = FallbackRoutes()
 
 
 @attr.frozen(kw_only=True)
