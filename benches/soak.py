@@ -716,9 +716,7 @@ def stop(procs, items) -> None:
 
 @defer.inlineCallbacks
 def run(cfg, procs, rundir: str, result: dict):
-    env = {}
-    if cfg.malloc_arena_max:
-        env["MALLOC_ARENA_MAX"] = str(cfg.malloc_arena_max)
+    env = dict(item.split("=", 1) for item in cfg.server_env)
     result["server_env"] = env
     server, port, mport, cert, build = start_server_checked(procs, rundir, env)
     pid = server.pid
@@ -753,8 +751,8 @@ def run(cfg, procs, rundir: str, result: dict):
     stop(procs, ours)
     yield settle(mport)
     result["warmup_s"] = round(time.monotonic() - t0, 2)
-    base = result["baseline"] = rest("after warm-up, sessions closed")
-    print(f"baseline: RSS {base['vmrss']:.1f} MiB, {base['fds']} fds", flush=True)
+    first = result["after_small_warmup"] = rest("after the small warm-up, sessions closed")
+    print(f"after the small warm-up: RSS {first['vmrss']:.1f} MiB", flush=True)
 
     rounds = result["rounds"] = []
     peak: dict = {}
@@ -769,7 +767,10 @@ def run(cfg, procs, rundir: str, result: dict):
 
         return measure
 
-    for r in range(cfg.rounds):
+    for r in range(cfg.warmup_rounds + cfg.rounds):
+        if r == cfg.warmup_rounds:
+            base = result["baseline"] = rest("baseline: after warm-up, sessions closed")
+            print(f"baseline: RSS {base['vmrss']:.1f} MiB, {base['fds']} fds", flush=True)
         # held: sing-box clients, one session per stream
         clients = start_singbox_clients(procs, rundir, cfg.clients, port, cert, f"held{r + 1}")
         held = yield hold(
@@ -785,7 +786,7 @@ def run(cfg, procs, rundir: str, result: dict):
         stop(procs, clients)
         held["sessions_closed_after_s"] = round((yield settle(mport)), 3)
         print(f"round {r + 1} held: {json.dumps(held)}", flush=True)
-        this = {"held": held}
+        this = {"held": held, "warm_up": r < cfg.warmup_rounds}
 
         # mux: many streams per session, our session machine in this process
         if cfg.mux_sessions:
@@ -804,9 +805,13 @@ def run(cfg, procs, rundir: str, result: dict):
             m["sessions_closed_after_s"] = round((yield settle(mport)), 3)
             print(f"round {r + 1} mux: {json.dumps(m)}", flush=True)
             this["mux"] = m
-        this["after"] = snap(f"after round {r + 1}, sessions closed")
+        this["after"] = rest(f"after round {r + 1}, sessions closed")
         rounds.append(this)
-        print(f"round {r + 1}: RSS {this['after']['vmrss']:.1f} MiB", flush=True)
+        print(
+            f"round {r + 1}: RSS {this['after']['vmrss_untrimmed']:.1f} MiB, "
+            f"{this['after']['vmrss']:.1f} trimmed",
+            flush=True,
+        )
 
     # after the load: RSS back, fds back
     limit = base["vmrss"] * (1 + cfg.rss_tolerance)
@@ -816,10 +821,11 @@ def run(cfg, procs, rundir: str, result: dict):
     after["rss_limit_mib"] = round(limit, 2)
     checks["load_rss_back"] = after["vmrss"] <= limit
     checks["load_fds_back"] = after["fds"] <= base["fds"] + cfg.fd_slack
-    if len(rounds) > 1:
-        first = rounds[0]["after"]["vmrss"]
+    measured = [r for r in rounds if not r["warm_up"]]
+    if len(measured) > 1:
         checks["load_rss_flat_over_rounds"] = all(
-            r["after"]["vmrss"] <= first * (1 + cfg.round_tolerance) for r in rounds[1:]
+            r["after"]["vmrss"] <= measured[0]["after"]["vmrss"] * (1 + cfg.round_tolerance)
+            for r in measured[1:]
         )
     print(
         f"after load: RSS {after['vmrss_untrimmed']:.1f} MiB, {after['vmrss']:.1f} trimmed "
@@ -871,8 +877,16 @@ def table(result: dict) -> str:
     rows = [("metric", "value")]
     base, after = result.get("baseline"), result.get("after_load")
     trimmed = " (after malloc_trim)" if result.get("trim") else ""
-    if base:
+    if "idle" in result:
         rows.append(("server RSS idle (started)", f"{result['idle']['vmrss']:.1f} MiB"))
+    if "after_small_warmup" in result:
+        rows.append(
+            (
+                f"RSS{trimmed} after the small warm-up",
+                f"{result['after_small_warmup']['vmrss']:.1f} MiB",
+            )
+        )
+    if base:
         rows.append(
             (
                 f"baseline RSS{trimmed} / fds, after warm-up",
@@ -904,7 +918,14 @@ def table(result: dict) -> str:
                     f"{ph['sessions_closed_after_s']} s",
                 )
             )
-        rows.append((f"round {n}: RSS after, sessions closed", f"{rnd['after']['vmrss']:.1f} MiB"))
+        label = f"round {n}" + (" (warm-up)" if rnd.get("warm_up") else "")
+        rows.append(
+            (
+                f"{label}: RSS / RSS{trimmed} after, sessions closed",
+                f"{rnd['after'].get('vmrss_untrimmed', rnd['after']['vmrss']):.1f} / "
+                f"{rnd['after']['vmrss']:.1f} MiB",
+            )
+        )
     if after:
         rows.append(
             (
@@ -971,7 +992,13 @@ def parse(argv: Optional[List[str]]):
     p.add_argument("--churn-rss-tolerance", type=float, default=0.05)
     p.add_argument("--rss-wait", type=float, default=10.0, help="seconds to wait for RSS")
     p.add_argument("--fd-slack", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1, help="held and mux phases, repeated")
+    p.add_argument("--rounds", type=int, default=2, help="held and mux phases, repeated")
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="rounds of the full held and mux load before the baseline",
+    )
     p.add_argument("--round-tolerance", type=float, default=0.05)
     p.add_argument(
         "--trim",
@@ -980,7 +1007,13 @@ def parse(argv: Optional[List[str]]):
         help="measure RSS at rest after malloc_trim(0) in the server, called with gdb "
         "(auto: if gdb can attach)",
     )
-    p.add_argument("--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX, 0: unset")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the server (e.g. PYTHONMALLOC=malloc); repeatable",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="bound of each phase (s)")
     p.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench"))
     cfg = p.parse_args(argv)
