@@ -31,6 +31,8 @@ AUTH_FAILURE_REASONS = ("wrong_password", "timeout")
 CONNECT_FAILURE_REASONS = ("refused", "timeout", "no_such_host", "policy", "other")
 STREAM_KINDS = ("tcp", "udp")
 DIRECTIONS = ("client_to_origin", "origin_to_client")
+#: The abuse limits (``server/limits.py``'s names).
+LIMITS = ("connection_rate", "sessions", "sessions_per_user", "streams", "streams_per_session")
 #: SYNACK latency buckets (seconds): loopback connects up to the guard (2 s) and the connect
 #: timeout (5 s).
 SYNACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0)
@@ -66,6 +68,9 @@ class NullMetrics:
     def session_reaped(self) -> None:
         """The reaper closed an idle session."""
 
+    def limit_refused(self, limit: str) -> None:
+        """An abuse limit refused a connection, session or stream (``LIMITS``)."""
+
 
 #: The shared do-nothing instance.
 NULL_METRICS = NullMetrics()
@@ -86,6 +91,7 @@ class Metrics(NullMetrics):
         kind.
     @ivar synack_latency: ``anytls_synack_latency_seconds``, by kind and result.
     @ivar reaped: ``anytls_sessions_reaped_total``: idle sessions the reaper closed.
+    @ivar limit_refusals: ``anytls_limit_refusals_total``: refusals by abuse limit.
     @ivar _sessions: The authenticated sessions open now.
     @ivar _streams: The streams open now; their byte and datagram counters are read at scrape
         time.
@@ -140,6 +146,14 @@ class Metrics(NullMetrics):
         self.reaped = Counter(
             "anytls_sessions_reaped", "Idle sessions closed by the reaper.", registry=r
         )
+        self.limit_refusals = Counter(
+            "anytls_limit_refusals",
+            "Connections, sessions and streams refused by an abuse limit, by limit.",
+            ["limit"],
+            registry=r,
+        )
+        for limit in LIMITS:
+            self.limit_refusals.labels(limit)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
         for reason in CONNECT_FAILURE_REASONS:
@@ -162,6 +176,9 @@ class Metrics(NullMetrics):
 
     def session_reaped(self) -> None:
         self.reaped.inc()
+
+    def limit_refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
 
     # Streams.
     def stream_opened(self, stream) -> None:
