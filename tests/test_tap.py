@@ -8,11 +8,13 @@ import sys
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anytls_twisted.protocol.padding import DEFAULT_SCHEME
 from anytls_twisted.server import settings as defaults
+from anytls_twisted.server.admission import AdmissionFactory, AdmittingProxyFactory
 from anytls_twisted.server.load import load
 from anytls_twisted.server.service import ReaperService
 from anytls_twisted.server.tap import Options, makeService
@@ -178,10 +180,14 @@ class MakeServiceTests(SynchronousTestCase):
         top.startService()
         self.addCleanup(top.stopService)
         self.assertEqual(len(reactor.tcpServers), 2)
-        tls_factory = reactor.tcpServers[0][1]
-        self.assertIs(type(tls_factory), BulkTLSFactory)
+        tls_port, plain_port = reactor.tcpServers[0][1], reactor.tcpServers[1][1]
+        self.assertIs(type(tls_port), AdmissionFactory)
+        self.assertTrue(tls_port.rate)  # a TLS port's peer is the client
+        self.assertIs(type(tls_port.wrappedFactory), BulkTLSFactory)
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
-        self.assertIs(reactor.tcpServers[1][1], top.factory)
+        self.assertIs(type(plain_port), AdmissionFactory)
+        self.assertFalse(plain_port.rate)  # a plain port's peer is a TLS-terminating proxy
+        self.assertIs(plain_port.wrappedFactory, top.factory)
         reapers = [s for s in top if isinstance(s, ReaperService)]
         self.assertEqual(len(reapers), 1)
         self.assertTrue(reapers[0].loop.running)
@@ -204,7 +210,8 @@ class MakeServiceTests(SynchronousTestCase):
 
 class HAProxyPortTests(SynchronousTestCase):
     def test_haproxy_ssl_layers(self):
-        """haproxy:ssl: listens on TCP with the PROXY wrapper outside our TLS factory."""
+        """haproxy:ssl: listens on TCP with our PROXY header reader outside the limits'
+        factory, outside our TLS factory."""
         options = Options()
         options.parseOptions(
             [
@@ -222,8 +229,10 @@ class HAProxyPortTests(SynchronousTestCase):
         self.addCleanup(top.stopService)
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (0, "127.0.0.1"))
-        self.assertEqual(type(factory).__name__, "HAProxyWrappingFactory")
-        self.assertIs(type(factory.wrappedFactory), BulkTLSFactory)
+        self.assertIs(type(factory), AdmittingProxyFactory)
+        self.assertIsInstance(factory, HAProxyWrappingFactory)
+        self.assertIs(type(factory.wrappedFactory), AdmissionFactory)
+        self.assertIs(type(factory.wrappedFactory.wrappedFactory), BulkTLSFactory)
 
 
 class TwistdErrorTests(TestCase):
