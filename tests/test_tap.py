@@ -49,6 +49,47 @@ class OptionsTests(SynchronousTestCase):
         self.assertIs(config.padding, DEFAULT_SCHEME)
         self.assertFalse(config.policy.allow_private)
         self.assertEqual(settings.alpn, ())
+        self.assertEqual(config.limits, defaults.Limits())
+        self.assertEqual(
+            (
+                config.limits.connection_rate,
+                config.limits.connection_burst,
+                config.limits.max_sessions,
+                config.limits.max_sessions_per_user,
+                config.limits.max_streams,
+            ),
+            (20.0, 100, 0, 0, 0),
+        )
+
+    def test_limit_options(self):
+        """The limit options set the limits; 0 turns a cap or the rate off."""
+        limits = self.load(
+            "--password",
+            "x",
+            "--connection-rate",
+            "0.5",
+            "--connection-burst",
+            "3",
+            "--max-sessions",
+            "10",
+            "--max-sessions-per-user",
+            "0",
+            "--max-streams",
+            "20",
+            "--max-streams-per-session",
+            "4",
+        ).config
+        self.assertEqual(
+            defaults.Limits(
+                connection_rate=0.5,
+                connection_burst=3,
+                max_sessions=10,
+                max_sessions_per_user=0,
+                max_streams=20,
+            ),
+            limits.limits,
+        )
+        self.assertEqual(limits.max_streams, 4)
 
     def test_options_keep_only_what_was_given(self):
         """Parsing stores no derived value: the defaults that come from files are load's."""
@@ -66,6 +107,15 @@ class OptionsTests(SynchronousTestCase):
             (["--auth-timeout", "-1"], "--auth-timeout: must be a positive number, got '-1'"),
             (["--udp-timeout", "nan"], "--udp-timeout: must be a positive number, got 'nan'"),
             (["--worker-index", "-2"], "--worker-index: must be a whole number, got '-2'"),
+            (
+                ["--connection-rate", "-1"],
+                "--connection-rate: must be a number, 0 or more, got '-1'",
+            ),
+            (
+                ["--connection-burst", "0"],
+                "--connection-burst: must be a positive integer, got '0'",
+            ),
+            (["--max-sessions", "1.5"], "--max-sessions: must be a whole number, got '1.5'"),
         ]:
             e = self.assertRaises(usage.UsageError, self.parse, "--password", "x", *args)
             self.assertEqual(str(e), expected)
@@ -93,6 +143,11 @@ class OptionsTests(SynchronousTestCase):
             "--log-level",
             "--shutdown-grace",
             "--max-streams-per-session",
+            "--max-streams",
+            "--max-sessions",
+            "--max-sessions-per-user",
+            "--connection-rate",
+            "--connection-burst",
             "--config",
             "--certificate-check-interval",
             "--client-config-format",
@@ -104,6 +159,9 @@ class OptionsTests(SynchronousTestCase):
             "[default: 300.0]",
             "[default: 2.0]",
             "else localhost]",
+            "limits.connection_rate, else 20]",
+            "limits.connection_burst, else 100]",
+            "limits.max_sessions, else 0]",
         ]:
             self.assertIn(default, text)
 

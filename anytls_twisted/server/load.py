@@ -8,15 +8,16 @@ prints nothing, and returns the config file's warnings in ``Settings.warnings``.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import attr
 from twisted.python import usage
 
 from .. import certs, clientconfig, metrics, tls
 from ..protocol.address import DestinationPolicy
 from ..protocol.auth import UserTable
 from . import configfile, workers
-from .settings import DEFAULT_PORT, ClientChoices, Port, ServerConfig, Settings, Workers
+from .settings import DEFAULT_PORT, ClientChoices, Limits, Port, ServerConfig, Settings, Workers
 
 if TYPE_CHECKING:
     from .options import Options
@@ -78,6 +79,7 @@ def load(options: Options) -> Settings:
             padding=padding,
             policy=DestinationPolicy(allow_private=bool(options["allow-private"])),
             max_streams=options["max-streams-per-session"],
+            limits=_limits(options, file),
             **{field: options[field.replace("_", "-")] for field in _SAME_NAMED},
         ),
         users=users,
@@ -92,6 +94,17 @@ def load(options: Options) -> Settings:
         generated_certificate=store.generated,
         warnings=file.warnings if file else (),
     )
+
+
+def _limits(options: Options, file: Optional[configfile.FileSettings]) -> Limits:
+    """The abuse limits: each option given on the command line, else the config file's
+    ``limits`` field of the same name, else the default."""
+    values: Dict[str, Any] = dict(file.limits) if file else {}
+    for field in attr.fields_dict(Limits):
+        given = options[field.replace("_", "-")]
+        if given is not None:
+            values[field] = given
+    return Limits(**values)
 
 
 def _ports(descriptions: Sequence[str]) -> List[tls.PortSpec]:
