@@ -109,7 +109,7 @@ class Admission(service.Service):
                 limits.SESSIONS,
                 source_of(address),
                 "a new connection",
-                f"{cap} connections open, the server's limit (--max-sessions)",
+                f"{plural(cap, 'connection')} open, the server's limit (--max-sessions)",
             )
             return False
         return self.admit_source(address) if rate else True
@@ -144,7 +144,7 @@ class Admission(service.Service):
             limits.SESSIONS_PER_USER,
             source,
             f"session {session_id} of user {user}",
-            f"{cap} sessions of this user open (--max-sessions-per-user)",
+            f"{plural(cap, 'session')} of this user open (--max-sessions-per-user)",
             key=user,
             user=user,
             session_id=session_id,
@@ -165,15 +165,15 @@ class Admission(service.Service):
     def stream_refused(self, source: str, session_id: int, stream_id: int, event: Any) -> None:
         """The session machine refused a stream (``StreamRefused``)."""
         if event.server:
-            limit, why = limits.STREAMS, "streams open, the server's limit (--max-streams)"
+            limit, why = limits.STREAMS, "open, the server's limit (--max-streams)"
         else:
-            limit, why = limits.STREAMS_PER_SESSION, "streams open on this session"
+            limit, why = limits.STREAMS_PER_SESSION, "open on this session"
             why += " (--max-streams-per-session)"
         self.refuse(
             limit,
             source,
             f"stream {session_id}/{stream_id}",
-            f"{event.limit} {why}",
+            f"{plural(event.limit, 'stream')} {why}",
             session_id=session_id,
             stream_id=stream_id,
         )
