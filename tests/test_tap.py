@@ -291,6 +291,9 @@ class HAProxyPortTests(SynchronousTestCase):
         self.assertIsInstance(factory, HAProxyWrappingFactory)
         self.assertIs(type(factory.wrappedFactory), AdmissionFactory)
         self.assertIs(type(factory.wrappedFactory.wrappedFactory), BulkTLSFactory)
+        # The port's log line and the factories' quiet start are as before the limits.
+        self.assertEqual(factory.logPrefix(), "AnyTLSFactory (TLS) (PROXY)")
+        self.assertFalse(factory.noisy or factory.wrappedFactory.noisy)
 
 
 class TwistdErrorTests(TestCase):

@@ -222,6 +222,8 @@ class AdmissionFactory(policies.WrappingFactory):
     @ivar rate: whether the peer's address is the client's (TLS ports), so its rate applies.
     """
 
+    noisy = False
+
     def __init__(self, wrapped: Any, admission: Admission, rate: bool) -> None:
         super().__init__(wrapped)
         self.admission = admission
@@ -231,6 +233,11 @@ class AdmissionFactory(policies.WrappingFactory):
         if not self.admission.admit_connection(addr, self.rate):
             return None
         return self.wrappedFactory.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        """The wrapped factory's (``AnyTLSFactory (TLS) starting on 8443``, as before)."""
+        wrapped = self.wrappedFactory
+        return wrapped.logPrefix() if hasattr(wrapped, "logPrefix") else type(wrapped).__name__
 
     def build_proxied(self, addr: Any) -> Any:
         """As ``buildProtocol`` under a PROXY header reader: the rate waits for the header."""
@@ -289,6 +296,7 @@ class AdmittingProxyFactory(HAProxyWrappingFactory):
     :class:`AdmissionFactory` it wraps) about the client's address."""
 
     protocol = _AdmittingProxyProtocol  # type: ignore[assignment]
+    noisy = False
 
     def buildProtocol(self, addr: Any) -> Any:
         wrapped = self.wrappedFactory
