@@ -135,7 +135,6 @@ class SessionProtocol(SessionShell, Protocol):
     @ivar context: what this session's streams use (:class:`SessionContext`).
     @ivar session_id: a process-wide number, for logs.
     @ivar peer: the client's address as ``host:port`` (from the PROXY header when there is one).
-    @ivar source: what the abuse limits count the client's address as (an IPv6 /64).
     @ivar refused_by_limit: the abuse limit that refused this connection or session, or None.
     @ivar opened_at: when the connection was made (clock seconds).
     @ivar last_activity: when a frame last arrived or a stream last ended, for the reaper.
@@ -146,7 +145,7 @@ class SessionProtocol(SessionShell, Protocol):
     def __init__(self) -> None:
         self.session_id = next(_session_ids)
         self.peer = "?"
-        self.source = "?"
+        self._host: Any = None
         self.refused_by_limit: Optional[str] = None
         self._holds_user: Optional[str] = None
         self.opened_at = 0.0
@@ -210,7 +209,13 @@ class SessionProtocol(SessionShell, Protocol):
         peer = self.transport.getPeer()
         host = getattr(peer, "host", peer)
         self.peer = f"{host}:{getattr(peer, 'port', '')}".rstrip(":")
-        self.source = source_key(host) or str(host or "local")
+        self._host = host
+
+    @property
+    def source(self) -> str:
+        """What the abuse limits count the client's address as (an IPv6 /64); computed when
+        a limit refuses something, not per read."""
+        return source_key(self._host) or str(self._host or "local")
 
     def connectionMade(self) -> None:
         factory = self.factory
