@@ -36,6 +36,8 @@ CONNECT_FAILURE_REASONS = ("refused", "timeout", "no_such_host", "policy", "othe
 REAP_REASONS = ("idle", "heartbeat")
 STREAM_KINDS = ("tcp", "udp")
 DIRECTIONS = ("client_to_origin", "origin_to_client")
+#: The abuse limits (``server/limits.py``'s names).
+LIMITS = ("connection_rate", "sessions", "sessions_per_user", "streams", "streams_per_session")
 #: SYNACK latency buckets (seconds): loopback connects up to the guard (2 s) and the connect
 #: timeout (5 s).
 SYNACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0)
@@ -77,6 +79,9 @@ class NullMetrics:
     def heartbeat_sent(self) -> None:
         """The reaper asked a silent idle session with a heartbeat."""
 
+    def limit_refused(self, limit: str) -> None:
+        """An abuse limit refused a connection, session or stream (``LIMITS``)."""
+
 
 #: The shared do-nothing instance.
 NULL_METRICS = NullMetrics()
@@ -99,6 +104,7 @@ class Metrics(NullMetrics):
     @ivar synack_latency: ``anytls_synack_latency_seconds``, by kind and result.
     @ivar reaped: ``anytls_sessions_reaped_total``: sessions the reaper closed, by reason.
     @ivar heartbeats: ``anytls_heartbeats_sent_total``: heartbeats sent to silent idle sessions.
+    @ivar limit_refusals: ``anytls_limit_refusals_total``: refusals by abuse limit.
     @ivar _sessions: The authenticated sessions open now.
     @ivar _streams: The streams open now; their byte and datagram counters are read at scrape
         time.
@@ -167,6 +173,14 @@ class Metrics(NullMetrics):
         )
         for reason in REAP_REASONS:
             self.reaped.labels(reason)
+        self.limit_refusals = Counter(
+            "anytls_limit_refusals",
+            "Connections, sessions and streams refused by an abuse limit, by limit.",
+            ["limit"],
+            registry=r,
+        )
+        for limit in LIMITS:
+            self.limit_refusals.labels(limit)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
         for reason in FALLBACK_REASONS:
@@ -197,6 +211,9 @@ class Metrics(NullMetrics):
 
     def fallback(self, reason: str) -> None:
         self.fallbacks.labels(reason).inc()
+
+    def limit_refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
 
     # Streams.
     def stream_opened(self, stream) -> None:

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from anytls_twisted.protocol.auth import encode_preamble
 from anytls_twisted.protocol.padding import DEFAULT_SCHEME
 from anytls_twisted.server import configfile
+from anytls_twisted.server import settings as defaults
 from anytls_twisted.server.load import load
 from anytls_twisted.server.tap import Options, makeService
 
@@ -138,6 +139,82 @@ class ConfigFileTests(SynchronousTestCase):
             self.assertIn(field, str(e))
         e = self.assertRaises(configfile.ConfigFileError, configfile.load, "/nonexistent/c.json")
         self.assertIn("/nonexistent/c.json", str(e))
+
+
+class LimitsFileTests(SynchronousTestCase):
+    """The ``limits`` object (our own, not sing-box's) and the options of the same names."""
+
+    LIMITS = {
+        "connection_rate": 5.5,
+        "connection_burst": 7,
+        "max_sessions": 100,
+        "max_sessions_per_user": 3,
+        "max_streams": 0,
+    }
+
+    def parse(self, *args):
+        return OptionsWithConfigTests.parse(self, *args)
+
+    def config(self, limits):
+        return ConfigFileTests.write(self, dict(INBOUND, limits=limits))
+
+    def test_file_values_used(self):
+        """If the file gives limits, then they are the server's."""
+        limits = self.parse("--config", self.config(self.LIMITS)).config.limits
+        self.assertEqual(
+            (limits.connection_rate, limits.connection_burst, limits.max_sessions),
+            (5.5, 7, 100),
+        )
+        self.assertEqual((limits.max_sessions_per_user, limits.max_streams), (3, 0))
+
+    def test_command_line_wins_field_by_field(self):
+        """If an option is given, then it beats the file's field of the same name, and the
+        file's other fields still apply; fields the file omits take the defaults."""
+        path = self.config({"connection_rate": 1, "max_sessions": 9})
+        limits = self.parse("--config", path, "--connection-rate", "0", "--max-streams", "50")
+        self.assertEqual(
+            (limits.config.limits.connection_rate, limits.config.limits.max_sessions), (0.0, 9)
+        )
+        self.assertEqual(limits.config.limits.max_streams, 50)
+        self.assertEqual(limits.config.limits.connection_burst, defaults.CONNECTION_BURST)
+
+    def test_bad_fields_name_the_field(self):
+        """If a limit is misspelt, negative, fractional where a count is wanted, or not a
+        number, then the error names the file and the field."""
+        for limits, field in [
+            (
+                {"max_session": 1},
+                "limits.max_session: unknown field; did you mean 'limits.max_sessions'",
+            ),
+            ({"max_sessions": -1}, "limits.max_sessions: must be a whole number, at least 0"),
+            ({"max_streams": 1.5}, "limits.max_streams: must be a whole number"),
+            (
+                {"connection_burst": 0},
+                "limits.connection_burst: must be a whole number, at least 1",
+            ),
+            ({"connection_rate": "fast"}, "limits.connection_rate: must be a number"),
+            ({"connection_rate": True}, "limits.connection_rate: must be a number"),
+            ([], "limits: must be an object"),
+        ]:
+            path = self.config(limits)
+            e = self.assertRaises(configfile.ConfigFileError, configfile.load, path)
+            self.assertIn(f"{path}: {field}", str(e))
+
+    def test_reload_changes_limits(self):
+        """If the file's limits change, then a reload makes them current."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump(dict(INBOUND, listen="127.0.0.1", listen_port=0), f)
+        options = Options()
+        options.parseOptions(["--config", path, "--state-dir", os.path.abspath(self.mktemp())])
+        top = makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual(top.factory.config.limits.max_sessions, 0)
+        with open(path, "w") as f:
+            json.dump(
+                dict(INBOUND, listen="127.0.0.1", listen_port=0, limits={"max_sessions": 4}), f
+            )
+        self.assertTrue(top.reloader.reload("test"))
+        self.assertEqual(top.admission.limits.max_sessions, 4)
 
 
 class OptionsWithConfigTests(SynchronousTestCase):

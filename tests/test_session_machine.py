@@ -179,6 +179,45 @@ class ServerRulesTests(SynchronousTestCase):
         )
         self.assertEqual(events[-1], m.StreamRefused(3, 1))
 
+    def test_server_wide_stream_gate(self):
+        """If the server-wide gate has no slot, then the SYN gets a SYNACK error and FIN and
+        a StreamRefused for the server's limit; the gate is asked only for SYNs that pass the
+        session's own limit, and a granted slot opens the stream."""
+        slots = [None, 7]  # one slot granted, then the server-wide limit (7) is full
+        asked = []
+
+        def take():
+            asked.append(1)
+            return slots.pop(0)
+
+        machine = m.ServerSession(USERS.lookup, lambda: Limits(max_streams=2), take)
+        feed(machine, encode_preamble(PASSWORD) + encode_frame(Command.SETTINGS, 0, SETTINGS_V2))
+        events = feed(machine, encode_frame(Command.SYN, 1) + encode_frame(Command.SYN, 3))
+        self.assertEqual(events[0], m.StreamOpened(1))
+        self.assertEqual(
+            FrameDecoder().feed(sent(events)),
+            [Frame(Command.SYNACK, 3, b"server busy: too many streams"), Frame(Command.FIN, 3)],
+        )
+        self.assertEqual(events[-1], m.StreamRefused(3, 7, server=True))
+        self.assertEqual((set(machine.streams), machine.streams_opened), ({1}, 1))
+        slots.append(None)
+        feed(machine, encode_frame(Command.SYN, 5))  # the session's limit (2) refuses first
+        events = feed(machine, encode_frame(Command.SYN, 7))
+        self.assertEqual(events[-1], m.StreamRefused(7, 2))
+        self.assertEqual(len(asked), 3)
+
+    def test_alert_ends_the_session(self):
+        """An Alert frame carries the text, and the session takes no more frames."""
+        machine = opened_server()
+        frame = machine.alert("too many sessions for this user")
+        self.assertEqual(
+            FrameDecoder().feed(frame),
+            [Frame(Command.ALERT, 0, b"too many sessions for this user")],
+        )
+        self.assertTrue(machine.closed)
+        self.assertEqual(feed(machine, encode_frame(Command.SYN, 1)), [])
+        self.assertEqual(machine.alert("again"), b"")
+
     def test_duplicate_syn_ignored(self):
         machine = opened_server()
         events = feed(machine, encode_frame(Command.SYN, 1) + encode_frame(Command.SYN, 1))

@@ -8,11 +8,13 @@ import sys
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anytls_twisted.protocol.padding import DEFAULT_SCHEME
 from anytls_twisted.server import settings as defaults
+from anytls_twisted.server.admission import AdmissionFactory, AdmittingProxyFactory
 from anytls_twisted.server.load import load
 from anytls_twisted.server.service import ReaperService
 from anytls_twisted.server.tap import Options, makeService
@@ -50,6 +52,47 @@ class OptionsTests(SynchronousTestCase):
         self.assertIs(config.padding, DEFAULT_SCHEME)
         self.assertFalse(config.policy.allow_private)
         self.assertEqual(settings.alpn, ())
+        self.assertEqual(config.limits, defaults.Limits())
+        self.assertEqual(
+            (
+                config.limits.connection_rate,
+                config.limits.connection_burst,
+                config.limits.max_sessions,
+                config.limits.max_sessions_per_user,
+                config.limits.max_streams,
+            ),
+            (20.0, 100, 0, 0, 0),
+        )
+
+    def test_limit_options(self):
+        """The limit options set the limits; 0 turns a cap or the rate off."""
+        limits = self.load(
+            "--password",
+            "x",
+            "--connection-rate",
+            "0.5",
+            "--connection-burst",
+            "3",
+            "--max-sessions",
+            "10",
+            "--max-sessions-per-user",
+            "0",
+            "--max-streams",
+            "20",
+            "--max-streams-per-session",
+            "4",
+        ).config
+        self.assertEqual(
+            defaults.Limits(
+                connection_rate=0.5,
+                connection_burst=3,
+                max_sessions=10,
+                max_sessions_per_user=0,
+                max_streams=20,
+            ),
+            limits.limits,
+        )
+        self.assertEqual(limits.max_streams, 4)
 
     def test_options_keep_only_what_was_given(self):
         """Parsing stores no derived value: the defaults that come from files are load's."""
@@ -75,6 +118,15 @@ class OptionsTests(SynchronousTestCase):
                 ["--heartbeat-timeout", "0"],
                 "--heartbeat-timeout: must be a positive number, got '0'",
             ),
+            (
+                ["--connection-rate", "-1"],
+                "--connection-rate: must be a number, 0 or more, got '-1'",
+            ),
+            (
+                ["--connection-burst", "0"],
+                "--connection-burst: must be a positive integer, got '0'",
+            ),
+            (["--max-sessions", "1.5"], "--max-sessions: must be a whole number, got '1.5'"),
         ]:
             e = self.assertRaises(usage.UsageError, self.parse, "--password", "x", *args)
             self.assertEqual(str(e), expected)
@@ -102,6 +154,11 @@ class OptionsTests(SynchronousTestCase):
             "--log-level",
             "--shutdown-grace",
             "--max-streams-per-session",
+            "--max-streams",
+            "--max-sessions",
+            "--max-sessions-per-user",
+            "--connection-rate",
+            "--connection-burst",
             "--config",
             "--certificate-check-interval",
             "--client-config-format",
@@ -117,6 +174,9 @@ class OptionsTests(SynchronousTestCase):
             "else localhost]",
             "heartbeat_interval, else 60]",
             "heartbeat_timeout, else 15]",
+            "limits.connection_rate, else 20]",
+            "limits.connection_burst, else 100]",
+            "limits.max_sessions, else 0]",
         ]:
             self.assertIn(default, text)
 
@@ -199,10 +259,14 @@ class MakeServiceTests(SynchronousTestCase):
         top.startService()
         self.addCleanup(top.stopService)
         self.assertEqual(len(reactor.tcpServers), 2)
-        tls_factory = reactor.tcpServers[0][1]
-        self.assertIs(type(tls_factory), BulkTLSFactory)
+        tls_port, plain_port = reactor.tcpServers[0][1], reactor.tcpServers[1][1]
+        self.assertIs(type(tls_port), AdmissionFactory)
+        self.assertTrue(tls_port.rate)  # a TLS port's peer is the client
+        self.assertIs(type(tls_port.wrappedFactory), BulkTLSFactory)
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
-        self.assertIs(reactor.tcpServers[1][1], top.factory)
+        self.assertIs(type(plain_port), AdmissionFactory)
+        self.assertFalse(plain_port.rate)  # a plain port's peer is a TLS-terminating proxy
+        self.assertIs(plain_port.wrappedFactory, top.factory)
         reapers = [s for s in top if isinstance(s, ReaperService)]
         self.assertEqual(len(reapers), 1)
         self.assertTrue(reapers[0].loop.running)
@@ -225,7 +289,8 @@ class MakeServiceTests(SynchronousTestCase):
 
 class HAProxyPortTests(SynchronousTestCase):
     def test_haproxy_ssl_layers(self):
-        """haproxy:ssl: listens on TCP with the PROXY wrapper outside our TLS factory."""
+        """haproxy:ssl: listens on TCP with our PROXY header reader outside the limits'
+        factory, outside our TLS factory."""
         options = Options()
         options.parseOptions(
             [
@@ -243,8 +308,13 @@ class HAProxyPortTests(SynchronousTestCase):
         self.addCleanup(top.stopService)
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (0, "127.0.0.1"))
-        self.assertEqual(type(factory).__name__, "HAProxyWrappingFactory")
-        self.assertIs(type(factory.wrappedFactory), BulkTLSFactory)
+        self.assertIs(type(factory), AdmittingProxyFactory)
+        self.assertIsInstance(factory, HAProxyWrappingFactory)
+        self.assertIs(type(factory.wrappedFactory), AdmissionFactory)
+        self.assertIs(type(factory.wrappedFactory.wrappedFactory), BulkTLSFactory)
+        # The port's log line and the factories' quiet start are as before the limits.
+        self.assertEqual(factory.logPrefix(), "AnyTLSFactory (TLS) (PROXY)")
+        self.assertFalse(factory.noisy or factory.wrappedFactory.noisy)
 
 
 class TwistdErrorTests(TestCase):

@@ -99,10 +99,12 @@ class StreamOpened(NamedTuple):
 
 
 class StreamRefused(NamedTuple):
-    """Server: a SYN over the stream limit; the SYNACK error and FIN are already sent."""
+    """Server: a SYN over a stream limit; the SYNACK error and FIN are already sent.
+    ``server`` is True for the server-wide limit, False for the session's own."""
 
     sid: int
     limit: int
+    server: bool = False
 
 
 class StreamData(NamedTuple):
@@ -390,6 +392,9 @@ class ServerSession(SessionMachine[S]):
 
     ``lookup`` maps a password digest to a user (or None); ``limits`` returns the live
     configuration, so a reload's padding scheme and limits apply to the next frame.
+    ``take_stream``, if given, is asked before each new stream for a server-wide slot: it
+    returns None when it gave one (the shell gives it back when the stream ends), else the
+    server-wide limit that is full, and the stream is refused.
 
     @ivar user: the authenticated user, None before (or without) authentication.
     @ivar client_name: the ``client=`` value of the Settings, cut to 64 characters.
@@ -398,11 +403,15 @@ class ServerSession(SessionMachine[S]):
     peer_name = "client"
 
     def __init__(
-        self, lookup: Callable[[bytes], Optional[str]], limits: Callable[[], ServerLimits]
+        self,
+        lookup: Callable[[bytes], Optional[str]],
+        limits: Callable[[], ServerLimits],
+        take_stream: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
         super().__init__()
         self._lookup = lookup
         self._limits = limits
+        self._take_stream = take_stream
         self._preamble: Optional[PreambleReader] = PreambleReader()
         self._known: Optional[str] = None  # the digest's user, before the padding is in
         self.digest = b""  # kept to re-check the user after a reload; never logged
@@ -488,8 +497,22 @@ class ServerSession(SessionMachine[S]):
             events.append(Send(refusal + self._encode(Command.FIN, sid)))
             events.append(StreamRefused(sid, limit))
             return
+        full = self._take_stream() if self._take_stream is not None else None
+        if full is not None:
+            refusal = self.synack(sid, "server busy: too many streams")
+            events.append(Send(refusal + self._encode(Command.FIN, sid)))
+            events.append(StreamRefused(sid, full, server=True))
+            return
         self.streams_opened += 1
         events.append(StreamOpened(sid))
+
+    def alert(self, text: str) -> bytes:
+        """An Alert carrying ``text`` (the peer shows it and closes); ends the session."""
+        if self.state is State.CLOSED:
+            return b""
+        frame = self._encode(Command.ALERT, 0, text.encode("utf-8")[:MAX_DATA])
+        self.state = State.CLOSED
+        return frame
 
     def synack(self, sid: int, error: str = "") -> bytes:
         """The SYNACK for ``sid`` (``error`` empty for success); nothing for v1 clients."""

@@ -11,6 +11,7 @@ fail with the file, the field and the reason.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, List, Optional, Tuple
 
 import attr
@@ -29,7 +30,16 @@ from ..singbox import (
 )
 
 #: The inbound's fields we use, and those that make no difference here.
-_USED = {"listen", "listen_port", "users", "padding_scheme", "tls", "fallback", "fallback_for_alpn"}
+_USED = {
+    "listen",
+    "listen_port",
+    "users",
+    "padding_scheme",
+    "tls",
+    "fallback",
+    "fallback_for_alpn",
+    "limits",
+}
 #: Our own fields (sing-box's inbound has no heartbeats): sing-box durations, like the
 #: outbound's ``idle_session_timeout``.
 _OURS = {"heartbeat_interval", "heartbeat_timeout"}
@@ -58,6 +68,16 @@ _TLS_IGNORED = {
     "ech",
     "reality",
 }
+#: Our own ``limits`` object (not sing-box's): the abuse limits, as the options of the same
+#: names (``max_sessions`` is ``--max-sessions``); each is a number, 0 meaning no limit
+#: except for the burst.
+_LIMITS = {
+    "connection_rate": (float, 0),
+    "connection_burst": (int, 1),
+    "max_sessions": (int, 0),
+    "max_sessions_per_user": (int, 0),
+    "max_streams": (int, 0),
+}
 #: sing-box TLS fields refused: ignoring them would silently serve another certificate.
 _TLS_INLINE = {"certificate", "key"}
 
@@ -80,6 +100,7 @@ class FileSettings:
     heartbeat_timeout: Optional[float] = None
     fallback: Optional[str] = None  # a Twisted client endpoint string
     fallback_for_alpn: Tuple[Tuple[str, str], ...] = ()
+    limits: Tuple[Tuple[str, float], ...] = ()  # (field, value) as given in ``limits``
     warnings: Tuple[str, ...] = ()
 
     def port_description(self) -> Optional[str]:
@@ -158,6 +179,22 @@ def _duration(path: str, field: str, value: Any, zero: bool) -> float:
     return seconds
 
 
+def _limits(path: str, value: Any) -> Tuple[Tuple[str, float], ...]:
+    if not isinstance(value, dict):
+        raise fail(path, "limits", "must be an object")
+    check_fields(path, value, "limits.", _LIMITS, ())
+    limits = []
+    for key, number in value.items():
+        kind, low = _LIMITS[key]
+        ok = isinstance(number, (int, float)) and not isinstance(number, bool)
+        ok = ok and math.isfinite(number)
+        if not ok or number < low or (kind is int and number != int(number)):
+            noun = "a whole number" if kind is int else "a number"
+            raise fail(path, f"limits.{key}", f"must be {noun}, at least {low}")
+        limits.append((key, kind(number)))
+    return tuple(limits)
+
+
 def load(path: str) -> FileSettings:
     """Read and validate ``path``; raise :class:`ConfigFileError` naming the problem."""
     try:
@@ -189,6 +226,8 @@ def load(path: str) -> FileSettings:
         values["fallback_for_alpn"] = _fallback_for_alpn(path, inbound["fallback_for_alpn"])
     if inbound.get("padding_scheme"):
         values["padding"] = _padding(path, inbound["padding_scheme"])
+    if "limits" in inbound:
+        values["limits"] = _limits(path, inbound["limits"])
     tls = inbound.get("tls")
     if tls is None:
         values["tls_enabled"] = False  # as in sing-box: no tls object, plain AnyTLS

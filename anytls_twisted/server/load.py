@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import attr
 from twisted.python import usage
 
 from .. import certs, clientconfig, metrics, tls
@@ -17,7 +18,7 @@ from ..protocol.address import DestinationPolicy
 from ..protocol.auth import UserTable
 from ..protocol.fallback import FallbackRoutes
 from . import configfile, fallback, workers
-from .settings import DEFAULT_PORT, ClientChoices, Port, ServerConfig, Settings, Workers
+from .settings import DEFAULT_PORT, ClientChoices, Limits, Port, ServerConfig, Settings, Workers
 
 if TYPE_CHECKING:
     from .options import Options
@@ -84,6 +85,7 @@ def load(options: Options) -> Settings:
             max_streams=options["max-streams-per-session"],
             **_heartbeats(options, file),
             fallback=routes,
+            limits=_limits(options, file),
             **{field: options[field.replace("_", "-")] for field in _SAME_NAMED},
         ),
         users=users,
@@ -143,6 +145,17 @@ def _heartbeats(options: Options, file: Optional[configfile.FileSettings]) -> Di
         if value is not None:
             values[field] = value
     return values
+
+
+def _limits(options: Options, file: Optional[configfile.FileSettings]) -> Limits:
+    """The abuse limits: each option given on the command line, else the config file's
+    ``limits`` field of the same name, else the default."""
+    values: Dict[str, Any] = dict(file.limits) if file else {}
+    for field in attr.fields_dict(Limits):
+        given = options[field.replace("_", "-")]
+        if given is not None:
+            values[field] = given
+    return Limits(**values)
 
 
 def _ports(descriptions: Sequence[str]) -> List[tls.PortSpec]:

@@ -20,6 +20,7 @@ _seconds = _number(float, "a positive number", lambda value: value > 0)
 _off_or_seconds = _number(float, "0 (off) or a positive number", lambda value: value >= 0)
 _count = _number(int, "a positive integer", lambda value: value > 0)
 _index = _number(int, "a whole number", lambda value: value >= 0)
+_rate = _number(float, "a number, 0 or more", lambda value: value >= 0)
 
 
 class Options(usage.Options):
@@ -52,6 +53,11 @@ class Options(usage.Options):
         ["heartbeat-timeout", None, None, f"Seconds a heartbeat may wait for its answer before the session is closed. [default: the config file's heartbeat_timeout, else {defaults.HEARTBEAT_TIMEOUT:g}]", _seconds("heartbeat-timeout")],
         ["udp-timeout", None, defaults.UDP_TIMEOUT, "Close a UDP-over-TCP stream after this many seconds without datagrams.", _seconds("udp-timeout")],
         ["max-streams-per-session", None, defaults.MAX_STREAMS_PER_SESSION, "Concurrent streams one session may open.", _count("max-streams-per-session")],
+        ["connection-rate", None, None, f"New connections a second one source address (an IPv6 /64) may open on TLS and haproxy: ports; more are closed at once, before any TLS. 0: no limit. [default: the config file's limits.connection_rate, else {defaults.CONNECTION_RATE:g}]", _rate("connection-rate")],
+        ["connection-burst", None, None, f"New connections one source may open at once before --connection-rate applies. [default: the config file's limits.connection_burst, else {defaults.CONNECTION_BURST}]", _count("connection-burst")],
+        ["max-sessions", None, None, f"Connections open at once (sessions, and connections still in the TLS handshake or authentication); more are closed at once. 0: no limit. [default: the config file's limits.max_sessions, else {defaults.MAX_SESSIONS}]", _index("max-sessions")],
+        ["max-sessions-per-user", None, None, f"Sessions one user may have open at once; more are closed with an Alert after authentication. 0: no limit. [default: the config file's limits.max_sessions_per_user, else {defaults.MAX_SESSIONS_PER_USER}]", _index("max-sessions-per-user")],
+        ["max-streams", None, None, f"Streams open at once over all sessions; more are refused with a SYNACK error and FIN. 0: no limit. [default: the config file's limits.max_streams, else {defaults.MAX_STREAMS}]", _index("max-streams")],
         ["shutdown-grace", None, defaults.SHUTDOWN_GRACE, "Seconds sessions get to close at shutdown before they are aborted.", _seconds("shutdown-grace")],
         ["certificate-check-interval", None, defaults.CERTIFICATE_CHECK_INTERVAL, "Seconds between checks of the certificate and key files; a change reloads them (as SIGHUP does).", _seconds("certificate-check-interval")],
         ["log-level", None, "info", "Lowest level logged: debug (per-stream events), info, warn or error."],

@@ -18,12 +18,15 @@ from twisted.application import service, strports
 from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .. import tls
+from ..endpoints import HAPROXY, EndpointString
 from ..logs import get_logger
 from ..metrics import NULL_METRICS
 from ..protocol.liveness import Liveness
 from ..protocol.session import State
+from .admission import Admission, AdmissionFactory, AdmittingProxyFactory
 from .dialer import OriginDialer
 from .fallback import FallbackDialer
 from .session import SessionProtocol
@@ -178,6 +181,7 @@ class AnyTLSFactory(Factory):
     @ivar registry: the :class:`SessionRegistry` sessions join and leave.
     @ivar metrics: a ``metrics.Metrics``, or ``NullMetrics`` (does nothing).
     @ivar fallback_dialer: connects to fallback endpoints (``IFallbackDialer``).
+    @ivar admission: the :class:`~.admission.Admission` (abuse limits) sessions ask.
     """
 
     protocol = SessionProtocol
@@ -192,6 +196,7 @@ class AnyTLSFactory(Factory):
         registry: SessionRegistry,
         metrics=NULL_METRICS,
         fallback_dialer=None,
+        admission: Optional[Admission] = None,
     ) -> None:
         self.live = LiveConfig.of(config)
         self.clock = clock
@@ -200,6 +205,9 @@ class AnyTLSFactory(Factory):
         self.registry = registry
         self.metrics = metrics  # metrics.Metrics, or NullMetrics (does nothing)
         self.fallback_dialer = fallback_dialer or FallbackDialer(clock)
+        if admission is None:
+            admission = Admission(self.live, clock, registry, metrics)
+        self.admission = admission
 
     @property
     def config(self) -> ServerConfig:
@@ -261,6 +269,7 @@ class AnyTLSService(service.MultiService):
     @ivar factory: the :class:`AnyTLSFactory` building sessions.
     @ivar listeners: the listening services, one per ``listeners`` entry, in order.
     @ivar reaper: the :class:`ReaperService` closing idle sessions and asking silent ones.
+    @ivar admission: the :class:`~.admission.Admission` (abuse limits) every port asks.
     """
 
     def __init__(
@@ -286,10 +295,14 @@ class AnyTLSService(service.MultiService):
         if listen_udp is None:
             listen_udp = quiet_listen_udp(reactor)
 
-        self.factory = AnyTLSFactory(self.live, reactor, dialer, listen_udp, self.registry, metrics)
+        self.admission = Admission(self.live, reactor, self.registry, metrics)
+        self.admission.setServiceParent(self)
+        self.factory = AnyTLSFactory(
+            self.live, reactor, dialer, listen_udp, self.registry, metrics, admission=self.admission
+        )
         self.listeners: List[service.Service] = []
         for where, wrap in listeners:
-            self.add_listener(where, wrap(self.factory), reactor)
+            self.add_listener(where, self.admitted(wrap(self.factory)), reactor)
         self.reaper = ReaperService(self.registry, None, reactor)
         self.reaper.setServiceParent(self)
 
@@ -297,13 +310,24 @@ class AnyTLSService(service.MultiService):
     def config(self) -> ServerConfig:
         return self.live.config
 
+    def admitted(self, factory) -> AdmissionFactory:
+        """A port's listening factory: the abuse limits asked at accept, around ``factory``
+        (TLS, or the session factory itself). The source's rate applies on TLS ports, whose
+        peer is the client (plain ports are for use behind a TLS-terminating proxy, whose
+        address every client would share); ``haproxy:`` ports apply it to the header's."""
+        return AdmissionFactory(factory, self.admission, isinstance(factory, TLSMemoryBIOFactory))
+
     def add_listener(
         self, description: Union[str, Callable[[Any], service.Service]], factory, reactor
     ) -> service.Service:
         if callable(description):  # a ready listener, e.g. workers.AdoptedPort
             listener = description(factory)
         else:
-            listener = strports.service(tls.listen_endpoint(description), factory, reactor=reactor)
+            endpoint = tls.listen_endpoint(description)
+            inner = _without_haproxy(endpoint)
+            if inner is not None:  # our PROXY header reader, which asks the limits
+                endpoint, factory = inner, AdmittingProxyFactory(factory)
+            listener = strports.service(endpoint, factory, reactor=reactor)
         listener.setServiceParent(self)
         self.listeners.append(listener)
         return listener
@@ -330,6 +354,15 @@ class AnyTLSService(service.MultiService):
         yield self.registry.close_all(self.config.shutdown_grace)
         others = [s for s in self if s not in self.listeners]
         yield defer.gatherResults([defer.maybeDeferred(s.stopService) for s in others])
+
+
+def _without_haproxy(endpoint: str) -> Optional[str]:
+    """The endpoint inside ``haproxy:ENDPOINT``, or None for any other endpoint."""
+    try:
+        inner = EndpointString.parse(endpoint).unwrap(HAPROXY)
+    except ValueError:
+        return None
+    return None if inner is None else inner.format()
 
 
 #: Assemble the service (the name callers and tests have used; the class builds the parts).

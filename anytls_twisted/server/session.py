@@ -28,6 +28,7 @@ from ..protocol import session as machine
 from ..protocol.session import ALERT_NO_SETTINGS, State  # noqa: F401 (re-exported)
 from ..session_shell import CLOSE_GRACE, ContextShell, SessionShell, describe
 from .fallback import FallbackRelay
+from .limits import source_key
 from .pending import PendingStream
 from .stream import no_delay
 
@@ -136,6 +137,7 @@ class SessionProtocol(SessionShell, Protocol):
     @ivar context: what this session's streams use (:class:`SessionContext`).
     @ivar session_id: a process-wide number, for logs.
     @ivar peer: the client's address as ``host:port`` (from the PROXY header when there is one).
+    @ivar refused_by_limit: the abuse limit that refused this connection or session, or None.
     @ivar opened_at: when the connection was made (clock seconds).
     @ivar last_activity: when a frame last arrived or a stream last ended, for the reaper; reads
         made only of HeartResponse and Waste frames do not count (answering our heartbeats
@@ -149,6 +151,9 @@ class SessionProtocol(SessionShell, Protocol):
     def __init__(self) -> None:
         self.session_id = next(_session_ids)
         self.peer = "?"
+        self._host: Any = None
+        self.refused_by_limit: Optional[str] = None
+        self._holds_user: Optional[str] = None
         self.opened_at = 0.0
         self.last_activity = 0.0
         self._auth_timer: Any = None
@@ -209,12 +214,22 @@ class SessionProtocol(SessionShell, Protocol):
         authentication): behind ``haproxy:`` ports, ``getPeer()`` gives the address from the
         PROXY header only after the header has been read, which is after ``connectionMade``."""
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        host = getattr(peer, "host", peer)
+        self.peer = f"{host}:{getattr(peer, 'port', '')}".rstrip(":")
+        self._host = host
+
+    @property
+    def source(self) -> str:
+        """What the abuse limits count the client's address as (an IPv6 /64); computed when
+        a limit refuses something, not per read."""
+        return source_key(self._host) or str(self._host or "local")
 
     def connectionMade(self) -> None:
         factory = self.factory
         self.machine: machine.ServerSession[IStream] = machine.ServerSession(
-            lambda digest: factory.config.users.lookup(digest), lambda: factory.config
+            lambda digest: factory.config.users.lookup(digest),
+            lambda: factory.config,
+            factory.admission.take_stream,
         )
         self.context = SessionContext(self)
         no_delay(self.transport)  # TLS wrappers pass it on to the TCP transport beneath
@@ -255,6 +270,12 @@ class SessionProtocol(SessionShell, Protocol):
             self.stream_ended(event.stream, "client closed the stream")
         elif kind is machine.Authenticated:
             self._cancel_auth_timer()
+            if not self.factory.admission.admit_session(event.user, self.source, self.session_id):
+                self.refused_by_limit = "sessions_per_user"
+                self.write(self.machine.alert("too many sessions for this user"))
+                self.close("too many sessions for this user")
+                return
+            self._holds_user = event.user
             self.metrics.session_opened(self)
             _log.info(
                 "session {session_id} open from {peer} user {user}",
@@ -267,12 +288,7 @@ class SessionProtocol(SessionShell, Protocol):
         elif kind is machine.SessionFailed:
             self.close(event.reason)
         elif kind is machine.StreamRefused:
-            _log.warn(
-                "session {session_id}: refused stream {stream_id}, limit {limit} reached",
-                session_id=self.session_id,
-                stream_id=event.sid,
-                limit=event.limit,
-            )
+            self.factory.admission.stream_refused(self.source, self.session_id, event.sid, event)
         elif kind is machine.HeartbeatAnswered:
             self.factory.registry.answered(self)
         elif kind is machine.UnknownCommand and logs.DEBUG:
@@ -290,6 +306,9 @@ class SessionProtocol(SessionShell, Protocol):
         for stream in self.machine.close():
             self.stream_ended(stream, "session closed")
         self.factory.registry.discard(self)
+        if self._holds_user is not None:
+            self.factory.admission.session_left(self._holds_user)
+            self._holds_user = None
         self.metrics.session_closed(self)
         relay = self.fallback
         if relay is not None:
@@ -305,6 +324,8 @@ class SessionProtocol(SessionShell, Protocol):
                     bytes_out=relay.bytes_out,
                 )
             return
+        if self.refused_by_limit is not None:
+            return  # the abuse limits logged it (at most once a minute per source)
         if self.user is None:
             self._note_peer()
             _log.info(
@@ -382,6 +403,7 @@ class SessionProtocol(SessionShell, Protocol):
     def stream_ended(self, stream: IStream, reason: str) -> None:
         """A stream left the table: release its target, count it, log it."""
         stream.connectionLost(reason)
+        self.factory.admission.stream_ended()
         self.metrics.stream_closed(stream)
         self.set_reading(self.machine.update_reading())
         self.last_activity = self.clock.seconds()

@@ -36,10 +36,37 @@ UDP_TIMEOUT = 300.0
 SHUTDOWN_GRACE = 5.0
 CERTIFICATE_CHECK_INTERVAL = 30.0
 MAX_STREAMS_PER_SESSION = 1024
+#: Abuse limits (docs/configuration.md, "Abuse limits"): new connections a second per source,
+#: and how many a source may open at once before that rate applies; 0 turns a limit off.
+CONNECTION_RATE = 20.0
+CONNECTION_BURST = 100
+MAX_SESSIONS = 0
+MAX_SESSIONS_PER_USER = 0
+MAX_STREAMS = 0
+#: Sources the connection rate limit remembers (least recently seen forgotten first).
+RATE_LIMIT_SOURCES = 16384
 #: Bytes a stream may hold from the client before its origin is connected; past this the
 #: session stops reading its TLS connection until the connect finishes.
 PENDING_HIGH_WATER = 256 * 1024
 DEFAULT_PORT = "ssl:8443"
+
+
+@attr.frozen(kw_only=True)
+class Limits:
+    """The abuse limits, read at each connection, session and stream (0: no limit).
+
+    @ivar connection_rate: new connections a second per source address (an IPv6 /64).
+    @ivar connection_burst: new connections a source may open at once (the bucket's size).
+    @ivar max_sessions: connections open at once, in the handshake or authenticated.
+    @ivar max_sessions_per_user: authenticated sessions of one user open at once.
+    @ivar max_streams: streams open at once over all sessions.
+    """
+
+    connection_rate: float = CONNECTION_RATE
+    connection_burst: int = CONNECTION_BURST
+    max_sessions: int = MAX_SESSIONS
+    max_sessions_per_user: int = MAX_SESSIONS_PER_USER
+    max_streams: int = MAX_STREAMS
 
 
 @attr.frozen
@@ -50,6 +77,7 @@ class ServerConfig:
     @ivar padding: the scheme sent to clients whose ``padding-md5`` differs.
     @ivar policy: which resolved destination addresses may be reached.
     @ivar max_streams: concurrent streams per session.
+    @ivar limits: the abuse limits (:class:`Limits`).
     @ivar pending_high_water: bytes a stream holds before its origin connects, before it
         pauses the client (four times that ends the stream).
     @ivar fallback: where connections that are not AnyTLS clients go (empty: closed).
@@ -71,6 +99,7 @@ class ServerConfig:
     max_streams: int = MAX_STREAMS_PER_SESSION
     pending_high_water: int = PENDING_HIGH_WATER
     fallback: FallbackRoutes = FallbackRoutes()
+    limits: Limits = Limits()
 
 
 @attr.frozen(kw_only=True)

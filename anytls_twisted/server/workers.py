@@ -298,9 +298,11 @@ def accept_one_at_a_time(port) -> None:
 
 
 def wrap_haproxy(factory):
-    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+    """The PROXY header reader around a port's factory, asking the abuse limits about the
+    client's address once the header is read."""
+    from .admission import AdmittingProxyFactory
 
-    return HAProxyWrappingFactory(factory)
+    return AdmittingProxyFactory(factory)
 
 
 class _ParentWatch:
