@@ -288,6 +288,7 @@ def start_ours(procs: Procs, rundir: str, name: str, build: Build, workers: int 
             "warn",
             "--workers",
             str(workers),
+            *build.unlimited_args(),
         ],
         env=build.env,
         cwd=build.cwd,
@@ -374,6 +375,7 @@ class Build:
         self.cwd = cwd
         self.home = home
         self.info = info
+        self._unlimited: Optional[List[str]] = None
 
     def verify(self) -> None:
         """Check, with the server's own environment and working directory, that both
@@ -399,6 +401,25 @@ class Build:
                 f"{self.label}: twistd anytls would not run the code under {self.home}: {found}"
             )
         self.info.update(found, twistd=self.twistd)
+
+    def unlimited_args(self) -> List[str]:
+        """Options that turn off the server's abuse limits, where this build has them: the
+        bench opens 100 sessions at once from 127.0.0.1, round after round, which the
+        per-source connection rate (burst 100, 20 a second) is there to refuse; sing-box's
+        server has no such limit to pay for either."""
+        if self._unlimited is None:
+            result = subprocess.run(
+                [self.twistd, "anytls", "--help"],
+                env=self.env,
+                cwd=self.cwd,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            self._unlimited = (
+                ["--connection-rate", "0"] if "--connection-rate" in result.stdout else []
+            )
+        return self._unlimited
 
 
 # Run by each build's python: where ``anytls_twisted`` (its __path__: older revisions have it as

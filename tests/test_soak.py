@@ -48,7 +48,12 @@ class SoakTests(unittest.TestCase):
         metrics_port = free_port()
         server = yield self.h.start_server(
             kind="twistd",
-            extra_args=["--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"],
+            extra_args=[
+                "--metrics",
+                f"tcp:{metrics_port}:interface=127.0.0.1",
+                "--connection-rate",  # 100 sessions at once from 127.0.0.1, by design
+                "0",
+            ],
         )
         pid = server.process.pid
         self.trim = soak.gdb_works(pid)
