@@ -36,6 +36,8 @@ class ConfigFileError(ValueError):
 
 
 def fail(path: str, field: str, reason: str) -> ConfigFileError:
+    if not field.isprintable():  # a key with a line break or control character: quote it
+        field = repr(field)
     return ConfigFileError(f"{path}: {field}: {reason}")
 
 

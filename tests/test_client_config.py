@@ -100,6 +100,24 @@ class URITests(SynchronousTestCase):
         error = self.assertRaises(ConfigFileError, parse_uri, "anytls://p@h/?snii=x")
         self.assertIn("did you mean 'sni'?", str(error))
 
+    def test_not_utf8_argument(self):
+        """Found by fuzz/client_config.py: a --server argument that is not UTF-8 reaches
+        parse_uri with surrogate escapes, which made urllib raise UnicodeEncodeError; it is
+        the password error now."""
+        for uri in ["anytls://s\udcffcret@h", "anytls://\ud800@h"]:
+            error = self.assertRaises(ConfigFileError, parse_uri, uri)
+            self.assertIn("password: is not UTF-8", str(error))
+
+    def test_error_is_one_line(self):
+        """Found by fuzz/client_config.py: an unknown query key with a line break made a
+        two-line error; the key is quoted instead."""
+        error = self.assertRaises(ConfigFileError, parse_uri, "anytls://p@h/?a%0Ab=1")
+        self.assertEqual(
+            str(error),
+            "anytls URI: 'a\\nb': unknown query parameter; "
+            "known: sni, insecure, allowInsecure, alpn, fp",
+        )
+
     def test_server_uri_parses_back(self):
         """What the server prints (clientconfig.uri) parses to the same server, port, SNI and
         insecure flag, the placeholder password included."""

@@ -188,8 +188,11 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
         raise fail(where, "path", "must be empty or /")
     userinfo, at, hostport = authority.rpartition("@")
     try:
-        password = urllib.parse.unquote_to_bytes(userinfo).decode("utf-8")
-    except UnicodeDecodeError:
+        # A command-line argument that is not UTF-8 reaches us with surrogate escapes: turn
+        # them back into its bytes (refused below as not UTF-8), rather than fail to encode.
+        raw = urllib.parse.unquote_to_bytes(userinfo.encode("utf-8", "surrogateescape"))
+        password = raw.decode("utf-8")
+    except UnicodeError:
         raise fail(where, "password", "is not UTF-8 once percent-decoded") from None
     password_check(where, password, password_file)
     try:
