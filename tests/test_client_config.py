@@ -290,6 +290,22 @@ class OutboundTests(SynchronousTestCase):
         self.assertFalse(config.tls)
         self.assertEqual(config.tag, "anytls")
 
+    def test_disable_sni(self):
+        """tls.disable_sni without a server_name means no SNI (what to_outbound prints for a
+        URI's empty sni=); with one, it is ignored with a warning: the name is sent."""
+        base = {"server": "h.example", "server_port": 1, "password": "p"}
+        config = load_outbound({**base, "tls": {"enabled": True, "disable_sni": True}})
+        self.assertIsNone(config.server_name)
+        self.assertEqual(config.warnings, ())
+        tls = {"enabled": True, "disable_sni": True, "server_name": "n.example"}
+        config = load_outbound({**base, "tls": tls})
+        self.assertEqual(config.server_name, "n.example")
+        self.assertIn("tls.disable_sni is ignored", config.warnings[0])
+        error = self.assertRaises(
+            ConfigFileError, load_outbound, {**base, "tls": {"disable_sni": "yes"}}
+        )
+        self.assertIn("tls.disable_sni: must be true or false", str(error))
+
     def test_password_file(self):
         """An outbound without a password loads only when a password file will supply it."""
         document = {"server": "h", "server_port": 1}

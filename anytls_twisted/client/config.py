@@ -76,10 +76,10 @@ _TLS_USED = {
     "certificate_public_key_sha256",
     "alpn",
     "utls",
+    "disable_sni",
 }
 #: sing-box's outbound TLS fields (docs: configuration/shared/tls) not implemented here.
 _TLS_IGNORED = {
-    "disable_sni",
     "min_version",
     "max_version",
     "cipher_suites",
@@ -304,6 +304,14 @@ def _tls(path: str, tls: Any, values: Dict[str, Any]) -> List[str]:
     if "server_name" in tls:
         name = _typed(path, "tls.server_name", tls["server_name"], str, "a string")
         values["server_name"] = default_sni(name) if name else values["server_name"]
+    if _typed(path, "tls.disable_sni", tls.get("disable_sni", False), bool, "true or false"):
+        if tls.get("server_name"):  # sing-box would verify that name without sending it
+            warnings.append(
+                f"{path}: tls.disable_sni is ignored with a tls.server_name "
+                "(anytls-twisted sends the name it verifies)"
+            )
+        else:  # no SNI, as a URI's empty sni= says (what to_outbound prints for one)
+            values["server_name"] = None
     if "certificate" in tls:
         values["certificate"] = "\n".join(_strings(path, "tls.certificate", tls["certificate"]))
     if "certificate_path" in tls:
@@ -421,6 +429,8 @@ def to_outbound(config: ClientConfig, show_password: bool = False) -> Dict[str, 
     # An IP address as server_name would mean "verify this IP", not "no SNI": leave it out.
     if config.server_name is not None:
         tls["server_name"] = config.server_name
+    elif parse_ip(config.server) is None:  # no SNI to a named server (a URI's empty sni=)
+        tls["disable_sni"] = True
     if config.insecure:
         tls["insecure"] = True
     if config.certificate is not None:
