@@ -365,3 +365,7 @@ class OutboundTests(SynchronousTestCase):
         error = self.assertRaises(ConfigFileError, load_outbound, bad)
         self.assertIn(f"{bad}: not valid JSON", str(error))
         self.assertTrue(os.path.exists(bad))
+        with open(bad, "w") as f:  # past the recursion limit json raised RecursionError
+            f.write('{"a":' * 100_000)
+        error = self.assertRaises(ConfigFileError, load_outbound, bad)
+        self.assertEqual(str(error), f"{bad}: not valid JSON: nested too deeply")

@@ -178,6 +178,7 @@ class LoadFileTests(SynchronousTestCase):
         self.assertNotIn("secret", error)
         for text, fragment in [
             ("{ not json", "not valid JSON"),
+            ("[" * 100_000, "not valid JSON: nested too deeply"),  # json's RecursionError
             ("# nothing\n", "no servers"),
             ("", "no servers"),
         ]:

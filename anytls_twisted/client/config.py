@@ -353,6 +353,8 @@ def load_outbound(
             raise ConfigFileError(f"cannot read config file {path}: {e.strerror or e}") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
+        except RecursionError:  # json's C parser, on arrays or objects nested too deeply
+            raise ConfigFileError(f"{path}: not valid JSON: nested too deeply") from None
     else:
         document = dict(source)
     outbound = pick_anytls(path, document, "outbounds")
