@@ -7,7 +7,8 @@ Contract, for both wire encodings (SOCKS-style and UoT AddrParser-style):
 * Bounded: an address is at most 259 bytes; ``end`` lies within the input.
 * Prefixes: every strict prefix of a parsed address gives ``None``; the address alone parses the
   same.
-* Round trip: encoding the destination and parsing it again gives the same destination.
+* Round trip: encoding the destination and parsing it again gives the same destination (but
+  for a scoped IPv6 literal's ``%scope``, which the packed encoding drops).
 
 And for ``HOST:PORT`` text (:func:`parse_host_port`, CONNECT targets and URIs): only
 :class:`AddressError`; a port from 1 to 65535 (or the default); ``str(destination)`` parses
@@ -20,6 +21,7 @@ import sys
 
 import _fuzzlib
 import atheris
+import attr
 from _fuzzlib import check
 
 with _fuzzlib.instrumented():
@@ -61,7 +63,11 @@ def binary(data: bytes) -> None:
             check(attempt(parse, data[:stop], offset) is None, f"prefix {stop} is not None")
         check(attempt(parse, data[:end], offset) == result, "the address alone differs")
         encoded = encode(destination)
-        check(parse(encoded, 0) == (destination, len(encoded)), f"{destination} round trip")
+        again = parse(encoded, 0)
+        if "%" in destination.host:  # a scoped IPv6 literal sent as a name: the scope names
+            # an interface of the sender, meaningless to the peer, and the packed form drops it
+            destination = attr.evolve(destination, host=destination.host.partition("%")[0])
+        check(again == (destination, len(encoded)), f"{destination} round trip")
 
 
 def text(data: bytes) -> None:
