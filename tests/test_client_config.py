@@ -12,6 +12,7 @@ from anytls_twisted import clientconfig
 from anytls_twisted.client.config import (
     ClientConfig,
     ConfigFileError,
+    format_duration,
     load_outbound,
     parse_duration,
     parse_uri,
@@ -197,6 +198,28 @@ class DurationTests(SynchronousTestCase):
         """Go's syntax, strictly: a unit on every number, no sign, no spaces."""
         for text in ["", "30", "-1s", "+1s", "1 s", "1d", "s", "1.s5", "1m 30s", "1S", "."]:
             self.assertRaises(ValueError, parse_duration, text)
+        # Longer than Go's int64 nanoseconds (ParseDuration's "invalid duration"), or inf.
+        for text in ["2562048h", "1" + "0" * 400 + "s"]:
+            self.assertRaises(ValueError, parse_duration, text)
+        self.assertAlmostEqual(parse_duration("2562047h"), 2562047 * 3600.0)
+
+    def test_format_reads_back(self):
+        """format_duration (what --print-config prints) reads back to the same seconds. It
+        used :g, which printed 1e+06s (refused) and cut 1.23456789s to 1.23457s; seen
+        reviewing for fuzz/client_config.py, whose round-trip contract it breaks."""
+        for seconds, text in [
+            (30.0, "30s"),
+            (0.5, "500ms"),
+            (1.5, "1.5s"),
+            (0.0, "0s"),
+            (1e6, "1000000s"),
+            (1.23456789, "1.23456789s"),
+            (1e-9, "0.000001ms"),
+            (0.0015, "1.5ms"),
+            (parse_duration("2562047h"), "9223369200s"),
+        ]:
+            self.assertEqual(format_duration(seconds), text)
+            self.assertAlmostEqual(parse_duration(text), seconds, delta=seconds * 1e-12)
 
 
 class OutboundTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import decimal
 import difflib
 import json
 import re
@@ -258,7 +259,14 @@ def parse_duration(text: str) -> float:
         return 0.0
     if not _DURATION.fullmatch(text):
         raise ValueError(f'{text!r} is not a duration such as "30s", "1m30s" or "500ms"')
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+    seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+    if seconds > _MAX_DURATION:  # an infinite float too, from a few hundred digits
+        raise ValueError(f"{text!r} is longer than a duration can be (about 292 years)")
+    return seconds
+
+
+#: Go's ``time.Duration`` is an int64 of nanoseconds; ``ParseDuration`` refuses longer ones.
+_MAX_DURATION = (2**63 - 1) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,10 +414,13 @@ def load_outbound(
 
 
 def format_duration(seconds: float) -> str:
-    """Seconds as a sing-box duration string (``30s``, ``1.5s``, ``500ms``)."""
+    """Seconds as a sing-box duration string (``30s``, ``1.5s``, ``500ms``) that
+    :func:`parse_duration` reads back: every digit of the float, never an exponent (``:g``
+    gave ``1e+06s`` for 11.6 days, and ``1.23457s`` for 1.23456789)."""
+    value, unit = decimal.Decimal(repr(seconds)), "s"
     if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
+        value, unit = value * 1000, "ms"
+    return format(value.normalize(), "f") + unit
 
 
 def to_outbound(config: ClientConfig, show_password: bool = False) -> Dict[str, Any]:
