@@ -157,6 +157,8 @@ SEEDS = {
         "sing-box": b"\x01" + j(CLIENT_OUTBOUND),
         "sing-box-whole": b"\x01" + j({"outbounds": [{"type": "direct"}, CLIENT_OUTBOUND]}),
         "v2ray": b"\x01" + j(V2RAY),
+        "durations": b"\x01"
+        + j(dict(CLIENT_OUTBOUND, idle_session_timeout="1000000s", min_idle_session=0)),
     },
     "socks": {
         "socks5-connect": b"\x00\x05\x01\x00\x05\x01\x00\x03\x0bexample.com\x01\xbbGET /",
