@@ -37,6 +37,8 @@ class ConfigFileError(ValueError):
 
 
 def fail(path: str, field: str, reason: str) -> ConfigFileError:
+    if not field.isprintable():  # a key with a line break or control character: quote it
+        field = repr(field)
     return ConfigFileError(f"{path}: {field}: {reason}")
 
 
@@ -107,4 +109,11 @@ def parse_duration(text: str) -> float:
         return 0.0
     if not _DURATION.fullmatch(text):
         raise ValueError(f'{text!r} is not a duration such as "30s", "1m30s" or "500ms"')
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+    seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+    if seconds > _MAX_DURATION:  # an infinite float too, from a few hundred digits
+        raise ValueError(f"{text!r} is longer than a duration can be (about 292 years)")
+    return seconds
+
+
+#: Go's ``time.Duration`` is an int64 of nanoseconds; ``ParseDuration`` refuses longer ones.
+_MAX_DURATION = (2**63 - 1) / 1e9

@@ -82,6 +82,30 @@ class PaddingTests(SynchronousTestCase):
             e = self.assertRaises(PaddingSchemeError, PaddingScheme.parse, raw)
             self.assertIn(why, str(e))
 
+    def test_numbers_as_clients_read_them(self):
+        """Found by fuzz/padding.py: Python's int() takes " 8", "8_0" and non-ASCII digits,
+        which the Go clients' strconv refuses (so they would reject the scheme we send, or
+        read another plan). Numbers are ASCII digits with an optional sign, within 64 bits,
+        ``stop`` within 32; packets are named in canonical decimal, as clients look them up."""
+        for raw, why in [
+            (b"stop= 8", "stop"),
+            (b"stop=8\t", "stop"),
+            (b"stop=8_0", "stop"),
+            ("stop=\u0668".encode(), "stop"),
+            (b"stop=4294967296", "stop"),
+            (b"stop=2\n01=10-20", "unknown key"),
+            (b"stop=2\n+1=10-20", "unknown key"),
+            (b"stop=2\n 1=10-20", "unknown key"),
+            (b"stop=2\n1=10-2 ", "range"),
+            (b"stop=2\n1=1_0-20", "range"),
+            (b"stop=2\n1=10-9223372036854775808", "range"),
+        ]:
+            e = self.assertRaises(PaddingSchemeError, PaddingScheme.parse, raw)
+            self.assertIn(why, str(e), raw)
+        scheme = PaddingScheme.parse(b"stop=+2\n1=+10-9223372036854775807")
+        self.assertEqual(scheme.stop, 2)
+        self.assertEqual(scheme.plans[1], ((10, 9223372036854775807),))
+
     def test_custom_keeps_exact_bytes(self):
         """A file's exact bytes (trailing newline included) are what is hashed and sent."""
         scheme = PaddingScheme.parse(b"stop=3\n0=10-20\n1=100-200,c,300-400\n")

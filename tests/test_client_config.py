@@ -12,6 +12,7 @@ from anytls_twisted import clientconfig
 from anytls_twisted.client.config import (
     ClientConfig,
     ConfigFileError,
+    format_duration,
     load_outbound,
     parse_duration,
     parse_uri,
@@ -100,6 +101,24 @@ class URITests(SynchronousTestCase):
         error = self.assertRaises(ConfigFileError, parse_uri, "anytls://p@h/?snii=x")
         self.assertIn("did you mean 'sni'?", str(error))
 
+    def test_not_utf8_argument(self):
+        """Found by fuzz/client_config.py: a --server argument that is not UTF-8 reaches
+        parse_uri with surrogate escapes, which made urllib raise UnicodeEncodeError; it is
+        the password error now."""
+        for uri in ["anytls://s\udcffcret@h", "anytls://\ud800@h"]:
+            error = self.assertRaises(ConfigFileError, parse_uri, uri)
+            self.assertIn("password: is not UTF-8", str(error))
+
+    def test_error_is_one_line(self):
+        """Found by fuzz/client_config.py: an unknown query key with a line break made a
+        two-line error; the key is quoted instead."""
+        error = self.assertRaises(ConfigFileError, parse_uri, "anytls://p@h/?a%0Ab=1")
+        self.assertEqual(
+            str(error),
+            "anytls URI: 'a\\nb': unknown query parameter; "
+            "known: sni, insecure, allowInsecure, alpn, fp",
+        )
+
     def test_server_uri_parses_back(self):
         """What the server prints (clientconfig.uri) parses to the same server, port, SNI and
         insecure flag, the placeholder password included."""
@@ -179,6 +198,28 @@ class DurationTests(SynchronousTestCase):
         """Go's syntax, strictly: a unit on every number, no sign, no spaces."""
         for text in ["", "30", "-1s", "+1s", "1 s", "1d", "s", "1.s5", "1m 30s", "1S", "."]:
             self.assertRaises(ValueError, parse_duration, text)
+        # Longer than Go's int64 nanoseconds (ParseDuration's "invalid duration"), or inf.
+        for text in ["2562048h", "1" + "0" * 400 + "s"]:
+            self.assertRaises(ValueError, parse_duration, text)
+        self.assertAlmostEqual(parse_duration("2562047h"), 2562047 * 3600.0)
+
+    def test_format_reads_back(self):
+        """format_duration (what --print-config prints) reads back to the same seconds. It
+        used :g, which printed 1e+06s (refused) and cut 1.23456789s to 1.23457s; seen
+        reviewing for fuzz/client_config.py, whose round-trip contract it breaks."""
+        for seconds, text in [
+            (30.0, "30s"),
+            (0.5, "500ms"),
+            (1.5, "1.5s"),
+            (0.0, "0s"),
+            (1e6, "1000000s"),
+            (1.23456789, "1.23456789s"),
+            (1e-9, "0.000001ms"),
+            (0.0015, "1.5ms"),
+            (parse_duration("2562047h"), "9223369200s"),
+        ]:
+            self.assertEqual(format_duration(seconds), text)
+            self.assertAlmostEqual(parse_duration(text), seconds, delta=seconds * 1e-12)
 
 
 class OutboundTests(SynchronousTestCase):
@@ -272,6 +313,22 @@ class OutboundTests(SynchronousTestCase):
         self.assertFalse(config.tls)
         self.assertEqual(config.tag, "anytls")
 
+    def test_disable_sni(self):
+        """tls.disable_sni without a server_name means no SNI (what to_outbound prints for a
+        URI's empty sni=); with one, it is ignored with a warning: the name is sent."""
+        base = {"server": "h.example", "server_port": 1, "password": "p"}
+        config = load_outbound({**base, "tls": {"enabled": True, "disable_sni": True}})
+        self.assertIsNone(config.server_name)
+        self.assertEqual(config.warnings, ())
+        tls = {"enabled": True, "disable_sni": True, "server_name": "n.example"}
+        config = load_outbound({**base, "tls": tls})
+        self.assertEqual(config.server_name, "n.example")
+        self.assertIn("tls.disable_sni is ignored", config.warnings[0])
+        error = self.assertRaises(
+            ConfigFileError, load_outbound, {**base, "tls": {"disable_sni": "yes"}}
+        )
+        self.assertIn("tls.disable_sni: must be true or false", str(error))
+
     def test_password_file(self):
         """An outbound without a password loads only when a password file will supply it."""
         document = {"server": "h", "server_port": 1}
@@ -331,3 +388,7 @@ class OutboundTests(SynchronousTestCase):
         error = self.assertRaises(ConfigFileError, load_outbound, bad)
         self.assertIn(f"{bad}: not valid JSON", str(error))
         self.assertTrue(os.path.exists(bad))
+        with open(bad, "w") as f:  # past the recursion limit json raised RecursionError
+            f.write('{"a":' * 100_000)
+        error = self.assertRaises(ConfigFileError, load_outbound, bad)
+        self.assertEqual(str(error), f"{bad}: not valid JSON: nested too deeply")

@@ -178,6 +178,7 @@ class LoadFileTests(SynchronousTestCase):
         self.assertNotIn("secret", error)
         for text, fragment in [
             ("{ not json", "not valid JSON"),
+            ("[" * 100_000, "not valid JSON: nested too deeply"),  # json's RecursionError
             ("# nothing\n", "no servers"),
             ("", "no servers"),
         ]:
@@ -219,6 +220,9 @@ class PrintConfigTests(SynchronousTestCase):
 
         configs = load_v2ray("v2.json", seed()) + [
             parse_uri("anytls://p%40ss@[::1]:8443/?sni=x.example&insecure=1&alpn=h2#home"),
+            # Found by fuzz/client_config.py: an empty sni= (no SNI) was printed without
+            # saying so, and loaded back (and ran in sing-box) sending the server's name.
+            parse_uri("anytls://p@named.example/?sni=&insecure=1"),
             load_outbound(
                 {
                     "type": "anytls",

@@ -140,6 +140,15 @@ class ConfigFileTests(SynchronousTestCase):
         e = self.assertRaises(configfile.ConfigFileError, configfile.load, "/nonexistent/c.json")
         self.assertIn("/nonexistent/c.json", str(e))
 
+    def test_deep_nesting(self):
+        """JSON nested past Python's recursion limit made json raise RecursionError, a
+        traceback instead of our one line (seen reviewing for fuzz/server_config.py)."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[" * 100_000)
+        e = self.assertRaises(configfile.ConfigFileError, configfile.load, path)
+        self.assertEqual(str(e), f"{path}: not valid JSON: nested too deeply")
+
 
 class LimitsFileTests(SynchronousTestCase):
     """The ``limits`` object (our own, not sing-box's) and the options of the same names."""

@@ -435,6 +435,19 @@ class ResponseCloserTests(SynchronousTestCase):
             closer.feed(b"X-Long: " + b"a" * 40), b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 40
         )
 
+    def test_stray_carriage_returns_do_not_end_the_head(self):
+        """Found by fuzz/httpproxy.py: a header line of stray CRs ("\\r\\r\\n" does not end a
+        head) lost all of them, so the rewritten head ended early and the client read
+        Connection: close (and the headers after that line) as body. One CR per line end is
+        removed now, and the rewrite is idempotent."""
+        data = b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\r\nContent-Length: 2\r\n\r\nok"
+        out = ResponseCloser().feed(data)
+        self.assertEqual(
+            out,
+            b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        )
+        self.assertEqual(ResponseCloser().feed(out), out)
+
     def test_cut_short_head_is_flushed_at_the_end(self):
         closer = ResponseCloser()
         self.assertEqual(closer.feed(b"HTTP/1.1 200 OK\r\nServer"), b"")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import decimal
 import difflib
 import json
 import urllib.parse
@@ -82,10 +83,10 @@ _TLS_USED = {
     "certificate_public_key_sha256",
     "alpn",
     "utls",
+    "disable_sni",
 }
 #: sing-box's outbound TLS fields (docs: configuration/shared/tls) not implemented here.
 _TLS_IGNORED = {
-    "disable_sni",
     "min_version",
     "max_version",
     "cipher_suites",
@@ -194,8 +195,11 @@ def parse_uri(text: str, password_file: bool = False) -> ClientConfig:
         raise fail(where, "path", "must be empty or /")
     userinfo, at, hostport = authority.rpartition("@")
     try:
-        password = urllib.parse.unquote_to_bytes(userinfo).decode("utf-8")
-    except UnicodeDecodeError:
+        # A command-line argument that is not UTF-8 reaches us with surrogate escapes: turn
+        # them back into its bytes (refused below as not UTF-8), rather than fail to encode.
+        raw = urllib.parse.unquote_to_bytes(userinfo.encode("utf-8", "surrogateescape"))
+        password = raw.decode("utf-8")
+    except UnicodeError:
         raise fail(where, "password", "is not UTF-8 once percent-decoded") from None
     password_check(where, password, password_file)
     try:
@@ -280,6 +284,14 @@ def _tls(path: str, tls: Any, values: Dict[str, Any]) -> List[str]:
     if "server_name" in tls:
         name = _typed(path, "tls.server_name", tls["server_name"], str, "a string")
         values["server_name"] = default_sni(name) if name else values["server_name"]
+    if _typed(path, "tls.disable_sni", tls.get("disable_sni", False), bool, "true or false"):
+        if tls.get("server_name"):  # sing-box would verify that name without sending it
+            warnings.append(
+                f"{path}: tls.disable_sni is ignored with a tls.server_name "
+                "(anytls-twisted sends the name it verifies)"
+            )
+        else:  # no SNI, as a URI's empty sni= says (what to_outbound prints for one)
+            values["server_name"] = None
     if "certificate" in tls:
         values["certificate"] = "\n".join(_strings(path, "tls.certificate", tls["certificate"]))
     if "certificate_path" in tls:
@@ -321,6 +333,8 @@ def load_outbound(
             raise ConfigFileError(f"cannot read config file {path}: {e.strerror or e}") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
+        except RecursionError:  # json's C parser, on arrays or objects nested too deeply
+            raise ConfigFileError(f"{path}: not valid JSON: nested too deeply") from None
     else:
         document = dict(source)
     outbound = pick_anytls(path, document, "outbounds")
@@ -372,10 +386,13 @@ def load_outbound(
 
 
 def format_duration(seconds: float) -> str:
-    """Seconds as a sing-box duration string (``30s``, ``1.5s``, ``500ms``)."""
+    """Seconds as a sing-box duration string (``30s``, ``1.5s``, ``500ms``) that
+    :func:`parse_duration` reads back: every digit of the float, never an exponent (``:g``
+    gave ``1e+06s`` for 11.6 days, and ``1.23457s`` for 1.23456789)."""
+    value, unit = decimal.Decimal(repr(seconds)), "s"
     if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
+        value, unit = value * 1000, "ms"
+    return format(value.normalize(), "f") + unit
 
 
 def to_outbound(config: ClientConfig, show_password: bool = False) -> Dict[str, Any]:
@@ -397,6 +414,8 @@ def to_outbound(config: ClientConfig, show_password: bool = False) -> Dict[str, 
     # An IP address as server_name would mean "verify this IP", not "no SNI": leave it out.
     if config.server_name is not None:
         tls["server_name"] = config.server_name
+    elif parse_ip(config.server) is None:  # no SNI to a named server (a URI's empty sni=)
+        tls["disable_sni"] = True
     if config.insecure:
         tls["insecure"] = True
     if config.certificate is not None:

@@ -42,6 +42,8 @@ def load_file(path: str, password_file: bool = False) -> List[ClientConfig]:
             document: Any = json.loads(text)
         except ValueError as e:
             raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
+        except RecursionError:  # json's C parser, on arrays or objects nested too deeply
+            raise ConfigFileError(f"{path}: not valid JSON: nested too deeply") from None
         if is_v2ray(document):
             return load_v2ray(path, document, password_file)
         return [load_outbound(document, password_file, path=path)]

@@ -435,12 +435,18 @@ class ResponseCloser:
         return held
 
 
+def _line(line: bytes) -> bytes:
+    """A head line without its line end: one CR, no more. A line of stray CRs is not empty (it
+    did not end the head), so it must not become an empty line that ends the rewritten one."""
+    return line[:-1] if line.endswith(b"\r") else line
+
+
 def _closing_head(head: bytes) -> bytes:
     lines = head.split(b"\n")
-    kept = [lines[0].rstrip(b"\r")]
+    kept = [_line(lines[0])]
     for line in lines[1:]:
         name = line.split(b":", 1)[0].strip().lower()
         if name not in _CONNECTION_HEADERS:
-            kept.append(line.rstrip(b"\r"))
+            kept.append(_line(line))
     kept.append(b"Connection: close")
     return b"\r\n".join(kept) + b"\r\n\r\n"

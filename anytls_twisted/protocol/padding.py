@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Callable
 from typing import Dict, Tuple
 
@@ -38,6 +39,22 @@ CHECK_MARK = -1
 
 class PaddingSchemeError(ValueError):
     """A scheme that clients would reject."""
+
+
+#: A number as the reference clients read it (Go's ``strconv.Atoi`` and ``ParseInt(s, 10,
+#: 64)``): ASCII digits with an optional sign. Python's ``int()`` also takes spaces,
+#: underscores and non-ASCII digits, which the clients refuse.
+_GO_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_INT64 = 1 << 63
+#: Clients keep ``stop`` as a ``uint32``.
+_MAX_STOP = (1 << 32) - 1
+
+
+def _go_int(text: str) -> int:
+    """``text`` as the clients parse a number; ``ValueError`` where they would fail."""
+    if not _GO_INT.fullmatch(text) or not -_INT64 <= int(text) < _INT64:
+        raise ValueError(f"not a number: {text!r}")
+    return int(text)
 
 
 @attr.frozen
@@ -72,19 +89,23 @@ class PaddingScheme:
             raise PaddingSchemeError("scheme has CR characters; clients need LF line ends only")
         entries = parse_settings(raw)
         try:
-            stop = int(entries.get("stop", ""))
+            stop = _go_int(entries.get("stop", ""))
         except ValueError:
             raise PaddingSchemeError("scheme needs an integer 'stop=N' line") from None
         if stop < 0:
             raise PaddingSchemeError("'stop' must not be negative")
+        if stop > _MAX_STOP:
+            raise PaddingSchemeError(f"'stop' must be at most {_MAX_STOP}")
         plans: Dict[int, Tuple[Tuple[int, int], ...]] = {}
         for key, spec in entries.items():
             if key == "stop":
                 continue
             try:
-                packet = int(key)
+                packet = _go_int(key)
             except ValueError:
-                raise PaddingSchemeError(f"unknown key {key!r}") from None
+                packet = None
+            if packet is None or str(packet) != key:  # clients look packets up as "0", "1"...
+                raise PaddingSchemeError(f"unknown key {key!r}")
             items = []
             for item in spec.split(","):
                 if item == "c":
@@ -92,7 +113,7 @@ class PaddingScheme:
                     continue
                 low, sep, high = item.partition("-")
                 try:
-                    a, b = int(low), int(high)
+                    a, b = _go_int(low), _go_int(high)
                 except ValueError:
                     raise PaddingSchemeError(f"packet {packet}: bad size range {item!r}") from None
                 if not sep or a <= 0 or b <= 0:

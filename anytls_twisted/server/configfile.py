@@ -204,6 +204,8 @@ def load(path: str) -> FileSettings:
         raise ConfigFileError(f"cannot read config file {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigFileError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:  # json's C parser, on arrays or objects nested too deeply
+        raise ConfigFileError(f"{path}: not valid JSON: nested too deeply") from None
     inbound = pick_anytls(path, document)
     warnings = check_fields(path, inbound, "", _USED | _OURS, QUIET | _IGNORED)
     values: dict = {"path": path}
