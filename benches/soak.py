@@ -7,8 +7,8 @@ server sees every session close at once, not 30 to 60 s later when a client's po
 
 * **warm-up**: a few held streams and churned sessions (lazily imported modules, first-use
   caches), then ``--warmup-rounds`` (1) round of the full held and mux load: the first load of
-  a given size leaves the server about 10 MiB larger for good (docs/performance.md, "Soak");
-  the baseline is taken after it.
+  a given size leaves the server about 7 MiB larger for good, pymalloc arenas it keeps
+  (docs/performance.md, "Soak"); the baseline is taken after it.
 * **held**: ``--streams`` (1000) concurrent streams through ``--clients`` (4) sing-box 1.14
   clients. A sing-box client carries one stream per session (docs/client.md), so this is also
   about 1000 sessions. Each stream echoes ``--size`` bytes, waits until every stream is open
