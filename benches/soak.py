@@ -7,8 +7,8 @@ server sees every session close at once, not 30 to 60 s later when a client's po
 
 * **warm-up**: a few held streams and churned sessions (lazily imported modules, first-use
   caches), then ``--warmup-rounds`` (1) round of the full held and mux load: the first load of
-  a given size leaves the server about 10 MiB larger for good (docs/performance.md, "Soak");
-  the baseline is taken after it.
+  a given size leaves the server about 7 MiB larger for good, pymalloc arenas it keeps
+  (docs/performance.md, "Soak"); the baseline is taken after it.
 * **held**: ``--streams`` (1000) concurrent streams through ``--clients`` (4) sing-box 1.14
   clients. A sing-box client carries one stream per session (docs/client.md), so this is also
   about 1000 sessions. Each stream echoes ``--size`` bytes, waits until every stream is open
@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -606,6 +607,25 @@ def churn(
 # the bench: processes (benches/bench.py's helpers), phases, checks, report
 
 
+#: The sitecustomize that --memory-dump puts on the server's sys.path.
+MEMDUMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memdump")
+
+
+def memory_dump(pid: int, prefix: str, seconds: float = 120.0) -> Optional[str]:
+    """Have the server write benches/memdump's report (SIGUSR2) and wait for it: its path, or
+    None if it did not come. The report is written while the server's reactor is stopped in the
+    handler; it runs a full collection, so RSS read after it is not the server's own."""
+    n = len([f for f in os.listdir(os.path.dirname(prefix)) if f.endswith(".done")]) + 1
+    os.kill(pid, signal.SIGUSR2)
+    done = f"{prefix}-{n}.done"
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(done):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+    return f"{prefix}-{n}.txt"
+
+
 def _bench():
     sys.path.insert(0, HERE)
     import bench
@@ -628,6 +648,9 @@ def start_server(procs, rundir: str, env: dict):
     argv += ["--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"]
     server_env = dict(build.env)
     server_env.update(env)
+    if server_env.get("ANYTLS_DEBUG_MEMORY"):  # --memory-dump: benches/memdump's sitecustomize
+        path = server_env.get("PYTHONPATH")
+        server_env["PYTHONPATH"] = MEMDUMP + (os.pathsep + path if path else "")
     proc = procs.spawn("server", argv, env=server_env, cwd=build.cwd)
     b.wait_for_port(port, proc, 60.0)
     b.wait_for_port(metrics_port, proc, 30.0)
@@ -729,6 +752,10 @@ def stop(procs, items) -> None:
 def run(cfg, procs, rundir: str, result: dict):
     env = dict(item.split("=", 1) for item in cfg.server_env)
     result["server_env"] = env
+    dumps = os.path.join(rundir, "memory") if cfg.memory_dump else None
+    if dumps:
+        os.makedirs(os.path.dirname(dumps), exist_ok=True)
+        env = dict(env, ANYTLS_DEBUG_MEMORY=dumps)
     server, port, mport, cert, build = start_server_checked(procs, rundir, env)
     pid = server.pid
     result["build"] = build.info
@@ -748,6 +775,9 @@ def run(cfg, procs, rundir: str, result: dict):
         s["vmrss_untrimmed"] = s["vmrss"]
         if trim:
             s["vmrss"] = malloc_trim(pid)["rss_after_mib"]
+        if dumps:
+            s["memory_dump"] = memory_dump(pid, dumps)
+            print(f"memory report at {where}: {s['memory_dump']}", flush=True)
         return s
 
     result["idle"] = snap("started")
@@ -1026,6 +1056,13 @@ def parse(argv: Optional[List[str]]):
         default=[],
         metavar="NAME=VALUE",
         help="an environment variable for the server (e.g. PYTHONMALLOC=malloc); repeatable",
+    )
+    p.add_argument(
+        "--memory-dump",
+        action="store_true",
+        help="diagnosis: at each reading at rest, have the server write a memory report "
+        "(benches/memdump: gc, garbage cycles, pymalloc arenas, RSS before and after a full "
+        "collection) into the run's log directory; the collections change later readings",
     )
     p.add_argument("--timeout", type=float, default=120.0, help="bound of each phase (s)")
     p.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench"))

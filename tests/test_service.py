@@ -355,3 +355,55 @@ class ShutdownTests(SynchronousTestCase):
         proto.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(d)
         self.assertEqual(self.server.registry.sessions, set())
+
+
+class CollectWhenEmptiedTests(SynchronousTestCase):
+    """The registry runs one full collection when it empties after many sessions: closed
+    sessions are reference cycles, which a server at rest would otherwise hold."""
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        from anytls_twisted.server import service
+
+        self.collected = []
+        self.patch(service.gc, "collect", lambda: self.collected.append(1))
+        self.clock = Clock()
+        self.registry = service.SessionRegistry(self.clock, Server().config)
+        self.threshold = service.COLLECT_AFTER
+
+    def cycle(self, count):
+        sessions = [object() for _ in range(count)]
+        for s in sessions:
+            self.registry.add(s)
+        for s in sessions:
+            self.registry.discard(s)
+
+    def test_collect_after_many(self):
+        """Emptied after COLLECT_AFTER sessions: one collection, on the next reactor turn."""
+        self.cycle(self.threshold)
+        self.assertEqual(self.collected, [])
+        self.clock.advance(0)
+        self.assertEqual(self.collected, [1])
+        self.cycle(1)  # counted again from zero
+        self.clock.advance(0)
+        self.assertEqual(self.collected, [1])
+
+    def test_not_after_few(self):
+        """Fewer sessions since the last collection: none, until they add up."""
+        self.cycle(self.threshold - 1)
+        self.clock.advance(0)
+        self.assertEqual(self.collected, [])
+        self.cycle(1)
+        self.clock.advance(0)
+        self.assertEqual(self.collected, [1])
+
+    def test_not_while_sessions_remain(self):
+        keep = object()
+        self.registry.add(keep)
+        self.cycle(self.threshold * 2)
+        self.clock.advance(0)
+        self.assertEqual(self.collected, [])
+        self.registry.discard(keep)
+        self.clock.advance(0)
+        self.assertEqual(self.collected, [1])

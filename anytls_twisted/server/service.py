@@ -35,6 +35,13 @@ from .udp import listen_udp as quiet_listen_udp
 
 _log = get_logger("anytls_twisted.service")
 
+#: Sessions opened since the last collection after which the registry emptying runs a full
+#: ``gc.collect()`` (docs/performance.md, "Soak"): closed sessions are reference cycles (the
+#: session and its context, Twisted's connector and client transport), and a load's last ones
+#: are in the oldest generation by then, where they wait for the next full collection, which a
+#: server at rest does not reach; a few MiB of sessions and their OpenSSL state per 1000.
+COLLECT_AFTER = 100
+
 
 class SessionRegistry:
     """The live sessions of one process, for the reaper and for shutdown.
@@ -57,6 +64,7 @@ class SessionRegistry:
             self.config.heartbeat_interval or 1.0, self.config.heartbeat_timeout
         )
         self._emptied: List[defer.Deferred] = []
+        self._since_collect = 0
 
     @property
     def config(self) -> ServerConfig:
@@ -65,11 +73,17 @@ class SessionRegistry:
 
     def add(self, session: SessionProtocol) -> None:
         self.sessions.add(session)
+        self._since_collect += 1
 
     def discard(self, session: SessionProtocol) -> None:
         self.sessions.discard(session)
         self.heartbeats.forget(session)
         if not self.sessions:
+            if self._since_collect >= COLLECT_AFTER:
+                # once the closing session's frames are gone; with everything built at startup
+                # frozen, this scans only what sessions left (a few ms per 1000)
+                self._since_collect = 0
+                self.clock.callLater(0, gc.collect)
             waiting, self._emptied = self._emptied, []
             for d in waiting:
                 d.callback(None)
