@@ -822,7 +822,19 @@ def main(argv=None) -> int:
         "under .cache/bench/baseline-<sha>/), in turns with the others: a column per worker "
         "count, and ours/baseline ratios",
     )
+    parser.add_argument(
+        "--server-env",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="an environment variable for our server (the checkout) only, e.g. "
+        "PYTHONMALLOC=malloc; repeat for several. With --baseline HEAD this compares one "
+        "setting against none on the same code",
+    )
     cfg = parser.parse_args(argv)
+    for item in cfg.server_env:
+        if "=" not in item or not item.split("=", 1)[0]:
+            parser.error(f"--server-env {item!r}: give NAME=VALUE")
     if cfg.baseline and cfg.only == "anchor":
         parser.error("--baseline runs our server: not with --only anchor")
     try:
@@ -861,6 +873,9 @@ def main(argv=None) -> int:
     try:
         if cfg.only != "anchor":
             builds["ours"] = current_build()
+            extra = dict(item.split("=", 1) for item in cfg.server_env)
+            builds["ours"].env.update(extra)
+            builds["ours"].info["server_env"] = extra
         if cfg.baseline:
             builds["baseline"] = baseline_build(cfg.baseline)
         for build in builds.values():

@@ -6,9 +6,12 @@ Phases, each with fresh client processes that are stopped when the phase's load 
 server sees every session close at once, not 30 to 60 s later when a client's pool reaps it):
 
 * **warm-up**: a few held streams and churned sessions (lazily imported modules, first-use
-  caches), then ``--warmup-rounds`` (1) round of the full held and mux load: the first load of
-  a given size leaves the server about 7 MiB larger for good, pymalloc arenas it keeps
-  (docs/performance.md, "Soak"); the baseline is taken after it.
+  caches); the baseline is taken after it, before any full-size load (``--warmup-rounds``, 0,
+  adds full rounds before it).
+* The server runs as the shipped systemd units run it: with ``PYTHONMALLOC=malloc``
+  (``--server-env``; ``--server-env PYTHONMALLOC=pymalloc`` for Python's default allocator,
+  which keeps about 7 MiB of arenas after a load of 1000 sessions: docs/performance.md,
+  "Soak").
 * **held**: ``--streams`` (1000) concurrent streams through ``--clients`` (4) sing-box 1.14
   clients. A sing-box client carries one stream per session (docs/client.md), so this is also
   about 1000 sessions. Each stream echoes ``--size`` bytes, waits until every stream is open
@@ -26,11 +29,10 @@ server sees every session close at once, not 30 to 60 s later when a client's po
   sampled every ``--sample-every`` sessions; after the load they must be back to the
   pre-churn figures (fds plus ``--fd-slack``; RSS within ``--churn-rss-tolerance``, 5%).
 
-RSS "at rest" is VmRSS from ``/proc/PID/status`` after glibc's ``malloc_trim(0)`` has been
-called in the server with gdb (``--trim auto``: when gdb can attach): glibc keeps the heap the
-load freed (the server at rest after 1000 sessions holds 160 MiB untrimmed, 68 MiB trimmed, and
-the same over further rounds), so untrimmed RSS says where the peak was, not what is live. The
-untrimmed figures are recorded too.
+RSS "at rest" is VmRSS from ``/proc/PID/status`` as an operator sees it: when its last session
+closes after a load, the server itself runs a full collection and glibc's ``malloc_trim(0)``
+(``anytls_twisted.memory``). ``--trim on`` also calls ``malloc_trim(0)`` in the server with gdb
+before each reading, as earlier versions of this soak had to.
 
 Writes ``.cache/bench/soak-<timestamp>.json`` (logs in ``.cache/bench/soak-<timestamp>/``) and
 prints a summary table; exit status 1 if a check failed. See docs/performance.md, "Soak".
@@ -608,6 +610,9 @@ def churn(
 
 
 #: The sitecustomize that --memory-dump puts on the server's sys.path.
+#: The allocator the server runs with, as contrib/systemd's units set it: Python's own
+#: (pymalloc) keeps arenas after a peak that glibc's malloc gives back (docs/performance.md).
+SERVER_MALLOC = "malloc"
 MEMDUMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memdump")
 
 
@@ -1039,23 +1044,24 @@ def parse(argv: Optional[List[str]]):
     p.add_argument(
         "--warmup-rounds",
         type=int,
-        default=1,
+        default=0,
         help="rounds of the full held and mux load before the baseline",
     )
     p.add_argument("--round-tolerance", type=float, default=0.05)
     p.add_argument(
         "--trim",
         choices=("auto", "on", "off"),
-        default="auto",
+        default="off",
         help="measure RSS at rest after malloc_trim(0) in the server, called with gdb "
         "(auto: if gdb can attach)",
     )
     p.add_argument(
         "--server-env",
         action="append",
-        default=[],
+        default=None,
         metavar="NAME=VALUE",
-        help="an environment variable for the server (e.g. PYTHONMALLOC=malloc); repeatable",
+        help="an environment variable for the server; repeatable [default: PYTHONMALLOC=malloc, "
+        "as the systemd units in contrib/systemd set it]",
     )
     p.add_argument(
         "--memory-dump",
@@ -1067,6 +1073,8 @@ def parse(argv: Optional[List[str]]):
     p.add_argument("--timeout", type=float, default=120.0, help="bound of each phase (s)")
     p.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench"))
     cfg = p.parse_args(argv)
+    if cfg.server_env is None:
+        cfg.server_env = [f"PYTHONMALLOC={SERVER_MALLOC}"]
     if cfg.short:
         cfg.streams, cfg.mux_sessions, cfg.mux_streams = 100, 10, 100
         cfg.churn, cfg.sample_every, cfg.warmup_streams, cfg.warmup_churn = 500, 100, 20, 50

@@ -20,7 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from .. import tls
+from .. import memory, tls
 from ..endpoints import HAPROXY, EndpointString
 from ..logs import get_logger
 from ..metrics import NULL_METRICS
@@ -36,7 +36,8 @@ from .udp import listen_udp as quiet_listen_udp
 _log = get_logger("anytls_twisted.service")
 
 #: Sessions opened since the last collection after which the registry emptying runs a full
-#: ``gc.collect()`` (docs/performance.md, "Soak"): closed sessions are reference cycles (the
+#: ``gc.collect()`` and ``malloc_trim`` (:mod:`..memory`; docs/performance.md, "Soak"): closed
+#: sessions are reference cycles (the
 #: session and its context, Twisted's connector and client transport), and a load's last ones
 #: are in the oldest generation by then, where they wait for the next full collection, which a
 #: server at rest does not reach; a few MiB of sessions and their OpenSSL state per 1000.
@@ -83,7 +84,7 @@ class SessionRegistry:
                 # once the closing session's frames are gone; with everything built at startup
                 # frozen, this scans only what sessions left (a few ms per 1000)
                 self._since_collect = 0
-                self.clock.callLater(0, gc.collect)
+                self.clock.callLater(0, memory.release)
             waiting, self._emptied = self._emptied, []
             for d in waiting:
                 d.callback(None)
