@@ -337,7 +337,11 @@ def run_singbox(
     return proc
 
 
-def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: str):
+def start_client(
+    procs: Procs, rundir: str, server_port: int, cert: str, name: str, role: str = "client"
+):
+    """A sing-box 1.14 client (a mixed inbound on a free port, an anytls outbound to our
+    server trusting ``cert``); its config goes to ``<role>.json``. Returns (process, port)."""
     socks = free_port()
     config = {
         "log": {"level": "warn"},
@@ -356,7 +360,7 @@ def start_client(procs: Procs, rundir: str, server_port: int, cert: str, name: s
         ],
         "route": {"final": "anytls-out"},
     }
-    proc = run_singbox(procs, rundir, "client", config, name, socks)
+    proc = run_singbox(procs, rundir, role, config, name, socks)
     return proc, socks
 
 

@@ -673,27 +673,8 @@ def start_singbox_clients(procs, rundir: str, count: int, server_port: int, cert
 
 
 def _singbox_client(procs, rundir: str, server_port: int, cert: str, k: int, tag: str):
-    b = _bench()
-    socks = b.free_port()
-    config = {
-        "log": {"level": "warn"},
-        "inbounds": [
-            {"type": "mixed", "tag": "mixed-in", "listen": "127.0.0.1", "listen_port": socks}
-        ],
-        "outbounds": [
-            {
-                "type": "anytls",
-                "tag": "anytls-out",
-                "server": "127.0.0.1",
-                "server_port": server_port,
-                "password": b.PASSWORD,
-                "tls": {"enabled": True, "server_name": "localhost", "certificate_path": cert},
-            }
-        ],
-        "route": {"final": "anytls-out"},
-    }
     name = f"{tag}-singbox-{k}"
-    return b.run_singbox(procs, rundir, name, config, name, socks), socks
+    return _bench().start_client(procs, rundir, server_port, cert, name, role=name)
 
 
 def start_our_client(procs, rundir: str, server_port: int, cert: str, build, tag: str):
