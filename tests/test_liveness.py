@@ -66,3 +66,13 @@ class LivenessTests(SynchronousTestCase):
     def test_positive_times_required(self):
         self.assertRaises(ValueError, Liveness, 0, 1)
         self.assertRaises(ValueError, Liveness, 1, 0)
+
+
+class AnsweredTests(SynchronousTestCase):
+    def test_round_trip_of_the_answered_question(self):
+        rule = Liveness(10, 5)
+        self.assertIsNone(rule.answered("s", 0))  # first heard: nothing asked
+        rule.asked("s", 20)
+        self.assertIsNone(rule.answered("s", 19))  # heard before the question
+        self.assertEqual(rule.answered("s", 21.5), 1.5)
+        self.assertIsNone(rule.answered("s", 22))  # answered once only

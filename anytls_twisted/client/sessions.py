@@ -588,11 +588,11 @@ class SessionManager(Service, SessionOwner):
     def frame_arrived(self, session: ClientSessionProtocol) -> None:
         now = self.clock.seconds()
         self.watchdog.activity(session, 0.0)
-        asked = self.liveness.asked_at(session)
-        if self.liveness.heard(session, now) and asked is not None:
+        rtt = self.liveness.answered(session, now)
+        if rtt is not None:
             health = self._health_of.get(session)
             if health is not None:
-                self.servers.rtt_sample(health, now - asked)
+                self.servers.rtt_sample(health, rtt)
         started = self._dial_started.pop(session, None)
         if started is not None and session not in self._warming:
             health = self._health_of.get(session)

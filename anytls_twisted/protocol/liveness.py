@@ -67,16 +67,22 @@ class Liveness(Generic[S]):
 
         ``now`` may lie in the past (the server passes the time of a session's last frame at
         each check): something heard before the question was asked does not answer it."""
+        return self.answered(session, now) is not None
+
+    def answered(self, session: S, now: float) -> Optional[float]:
+        """As :meth:`heard`, returning the question's round trip (seconds) when this answered
+        one, else None."""
         state = self._sessions.get(session)
         if state is None:
             self._sessions[session] = _State(now)
-            return False
+            return None
         if now > state.last_heard:
             state.last_heard = now
-        if state.asked_at is None or now < state.asked_at:
-            return False
+        asked = state.asked_at
+        if asked is None or now < asked:
+            return None
         state.asked_at = None
-        return True
+        return now - asked
 
     def asked(self, session: S, now: float) -> None:
         """A HeartRequest went out on ``session``."""

@@ -159,13 +159,12 @@ class SessionRegistry:
 
     def answered(self, session: SessionProtocol) -> None:
         """``session`` sent a HeartResponse."""
-        now = self.clock.seconds()
-        asked = self.heartbeats.asked_at(session)
-        if self.heartbeats.heard(session, now) and asked is not None:
+        rtt = self.heartbeats.answered(session, self.clock.seconds())
+        if rtt is not None:
             _log.debug(
                 "session {session_id} answered the heartbeat in {rtt:.3f}s",
                 session_id=session.session_id,
-                rtt=now - asked,
+                rtt=rtt,
             )
 
     def close_all(self, grace: float) -> defer.Deferred:
