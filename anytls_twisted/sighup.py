@@ -25,10 +25,19 @@ def install(reactor: Any, reload: Callable[[str], object]) -> Any:
         return None
 
 
+def reload_failed(log: Any, why: str, error: BaseException) -> None:
+    """The one line both sides log when a reload cannot be used and nothing changes."""
+    log.error(
+        "reload ({why}) failed, keeping the current configuration: {error}",
+        why=why,
+        error=str(error) or error.__class__.__name__,
+    )
+
+
 def restore(previous: Any) -> None:
     """Put back the handler :func:`install` replaced."""
     if previous is not None:
         signal.signal(signal.SIGHUP, previous)
 
 
-__all__: List[str] = ["install", "restore"]
+__all__: List[str] = ["install", "reload_failed", "restore"]

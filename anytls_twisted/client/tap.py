@@ -237,11 +237,7 @@ class ClientService(service.MultiService):
             routes = [route(self.reactor, c) for c in configs]
         except Exception as e:
             self.reload_failures += 1
-            _log.error(
-                "reload ({why}) failed, keeping the current configuration: {error}",
-                why=why,
-                error=str(e) or e.__class__.__name__,
-            )
+            sighup.reload_failed(_log, why, e)
             return False
         first = configs[0]
         before = [r.identity for r in (h.config for h in self.manager.servers.servers)]

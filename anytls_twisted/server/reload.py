@@ -97,11 +97,7 @@ class Reloader(service.Service):
             self.live.update(new.config, new.ports)
         except Exception as e:
             self.failures += 1
-            _log.error(
-                "reload ({why}) failed, keeping the current configuration: {error}",
-                why=why,
-                error=str(e) or e.__class__.__name__,
-            )
+            sighup.reload_failed(_log, why, e)
             return False
         for warning in new.warnings:
             _log.warn("{warning}", warning=warning)
