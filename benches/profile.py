@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     raw = os.path.join(base, f"{args.workload}.raw")
     try:
         origins = bench.start_origins(procs)
-        server, port, cert = bench.start_ours(procs, base, "server")
+        server, port, cert = bench.start_ours(procs, base, "server", bench.current_build())
         client, socks = bench.start_client(procs, base, port, cert, "client")
         size = args.size * bench.MiB
         # A warm-up stream, so the session exists before sampling starts.
