@@ -23,9 +23,19 @@ from __future__ import annotations
 from typing import List
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import ITransport
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    ITransport,
+)
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .writethrough import write_through
 
 #: Plaintext bytes per ``SSL_write``: one TLS record (the module docstring says why not more).
 MAX_SSL_WRITE = 16 * 1024
@@ -75,7 +85,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
                 return
             self._drain(records)
         if records:
-            self.transport.writeSequence(records)
+            write_through(self.transport, records)
 
     def _drain(self, into: List[bytes]) -> None:
         """Move every byte waiting in the send BIO to ``into``."""
@@ -93,7 +103,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
         records: List[bytes] = []
         self._drain(records)
         if records:
-            self.transport.writeSequence(records)
+            write_through(self.transport, records)
 
 
 class BulkTLSFactory(TLSMemoryBIOFactory):
@@ -103,3 +113,23 @@ class BulkTLSFactory(TLSMemoryBIOFactory):
     """
 
     protocol = BulkTLSProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class ClientTLSEndpoint:
+    """Twisted's ``wrapClientTLS``, with :class:`BulkTLSProtocol` connections: the client's
+    records leave as the server's do.
+
+    @ivar creator: The TLS client connection creator.
+    @ivar endpoint: The TCP endpoint to the server.
+    """
+
+    def __init__(
+        self, creator: IOpenSSLClientConnectionCreator, endpoint: IStreamClientEndpoint
+    ) -> None:
+        self.creator = creator
+        self.endpoint = endpoint
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        wrapped = self.endpoint.connect(BulkTLSFactory(self.creator, True, factory))
+        return wrapped.addCallback(lambda tls: tls.wrappedProtocol)

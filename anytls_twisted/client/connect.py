@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 
+from ..tls_transport import ClientTLSEndpoint
 from .config import ClientConfig
 from .sessions import Route
 from .tls import client_tls
@@ -47,7 +48,7 @@ def server_endpoint(
     tcp = HostnameEndpoint(reactor, config.server, config.server_port, timeout=CONNECT_TIMEOUT)
     if not config.tls:
         return tcp
-    return wrapClientTLS(tls if tls is not None else tls_creator(config), tcp)
+    return ClientTLSEndpoint(tls if tls is not None else tls_creator(config), tcp)
 
 
 def server_label(config: ClientConfig) -> str:

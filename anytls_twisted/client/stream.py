@@ -26,6 +26,7 @@ from zope.interface import implementer
 from ..interfaces import IStream, IStreamContext
 from ..protocol.address import Destination
 from ..session_shell import PeerProducer
+from ..writethrough import write_through
 
 #: Seconds a stream waits for its SYNACK before deciding (see the module docstring).
 SYNACK_WAIT = 15.0
@@ -143,7 +144,7 @@ class ClientStream:
             data = self.response_filter.feed(data)
         transport = self.local.transport
         if transport is not None and data:
-            transport.write(data)
+            write_through(transport, (data,))
 
     def connectionLost(self, reason: str) -> None:
         if self.state == "opening":

@@ -22,6 +22,7 @@ from ..interfaces import IStream
 from ..logs import get_logger
 from ..protocol.address import Destination
 from ..session_shell import PeerProducer
+from ..writethrough import write_through
 from .dialer import DialError
 
 _log = get_logger("anytls_twisted.stream")
@@ -164,7 +165,7 @@ class TCPStream(BaseStream):
             return
         self.bytes_in += len(data)
         if self.origin is not None:
-            self.origin.transport.write(data)
+            write_through(self.origin.transport, (data,))
             return
         self._pending.append(data)
         self._pending_size += len(data)

@@ -1,0 +1,68 @@
+"""Send to a TCP socket at once when nothing waits to go before: no reactor turn, no epoll_ctl.
+
+Twisted's TCP transport never sends inside ``write``: it queues the bytes, asks the reactor to
+watch for writability (an ``epoll_ctl``), sends on the next turn, and stops watching (another
+``epoll_ctl``). On a relay that is two system calls and a turn of latency per frame.
+:func:`write_through` sends straight away when the transport's buffers are empty, and hands
+whatever the kernel did not take to the transport's own ``writeSequence``, which queues it
+behind nothing, pauses producers and reports errors as before. Measurements in
+docs/performance.md ("Why the code is shaped this way").
+
+Anything that is not Twisted's TCP transport (a PROXY-protocol wrapper, a test's fake) gets
+its ordinary ``write`` or ``writeSequence``. This reads five attributes of Twisted's ``FileDescriptor``
+(:data:`TWISTED_INTERNALS`); tests/test_writethrough.py checks that they still exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+from twisted.internet import tcp
+
+#: The attributes of ``twisted.internet.abstract.FileDescriptor`` read here.
+TWISTED_INTERNALS = ("_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "offset")
+
+
+def write_through(transport: Any, chunks: Sequence[bytes]) -> None:
+    """Write ``chunks`` to ``transport`` in order, sending now if nothing is queued before."""
+    if (
+        not isinstance(transport, tcp.Connection)
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnecting
+        or transport._writeDisconnected
+        or transport._tempDataBuffer
+        or transport.offset != len(transport.dataBuffer)
+    ):
+        if len(chunks) == 1:
+            transport.write(chunks[0])  # some local ends (a UDP association) have only write
+        else:
+            transport.writeSequence(chunks)
+        return
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+    if not total:
+        return
+    try:
+        sent = transport.socket.sendmsg(chunks)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # A dead connection: let the transport's next write attempt find it and close as usual.
+        transport.writeSequence(chunks)
+        return
+    if sent != total:
+        transport.writeSequence(_after(chunks, sent))
+
+
+def _after(chunks: Sequence[bytes], sent: int) -> List[bytes]:
+    """What of ``chunks`` is left once ``sent`` bytes went."""
+    rest: List[bytes] = []
+    for chunk in chunks:
+        if sent >= len(chunk):
+            sent -= len(chunk)
+            continue
+        rest.append(chunk[sent:] if sent else chunk)
+        sent = 0
+    return rest
