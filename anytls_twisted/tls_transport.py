@@ -132,4 +132,10 @@ class ClientTLSEndpoint:
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         wrapped = self.endpoint.connect(BulkTLSFactory(self.creator, True, factory))
-        return wrapped.addCallback(lambda tls: tls.wrappedProtocol)
+        return wrapped.addCallback(_wrapped_protocol)
+
+
+def _wrapped_protocol(tls: IProtocol) -> IProtocol:
+    """The application's protocol inside a connected TLS one."""
+    wrapped: IProtocol = tls.wrappedProtocol  # type: ignore[attr-defined]
+    return wrapped
