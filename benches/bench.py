@@ -1214,7 +1214,8 @@ def main(argv=None) -> int:
             builds["baseline"] = baseline_build(cfg.baseline)
         for build in builds.values():
             build.verify(client="client" in sides)
-            print(f"{build.label}: {', '.join(build.info['tap_files'])}", flush=True)
+            taps = build.info["tap_files"] + build.info["client_tap_files"] * ("client" in sides)
+            print(f"{build.label}: {', '.join(taps)}", flush=True)
         origins = start_origins(procs)
         print(f"logs and results under {base}", flush=True)
         print("ceiling (drivers straight to the origins) ...", flush=True)
