@@ -959,9 +959,15 @@ def evaluate(targets: List[dict], summary: dict, quiet: Optional[dict] = None) -
             ratio = get(quiet or {}, ("clients", target["quiet"], "ratio_p50"))
             out.append(judge(target, [ratio], target["quiet"]))
             continue
-        for kind in (kinds if target.get("every_kind") else kinds[:1]) or ["ours"]:
+        every = target.get("every_kind")
+        for kind in (kinds if every else kinds[:1]) or ["ours"]:
             ratios = [get(rows.get(m, {}), ("by_kind", kind, "ratio")) for m in target["rows"]]
-            out.append(judge(target, ratios, column_name(kind)))
+            label, workers = parse_kind(kind)
+            # A target per worker count says which, even when only one was run.
+            subject = (
+                f"{label}, {workers} worker{'s' * (workers > 1)}" if every else column_name(kind)
+            )
+            out.append(judge(target, ratios, subject))
     return out
 
 

@@ -68,6 +68,9 @@ class EvaluateTests(unittest.TestCase):
         rows = [t for t in bench.evaluate(bench.SERVER_TARGETS, summary) if "100" in t["target"]]
         got = [(t["subject"], t["status"]) for t in rows]
         self.assertEqual(got, [("ours, 1 worker", "missed"), ("ours, 2 workers", "met")])
+        one = bench.summarize({"ours": results["ours-w1"], "anchor": results["anchor"]}, {})
+        rows = [t for t in bench.evaluate(bench.SERVER_TARGETS, one) if "100" in t["target"]]
+        self.assertEqual([t["subject"] for t in rows], ["ours, 1 worker"])
 
     def test_rss_per_session(self):
         """(after - idle) / sessions open, for the server and the client; None without
