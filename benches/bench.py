@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -324,24 +324,33 @@ def start_anchor(procs: Procs, rundir: str, name: str):
 
 
 def run_singbox(
-    procs: Procs, rundir: str, role: str, config: dict, name: str, port: int
+    procs: Procs, rundir: str, role: str, config: dict, name: str, port: int, wait: bool = True
 ) -> subprocess.Popen:
     """Write ``config`` as ``<role>.json``, have ``sing-box check`` accept it, run it, and wait
-    for ``port`` to listen."""
+    for ``port`` to listen (unless not ``wait``: the caller waits, to start several at once)."""
     path = os.path.join(rundir, f"{role}.json")
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
     check_config(procs, path, role)
     proc = procs.spawn(name, [singbox_bin(), "run", "-c", path])
-    wait_for_port(port, proc, 30.0)
+    if wait:
+        wait_for_port(port, proc, 30.0)
     return proc
 
 
 def start_client(
-    procs: Procs, rundir: str, server_port: int, cert: str, name: str, role: str = "client"
+    procs: Procs,
+    rundir: str,
+    server_port: int,
+    cert: str,
+    name: str,
+    role: str = "client",
+    outbound_extra: Optional[dict] = None,
+    wait: bool = True,
 ):
-    """A sing-box 1.14 client (a mixed inbound on a free port, an anytls outbound to our
-    server trusting ``cert``); its config goes to ``<role>.json``. Returns (process, port)."""
+    """A sing-box 1.14 client (a mixed inbound on a free port, an anytls outbound to the
+    server trusting ``cert``, plus ``outbound_extra``); its config goes to ``<role>.json``.
+    Returns (process, port)."""
     socks = free_port()
     config = {
         "log": {"level": "warn"},
@@ -356,11 +365,34 @@ def start_client(
                 "server_port": server_port,
                 "password": PASSWORD,
                 "tls": {"enabled": True, "server_name": "localhost", "certificate_path": cert},
+                **(outbound_extra or {}),
             }
         ],
         "route": {"final": "anytls-out"},
     }
-    proc = run_singbox(procs, rundir, role, config, name, socks)
+    proc = run_singbox(procs, rundir, role, config, name, socks, wait)
+    return proc, socks
+
+
+def start_our_client(
+    procs: Procs,
+    server_port: int,
+    cert: str,
+    name: str,
+    build: Build,
+    extra: Sequence[str] = (),
+    wait: bool = True,
+):
+    """Our client (``twistd anytls-client`` of ``build``, a SOCKS5/HTTP listener on a free
+    port) to the server on ``server_port`` trusting ``cert``. Returns (process, port)."""
+    socks = free_port()
+    uri = f"anytls://{PASSWORD}@127.0.0.1:{server_port}/?sni=localhost"
+    argv = [build.twistd, "-n", "--pidfile=", "anytls-client"]
+    argv += ["--listen", f"tcp:{socks}:interface=127.0.0.1", "--server", uri]
+    argv += ["--certificate", cert, "--log-level", "warn", *extra]
+    proc = procs.spawn(name, argv, env=build.env, cwd=build.cwd)
+    if wait:
+        wait_for_port(socks, proc, 60.0)
     return proc, socks
 
 
@@ -381,10 +413,10 @@ class Build:
         self.info = info
         self._unlimited: Optional[List[str]] = None
 
-    def verify(self) -> None:
+    def verify(self, client: bool = False) -> None:
         """Check, with the server's own environment and working directory, that both
-        ``anytls_twisted`` and the module behind ``twistd anytls`` come from ``home``; record
-        where they come from in ``info``."""
+        ``anytls_twisted`` and the module behind ``twistd anytls`` (and with ``client``, behind
+        ``twistd anytls-client``) come from ``home``; record where they come from in ``info``."""
         python = os.path.join(os.path.dirname(self.twistd), "python")
         result = subprocess.run(
             [python, "-c", WHICH_CODE],
@@ -404,7 +436,23 @@ class Build:
             raise BenchError(
                 f"{self.label}: twistd anytls would not run the code under {self.home}: {found}"
             )
+        if client:
+            self.verify_client(found)
         self.info.update(found, twistd=self.twistd)
+
+    def verify_client(self, found: dict) -> None:
+        """The client side needs ``twistd anytls-client`` from ``home``: older revisions may
+        not have it."""
+        taps = found["client_tap_files"]
+        if not taps:
+            where = self.info.get("rev", "this build")
+            raise BenchError(f"{self.label}: {where} has no twistd anytls-client (--side client)")
+        inside = all((p + os.sep).startswith(self.home + os.sep) for p in taps)
+        if len(taps) != 1 or not inside:
+            raise BenchError(
+                f"{self.label}: twistd anytls-client would not run the code under "
+                f"{self.home}: {found}"
+            )
 
     def unlimited_args(self) -> List[str]:
         """Options that turn off the server's abuse limits, where this build has them: the
@@ -434,10 +482,13 @@ import importlib, json, platform
 import anytls_twisted, OpenSSL, twisted
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
-taps = [p.module for p in getPlugins(IServiceMaker) if p.tapname == "anytls"]
+plugins = list(getPlugins(IServiceMaker))
+taps = [p.module for p in plugins if p.tapname == "anytls"]
+client_taps = [p.module for p in plugins if p.tapname == "anytls-client"]
 print(json.dumps({
     "package_path": list(anytls_twisted.__path__),
     "tap_files": [importlib.import_module(m).__file__ for m in taps],
+    "client_tap_files": [importlib.import_module(m).__file__ for m in client_taps],
     "python": platform.python_version(),
     "twisted": twisted.__version__,
     "pyopenssl": OpenSSL.__version__,
@@ -563,6 +614,8 @@ def workloads(
 
     if server_pid:
         res["rss_idle_mib"] = vm(server_pid, "VmRSS")
+    if client_pid:
+        res["client_rss_idle_mib"] = vm(client_pid, "VmRSS")
     c0 = cpu()
     each = cfg.parallel_size // cfg.streams
     steps = [
@@ -595,11 +648,13 @@ def workloads(
         res[name] = drive(procs, f"{tag}-{name}", via + args, timeout)
         after = cpu()
         moved_here = each * res[name]["completed"] if name == "parallel" else cfg.size
-        if server_pid and moved_here:
-            # The server's CPU for this workload alone, to see which path costs what.
-            res[name]["server_cpu_s_per_gib"] = (after[server_pid] - before[server_pid]) / (
-                moved_here / GiB
-            )
+        # Each process's CPU for this workload alone, to see which path costs what.
+        for key, pid in (
+            ("server_cpu_s_per_gib", server_pid),
+            ("client_cpu_s_per_gib", client_pid),
+        ):
+            if pid and moved_here:
+                res[name][key] = (after[pid] - before[pid]) / (moved_here / GiB)
     c1 = cpu()
     moved = 2 * cfg.size + each * res["parallel"]["completed"]
     res["bytes_moved"] = moved
@@ -607,9 +662,14 @@ def workloads(
         res["server_cpu_s"] = c1[server_pid] - c0[server_pid]
         res["server_cpu_s_per_gib"] = res["server_cpu_s"] / (moved / GiB)
         res["rss_after_100_sessions_mib"] = vm(server_pid, "VmRSS")
+    if server_port:
+        # The client's ends of its connections to the server: one per session on either side.
         res["sessions_open"] = established_to(server_port)
     if client_pid:
         res["client_cpu_s_per_gib"] = (c1[client_pid] - c0[client_pid]) / (moved / GiB)
+        res["client_rss_after_100_sessions_mib"] = vm(client_pid, "VmRSS")
+    for who in ("", "client_"):
+        res[f"{who}rss_per_session_mib"] = per_session(res, who)
     res["latency"] = drive(
         procs,
         f"{tag}-latency",
@@ -624,7 +684,19 @@ def workloads(
     )
     if server_pid:
         res["rss_peak_mib"] = vm(server_pid, "VmHWM")
+    if client_pid:
+        res["client_rss_peak_mib"] = vm(client_pid, "VmHWM")
     return res
+
+
+def per_session(res: dict, who: str) -> Optional[float]:
+    """MiB of RSS per open session after the 100 streams, (after - idle) / sessions open, of
+    the server (``who`` "") or the client ("client_"); None without those figures."""
+    idle, after = res.get(f"{who}rss_idle_mib"), res.get(f"{who}rss_after_100_sessions_mib")
+    sessions = res.get("sessions_open")
+    if idle is None or after is None or not sessions:
+        return None
+    return (after - idle) / sessions
 
 
 def one_run(
@@ -651,11 +723,105 @@ def one_run(
         procs.stop(server)
 
 
+def one_client_run(
+    procs: Procs, origins: dict, cfg, kind: str, index: int, base: str, builds: Dict[str, Build]
+) -> dict:
+    """One run of the client side: a fresh sing-box server (the anchor) and a fresh client,
+    ours (``kind`` "ours" or "baseline") or sing-box's ("anchor")."""
+    tag = f"client-run{index}-{kind}"
+    rundir = os.path.join(base, tag)
+    os.makedirs(rundir, exist_ok=True)
+    server, port, cert = start_anchor(procs, rundir, f"{tag}-server")
+    client = None
+    try:
+        if kind == "anchor":
+            client, socks = start_client(procs, rundir, port, cert, f"{tag}-client")
+        else:
+            client, socks = start_our_client(procs, port, cert, f"{tag}-client", builds[kind])
+        res = workloads(procs, origins, socks, cfg, tag, server.pid, client.pid, port)
+        for proc, what in ((client, "client"), (server, "server")):
+            if proc.poll() is not None:
+                raise BenchError(f"{kind} {what} exited during the run:\n{tail(proc.log_path)}")
+        return res
+    finally:
+        if client is not None:
+            procs.stop(client)
+        procs.stop(server)
+
+
+# The clients of the quiet phase reap idle sessions after 6 s (checked every 6 s; 5 or less
+# would mean 30), so that after the quiet period only pre-warming leaves a session open.
+QUIET_IDLE = ["--idle-session-timeout", "6", "--idle-session-check-interval", "6"]
+QUIET_SINGBOX = {"idle_session_check_interval": "6s", "idle_session_timeout": "6s"}
+
+
+def quiet_clients(procs: Procs, rundir: str, port: int, cert: str, build: Optional[Build]):
+    """Spawn the quiet phase's clients at once, without waiting for them: our client with
+    defaults and with ``--prewarm 1`` (unless ``build`` is None), and sing-box's. Returns
+    [(label, process, port)]."""
+    out = []
+    if build is not None:
+        for label, name, extra in (
+            ("ours", "quiet-ours", []),
+            ("ours --prewarm 1", "quiet-ours-prewarm", ["--prewarm", "1"]),
+        ):
+            argv = [*extra, *QUIET_IDLE]
+            out.append((label, *start_our_client(procs, port, cert, name, build, argv, False)))
+    singbox = start_client(
+        procs, rundir, port, cert, "quiet-singbox", "quiet-client", QUIET_SINGBOX, False
+    )
+    return out + [("sing-box", *singbox)]
+
+
+def quiet_phase(procs: Procs, origins: dict, cfg, base: str, build: Optional[Build]) -> dict:
+    """One sing-box server and the quiet_clients; loadgen's quiet workload times, per client,
+    the first stream after a quiet period and a pooled one right after it."""
+    rundir = os.path.join(base, "quiet")
+    os.makedirs(rundir, exist_ok=True)
+    server, port, cert = start_anchor(procs, rundir, "quiet-server")
+    started = []
+    try:
+        started = quiet_clients(procs, rundir, port, cert, build)
+        for _label, proc, socks in started:
+            wait_for_port(socks, proc, 60.0)
+        ports = [socks for _label, _proc, socks in started]
+        args = ["quiet", "--socks", ",".join(map(str, ports)), "--origin", str(origins["echo"])]
+        args += ["--quiet", f"{cfg.quiet:g}", "--count", str(cfg.quiet_count)]
+        # Each of count rounds waits at most --quiet, then times two streams per client.
+        timeout = 60 + cfg.quiet_count * (cfg.quiet + 20 * len(ports))
+        out = drive(procs, "quiet-driver", args, timeout)
+        for _label, proc, _socks in started:
+            if proc.poll() is not None:
+                raise BenchError(f"{proc.name} exited in the quiet phase:\n{tail(proc.log_path)}")
+        out["clients"] = {label: out["ports"][str(socks)] for label, _proc, socks in started}
+        return out
+    finally:
+        for _label, proc, _socks in started:
+            procs.stop(proc)
+        procs.stop(server)
+
+
+def quiet_table(quiet: dict) -> str:
+    """Per client of the quiet phase: p50 and max of the first stream after the quiet period and
+    of the pooled one right after it, and the ratio of the p50s."""
+    head = ["client", "first after quiet p50", "max", "pooled p50", "max", "first / pooled"]
+    head[1:5] = [h + " ms" for h in head[1:5]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for label, c in quiet.get("clients", {}).items():
+        cells = [c["first_p50_ms"], c["first_max_ms"], c["pooled_p50_ms"], c["pooled_max_ms"]]
+        lines.append(
+            "| "
+            + " | ".join([label, *(f"{v:.2f}" for v in cells), fmt_ratio(c["ratio_p50"])])
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # report
 
-ROWS = [
-    # label, path, unit, higher is better
+# The rows of both sides' tables: label, path in a run's results, unit, higher is better.
+TRAFFIC_ROWS = [
     ("download", ("download", "mib_s"), "MiB/s", True),
     ("upload", ("upload", "mib_s"), "MiB/s", True),
     ("100 streams aggregate", ("parallel", "mib_s"), "MiB/s", True),
@@ -668,6 +834,9 @@ ROWS = [
     ("UDP RTT p95", ("udp", "p95_ms"), "ms", False),
     ("UDP RTT p99", ("udp", "p99_ms"), "ms", False),
     ("UDP loss", ("udp", "loss_pct"), "%", False),
+]
+
+ROWS = TRAFFIC_ROWS + [
     ("server CPU", ("server_cpu_s_per_gib",), "s/GiB", False),
     ("server CPU download", ("download", "server_cpu_s_per_gib"), "s/GiB", False),
     ("server CPU upload", ("upload", "server_cpu_s_per_gib"), "s/GiB", False),
@@ -676,8 +845,139 @@ ROWS = [
     ("server RSS idle", ("rss_idle_mib",), "MiB", False),
     ("server RSS after 100 sessions", ("rss_after_100_sessions_mib",), "MiB", False),
     ("server sessions open then", ("sessions_open",), "", None),
+    ("server RSS per session", ("rss_per_session_mib",), "MiB", False),
     ("server RSS peak (VmHWM)", ("rss_peak_mib",), "MiB", False),
 ]
+
+# The client side: our client or sing-box's, both to sing-box's server.
+CLIENT_ROWS = TRAFFIC_ROWS + [
+    ("client CPU", ("client_cpu_s_per_gib",), "s/GiB", False),
+    ("client CPU download", ("download", "client_cpu_s_per_gib"), "s/GiB", False),
+    ("client CPU upload", ("upload", "client_cpu_s_per_gib"), "s/GiB", False),
+    ("client CPU 100 streams", ("parallel", "client_cpu_s_per_gib"), "s/GiB", False),
+    ("client RSS idle", ("client_rss_idle_mib",), "MiB", False),
+    ("client RSS after 100 sessions", ("client_rss_after_100_sessions_mib",), "MiB", False),
+    ("client sessions open then", ("sessions_open",), "", None),
+    ("client RSS per session", ("client_rss_per_session_mib",), "MiB", False),
+    ("client RSS peak (VmHWM)", ("client_rss_peak_mib",), "MiB", False),
+    ("server (sing-box) CPU", ("server_cpu_s_per_gib",), "s/GiB", False),
+    ("server (sing-box) RSS idle", ("rss_idle_mib",), "MiB", False),
+    ("server (sing-box) RSS after 100 sessions", ("rss_after_100_sessions_mib",), "MiB", False),
+    ("server (sing-box) RSS peak (VmHWM)", ("rss_peak_mib",), "MiB", False),
+]
+
+# The targets (issue 12), one list per side, printed after each side's table and stored in the
+# JSON. A target's ratio is ours / anchor of the medians of ``rows`` (the worst of them when
+# several: the highest for "<=", the lowest for ">="), or with ``quiet`` that client's
+# first-after-quiet p50 / pooled p50. ``every_kind``: once per worker count of our server, not
+# only for the first; ``info``: shown, not judged.
+SERVER_TARGETS = [
+    {
+        "target": "server CPU per GiB, worst of download and upload",
+        "rows": ["server CPU download", "server CPU upload"],
+        "op": "<=",
+        "bound": 1.2,
+    },
+    {"target": "new-stream p50", "rows": ["new stream p50"], "op": "<=", "bound": 1.2},
+    {"target": "UDP RTT p50", "rows": ["UDP RTT p50"], "op": "<=", "bound": 1.2},
+    {"target": "download", "rows": ["download"], "op": ">=", "bound": 1.0},
+    {"target": "upload", "rows": ["upload"], "op": ">=", "bound": 1.0},
+    {"target": "server RSS idle", "rows": ["server RSS idle"], "op": "<=", "bound": 1.2},
+    {
+        "target": "server RSS per session",
+        "rows": ["server RSS per session"],
+        "op": "<=",
+        "bound": 1.0,
+    },
+    {
+        "target": "100-stream aggregate",
+        "rows": ["100 streams aggregate"],
+        "op": ">=",
+        "bound": 0.9,
+        "every_kind": True,
+    },
+]
+
+CLIENT_TARGETS = [
+    {"target": "download", "rows": ["download"], "op": ">=", "bound": 0.8},
+    {"target": "upload", "rows": ["upload"], "op": ">=", "bound": 0.8},
+    {
+        "target": "client CPU per GiB (download, upload, 100 streams together)",
+        "rows": ["client CPU"],
+        "op": "<=",
+        "bound": 1.5,
+    },
+    {
+        "target": "client CPU per GiB, worst of download and upload",
+        "rows": ["client CPU download", "client CPU upload"],
+        "op": "<=",
+        "bound": 1.5,
+        "info": True,
+    },
+    {"target": "new-stream p50", "rows": ["new stream p50"], "op": "<=", "bound": 1.5},
+    {"target": "UDP RTT p50", "rows": ["UDP RTT p50"], "op": "<=", "bound": 1.5},
+    {
+        "target": "client RSS per session",
+        "rows": ["client RSS per session"],
+        "op": "<=",
+        "bound": 1.0,
+    },
+    {
+        "target": "prewarm: first stream after quiet / pooled, p50",
+        "quiet": "ours --prewarm 1",
+        "op": "<=",
+        "bound": 1.2,
+    },
+]
+
+
+def judge(target: dict, ratios: List[Optional[float]], subject: str) -> dict:
+    """One target row: the worst of ``ratios`` against the bound."""
+    if not ratios or any(r is None for r in ratios):
+        worst, status = None, "no data"
+    else:
+        worst = max(ratios) if target["op"] == "<=" else min(ratios)
+        ok = worst <= target["bound"] if target["op"] == "<=" else worst >= target["bound"]
+        status = "info" if target.get("info") else ("met" if ok else "missed")
+    return {
+        "target": target["target"],
+        "subject": subject,
+        "bound": f"{target['op']} {target['bound']:g}",
+        "ratio": worst,
+        "status": status,
+    }
+
+
+def evaluate(targets: List[dict], summary: dict, quiet: Optional[dict] = None) -> List[dict]:
+    """Each target judged on a side's summary (and the quiet phase's figures): a row per
+    target, or per worker count of our server for ``every_kind`` targets."""
+    rows = {row["metric"]: row for row in summary["rows"]}
+    kinds = summary.get("ours_kinds") or []
+    out = []
+    for target in targets:
+        if "quiet" in target:
+            ratio = get(quiet or {}, ("clients", target["quiet"], "ratio_p50"))
+            out.append(judge(target, [ratio], target["quiet"]))
+            continue
+        every = target.get("every_kind")
+        for kind in (kinds if every else kinds[:1]) or ["ours"]:
+            ratios = [get(rows.get(m, {}), ("by_kind", kind, "ratio")) for m in target["rows"]]
+            label, workers = parse_kind(kind)
+            # A target per worker count says which, even when only one was run.
+            subject = (
+                f"{label}, {workers} worker{'s' * (workers > 1)}" if every else column_name(kind)
+            )
+            out.append(judge(target, ratios, subject))
+    return out
+
+
+def targets_table(judged: List[dict]) -> str:
+    head = ["target", "ours", "bound", "ratio", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---|"]
+    for t in judged:
+        cells = [t["target"], t["subject"], t["bound"], fmt_ratio(t["ratio"]), t["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def ours_kind(label: str, workers: int, several: bool) -> str:
@@ -710,17 +1010,19 @@ def med(results: List[dict], path) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 10:
+        return f"{int(v)}"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def fmt_ratio(r) -> str:
+    return "-" if r is None else f"{r:.2f}"
+
+
 def table(summary: dict) -> str:
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, int) or float(v).is_integer() and abs(v) >= 10:
-            return f"{int(v)}"
-        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
-
-    def fmt_ratio(r):
-        return "-" if r is None else f"{r:.2f}"
-
     ours = summary.get("ours_kinds", ["ours"])
     kinds = ours + summary.get("baseline_kinds", [])
     paired = [k for k in ours if "vs_baseline" in summary["rows"][0]["by_kind"][k]]
@@ -744,13 +1046,13 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b not in (None, 0) else None
 
 
-def summarize(results: Dict[str, List[dict]], ceiling: dict) -> dict:
+def summarize(results: Dict[str, List[dict]], ceiling: dict, table_rows=ROWS) -> dict:
     """Medians per metric. ``by_kind`` has every build and worker count of our server, with its
     ratio to the anchor (and for the checkout, ``vs_baseline``: to the baseline with the same
     worker count); ``ours``/``ratio``/``vs_baseline`` at the top are for the first of them."""
     kinds = [k for k in results if k != "anchor"]
     rows = []
-    for label, path, unit, _better in ROWS:
+    for label, path, unit, _better in table_rows:
         anchor = med(results.get("anchor", []), path)
         by_kind = {kind: {"ours": med(results[kind], path)} for kind in kinds}
         for kind, cell in by_kind.items():
@@ -803,7 +1105,31 @@ def main(argv=None) -> int:
     parser.add_argument("--udp-count", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, 1 run")
     parser.add_argument(
-        "--only", choices=["ours", "anchor"], default=None, help="run one server only"
+        "--only",
+        choices=["ours", "anchor"],
+        default=None,
+        help="run one server only (on the client side: one client only)",
+    )
+    parser.add_argument(
+        "--side",
+        choices=["server", "client", "both"],
+        default="server",
+        help="server: our server against sing-box's, both with sing-box's client (default); "
+        "client: our client against sing-box's, both to sing-box's server, then the quiet "
+        "phase; both: the server side, then the client side",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=13.0,
+        help="client side: seconds each client rests before a first-after-quiet stream",
+    )
+    parser.add_argument(
+        "--quiet-count",
+        type=int,
+        default=None,
+        help="client side: first-after-quiet samples per client (default 4; 2 with --quick; "
+        "0 skips the quiet phase)",
     )
     parser.add_argument(
         "--timeout-per-mib",
@@ -831,7 +1157,8 @@ def main(argv=None) -> int:
         metavar="NAME=VALUE",
         action="append",
         default=[],
-        help="an environment variable for our server (the checkout) only, e.g. "
+        help="an environment variable for our server (the checkout) only, and on the client "
+        "side for our client, e.g. "
         "PYTHONMALLOC=malloc; repeat for several. With --baseline HEAD this compares one "
         "setting against none on the same code",
     )
@@ -848,6 +1175,10 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--workers {cfg.workers}: give a positive number or a list such as 1,2")
     cfg.runs = cfg.runs or (1 if cfg.quick else 3)
+    if cfg.quiet_count is None:
+        cfg.quiet_count = 2 if cfg.quick else 4
+    if cfg.quiet_count < 0 or cfg.quiet <= 0:
+        parser.error("--quiet must be positive and --quiet-count at least 0")
     size_mib = cfg.size or (64 if cfg.quick else 512)
     cfg.size = int(size_mib * MiB)
     cfg.parallel_size = int((cfg.parallel_size or size_mib) * MiB)
@@ -865,12 +1196,17 @@ def main(argv=None) -> int:
     os.makedirs(base, exist_ok=True)
     procs = Procs(base)
     began = time.monotonic()
+    sides = ["server", "client"] if cfg.side == "both" else [cfg.side]
     labels = ["ours"] + (["baseline"] if cfg.baseline else [])
     ours_kinds = [ours_kind(b, w, len(worker_counts) > 1) for w in worker_counts for b in labels]
-    kinds = ([] if cfg.only == "anchor" else ours_kinds) + (
-        [] if cfg.only == "ours" else ["anchor"]
+    anchor = [] if cfg.only == "ours" else ["anchor"]
+    kinds = ([] if cfg.only == "anchor" else ours_kinds) + anchor
+    client_kinds = ([] if cfg.only == "anchor" else labels) + anchor
+    results: Dict[str, List[dict]] = {kind: [] for kind in kinds} if "server" in sides else {}
+    client_results: Dict[str, List[dict]] = (
+        {kind: [] for kind in client_kinds} if "client" in sides else {}
     )
-    results: Dict[str, List[dict]] = {kind: [] for kind in kinds}
+    quiet: dict = {}
     builds: Dict[str, Build] = {}
     status = 0
     ceiling: dict = {}
@@ -883,23 +1219,20 @@ def main(argv=None) -> int:
         if cfg.baseline:
             builds["baseline"] = baseline_build(cfg.baseline)
         for build in builds.values():
-            build.verify()
-            print(f"{build.label}: {', '.join(build.info['tap_files'])}", flush=True)
+            build.verify(client="client" in sides)
+            taps = build.info["tap_files"] + build.info["client_tap_files"] * ("client" in sides)
+            print(f"{build.label}: {', '.join(taps)}", flush=True)
         origins = start_origins(procs)
         print(f"logs and results under {base}", flush=True)
         print("ceiling (drivers straight to the origins) ...", flush=True)
         ceiling = workloads(procs, origins, None, cfg, "ceiling")
-        for i in range(cfg.runs):
-            for kind in kinds:
-                t = time.monotonic()
-                print(f"run {i + 1}/{cfg.runs}: {kind} ...", end=" ", flush=True)
-                res = one_run(procs, origins, cfg, kind, i + 1, base, builds)
-                results[kind].append(res)
-                print(
-                    f"{time.monotonic() - t:.1f}s  down {res['download']['mib_s']:.0f} up {res['upload']['mib_s']:.0f} "
-                    f"par {res['parallel']['mib_s']:.0f} MiB/s",
-                    flush=True,
-                )
+        if "server" in sides:
+            alternate(procs, origins, cfg, base, builds, results, one_run, "")
+        if "client" in sides:
+            alternate(procs, origins, cfg, base, builds, client_results, one_client_run, "client ")
+            if cfg.quiet_count:
+                print(f"quiet phase: {cfg.quiet_count} x {cfg.quiet:g}s ...", flush=True)
+                quiet.update(quiet_phase(procs, origins, cfg, base, builds.get("ours")))
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process", file=sys.stderr)
         status = 130
@@ -910,6 +1243,9 @@ def main(argv=None) -> int:
         procs.stop_all()
     elapsed = time.monotonic() - began
     summary = summarize(results, ceiling)
+    client_summary = summarize(client_results, ceiling, CLIENT_ROWS)
+    judged = evaluate(SERVER_TARGETS, summary)
+    client_judged = evaluate(CLIENT_TARGETS, client_summary, quiet)
     report = {
         "timestamp": stamp,
         "machine": machine(),
@@ -924,28 +1260,63 @@ def main(argv=None) -> int:
             "quick": cfg.quick,
             "workers": worker_counts,
             "baseline": cfg.baseline,
+            "side": cfg.side,
+            "quiet": cfg.quiet,
+            "quiet_count": cfg.quiet_count,
         },
         "builds": {label: build.info for label, build in builds.items()},
         "elapsed_s": elapsed,
         "complete": status == 0,
         "ceiling": ceiling,
+        # The server side (top-level, as before the client side existed).
         "runs": results,
         "summary": summary,
+        "targets": {"definitions": SERVER_TARGETS, "judged": judged},
+        "client_side": {
+            "runs": client_results,
+            "summary": client_summary,
+            "targets": {"definitions": CLIENT_TARGETS, "judged": client_judged},
+        },
+        "quiet": quiet,
     }
     path = os.path.join(cfg.out, f"{stamp}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
-    if any(results.values()) or ceiling:
-        print()
-        if "baseline" in builds:
-            info = builds["baseline"].info
-            print(f"baseline: {info['rev']} = {info['revision'][:12]} {info['subject']}\n")
+    if "baseline" in builds and (any(results.values()) or any(client_results.values())):
+        info = builds["baseline"].info
+        print(f"\nbaseline: {info['rev']} = {info['revision'][:12]} {info['subject']}")
+    if any(results.values()) or (ceiling and "server" in sides):
+        print("\nserver side: our server / sing-box's, both with sing-box's client\n")
         print(table(summary))
-    print(
-        f"\nmedians over {max(len(r) for r in results.values())} run(s); "
-        f"total {elapsed:.0f}s; results: {path}"
-    )
+        print("\nserver-side targets (ours / anchor, medians)\n")
+        print(targets_table(judged))
+    if any(client_results.values()) or (ceiling and "client" in sides):
+        print("\nclient side: our client / sing-box's (the anchor), both to sing-box's server\n")
+        print(table(client_summary))
+        if quiet:
+            print(f"\nquiet phase: {quiet['count']} x {quiet['quiet_s']:g}s quiet per client\n")
+            print(quiet_table(quiet))
+        print("\nclient-side targets (ours / anchor, medians)\n")
+        print(targets_table(client_judged))
+    done = [len(r) for r in list(results.values()) + list(client_results.values())]
+    print(f"\nmedians over {max(done, default=0)} run(s); total {elapsed:.0f}s; results: {path}")
     return status
+
+
+def alternate(procs, origins, cfg, base, builds, results, run, side: str) -> None:
+    """``cfg.runs`` rounds of one side, each kind of results in turn (ours, anchor, ours, ...),
+    each run appended to ``results`` as it ends."""
+    for i in range(cfg.runs):
+        for kind in results:
+            t = time.monotonic()
+            print(f"{side}run {i + 1}/{cfg.runs}: {kind} ...", end=" ", flush=True)
+            res = run(procs, origins, cfg, kind, i + 1, base, builds)
+            results[kind].append(res)
+            print(
+                f"{time.monotonic() - t:.1f}s  down {res['download']['mib_s']:.0f} "
+                f"up {res['upload']['mib_s']:.0f} par {res['parallel']['mib_s']:.0f} MiB/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ under test.
     python benches/loadgen.py parallel --size N --streams 100 [--socks PORT] --origin PORT
     python benches/loadgen.py latency  --count 200 [--socks PORT] --origin PORT
     python benches/loadgen.py udp      --count 1000 [--socks PORT] --origin PORT
+    python benches/loadgen.py quiet    --socks P1,P2,P3 --origin ECHO --quiet 13 --count 4
 
 Without --socks a driver talks straight to the origin (the "ceiling" measurement). Each driver
 prints one JSON object on stdout and exits 0, or prints a message on stderr and exits 1.
+
+quiet: per port in turn, waits until the port has been quiet for --quiet seconds, then times a
+new stream as latency does (the first after quiet) and at once a second one (pooled); --count
+such pairs per port, never two ports at once.
 
 Payload and its check: the stream is a sequence of 256 KiB blocks; block i is a fixed
 pseudo-random template whose first 8 bytes are replaced by i (big-endian). The receiver (driver
@@ -341,34 +346,40 @@ def drive_parallel(socks: Optional[int], origin: int, size: int, streams: int, p
     }
 
 
-def drive_latency(socks: Optional[int], origin: int, count: int, warmup: int) -> dict:
-    """Sequential streams: time from sending the CONNECT request (after the SOCKS greeting) to
-    the first echoed byte; with no proxy, from connect() to the first echoed byte."""
-    samples = []
+def time_stream(socks: Optional[int], origin: int) -> float:
+    """Milliseconds from sending the CONNECT request (after the SOCKS greeting, not timed) to
+    the first echoed byte of one new stream; with no proxy, from connect() to that byte."""
     message = b"ping-0123456789abcdef-0123456789ab"  # 34 bytes
+    if socks is None:
+        started = time.perf_counter()
+        sock = socket.create_connection(("127.0.0.1", origin), timeout=IO_TIMEOUT)
+        tune(sock)
+    else:
+        sock = socks_greet(socks)
+        started = time.perf_counter()
+        sock.sendall(connect_request(origin))
+        read_socks_reply(sock)
+    try:
+        sock.sendall(message)
+        first = sock.recv(len(message))
+        if not first:
+            raise CheckFailed("the echo stream closed before any byte came back")
+        t = time.perf_counter() - started
+        rest = recv_exact(sock, len(message) - len(first)) if len(first) < len(message) else b""
+        if first + rest != message:
+            raise CheckFailed("echo mismatch")
+    finally:
+        sock.close()
+    return t * 1000.0
+
+
+def drive_latency(socks: Optional[int], origin: int, count: int, warmup: int) -> dict:
+    """Sequential streams, each timed by time_stream."""
+    samples = []
     for i in range(warmup + count):
-        if socks is None:
-            started = time.perf_counter()
-            sock = socket.create_connection(("127.0.0.1", origin), timeout=IO_TIMEOUT)
-            tune(sock)
-        else:
-            sock = socks_greet(socks)
-            started = time.perf_counter()
-            sock.sendall(connect_request(origin))
-            read_socks_reply(sock)
-        try:
-            sock.sendall(message)
-            first = sock.recv(len(message))
-            if not first:
-                raise CheckFailed("the echo stream closed before any byte came back")
-            t = time.perf_counter() - started
-            rest = recv_exact(sock, len(message) - len(first)) if len(first) < len(message) else b""
-            if first + rest != message:
-                raise CheckFailed("echo mismatch")
-        finally:
-            sock.close()
+        t = time_stream(socks, origin)
         if i >= warmup:
-            samples.append(t * 1000.0)
+            samples.append(t)
     return {
         "count": count,
         "p50_ms": percentile(samples, 50),
@@ -376,6 +387,34 @@ def drive_latency(socks: Optional[int], origin: int, count: int, warmup: int) ->
         "p99_ms": percentile(samples, 99),
         "mean_ms": sum(samples) / len(samples),
     }
+
+
+def drive_quiet(ports: List[int], origin: int, quiet: float, count: int) -> dict:
+    """Per port, ``count`` pairs: a stream after the port has been quiet for ``quiet`` seconds
+    (an empty pool, unless the client pre-warms), then at once a second one (a pooled session).
+    Ports take turns, one pair at a time, so no two ports' samples overlap in time."""
+    last_used = {port: time.monotonic() for port in ports}
+    samples: dict = {port: {"first_ms": [], "pooled_ms": []} for port in ports}
+    for _ in range(count):
+        for port in ports:
+            wait = last_used[port] + quiet - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            samples[port]["first_ms"].append(time_stream(port, origin))
+            samples[port]["pooled_ms"].append(time_stream(port, origin))
+            last_used[port] = time.monotonic()
+    out = {}
+    for port, s in samples.items():
+        first, pooled = percentile(s["first_ms"], 50), percentile(s["pooled_ms"], 50)
+        out[str(port)] = {
+            **s,
+            "first_p50_ms": first,
+            "first_max_ms": max(s["first_ms"]),
+            "pooled_p50_ms": pooled,
+            "pooled_max_ms": max(s["pooled_ms"]),
+            "ratio_p50": first / pooled if pooled else None,
+        }
+    return {"quiet_s": quiet, "count": count, "ports": out}
 
 
 def drive_udp(socks: Optional[int], origin: int, count: int, warmup: int, wait: float) -> dict:
@@ -460,9 +499,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "mode", choices=["origins", "download", "upload", "parallel", "latency", "udp"]
+        "mode", choices=["origins", "download", "upload", "parallel", "latency", "udp", "quiet"]
     )
-    parser.add_argument("--socks", type=int, default=None)
+    parser.add_argument(
+        "--socks", default=None, help="SOCKS5 port (quiet: a comma-separated list of ports)"
+    )
     parser.add_argument("--origin", type=int, default=0)
     parser.add_argument(
         "--size", type=int, default=64 << 20, help="bytes (per stream for parallel)"
@@ -472,12 +513,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument(
+        "--quiet", type=float, default=13.0, help="quiet: seconds each port rests before a pair"
+    )
+    parser.add_argument(
         "--wait", type=float, default=1.0, help="UDP: seconds before a datagram counts as lost"
     )
     args = parser.parse_args(argv)
     if args.mode == "origins":
         run_origins()
         return 0
+    if args.mode == "quiet":
+        if not args.socks:
+            parser.error("quiet needs --socks P1,P2,...")
+        ports = [int(p) for p in args.socks.split(",")]
+    elif args.socks is not None:
+        args.socks = int(args.socks)
     try:
         if args.mode == "download":
             result = drive_download(args.socks, args.origin, args.size)
@@ -487,6 +537,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = drive_parallel(args.socks, args.origin, args.size, args.streams, args.procs)
         elif args.mode == "latency":
             result = drive_latency(args.socks, args.origin, args.count, args.warmup)
+        elif args.mode == "quiet":
+            result = drive_quiet(ports, args.origin, args.quiet, args.count)
         else:
             result = drive_udp(args.socks, args.origin, args.count, args.warmup, args.wait)
     except (CheckFailed, OSError) as e:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Benchmark our anytls server against sing-box's own anytls inbound, on loopback.
-# Usage: ./scripts/bench.sh [--quick] [--runs N] [--size MiB] [--workers 1,2] [--baseline REV] [...];
+# Benchmark our anytls server against sing-box's own anytls inbound, on loopback; with
+# --side client our anytls-client against sing-box's client (--side both: one, then the other).
+# Usage: ./scripts/bench.sh [--quick] [--side server|client|both] [--runs N] [--size MiB]
+#        [--workers 1,2] [--baseline REV] [--quiet S] [--quiet-count N] [...];
 # see benches/bench.py --help and docs/performance.md. Results: .cache/bench/<timestamp>.json
 # (plus logs in .cache/bench/<timestamp>/).
 # ./scripts/bench.sh --soak [--short] [...]: the soak instead (benches/soak.py --help;
