@@ -409,7 +409,8 @@ class ClientFailoverTests(unittest.TestCase):
     def test_prewarmed_session_carries_the_first_stream(self):
         """--prewarm 1 against our server: a session is opened and answered at start-up; after
         a quiet moment the first stream goes on it (the server's first session), dialling
-        nothing for it; a new pre-warmed session then replaces the one taken."""
+        nothing for it; while that stream is open a new pre-warmed session replaces the one
+        taken."""
         server = yield self.h.start_server(kind="twistd", log_level="debug")
         client = yield start_our_client(self.h, ["--server", uri(server.port), "--prewarm", "1"])
         warmed = r"session \d+ to the server open \(\S+, ready, pre-warmed\)"
@@ -420,20 +421,23 @@ class ClientFailoverTests(unittest.TestCase):
         yield task.deferLater(reactor, 0.3, lambda: None)  # a quiet moment
         self.assertEqual(server.sessions_opened(), 1)
         echo = self.h.tcp_echo()
-        yield self.h.echo_once(client, echo, b"on a warm session")
+        held = yield self.h.socks_connect(client, HOST, echo.port)
+        held.write(b"on a warm session")
+        got = yield within(held.read(17), 10.0, "the held stream's echo")
+        self.assertEqual(got, b"on a warm session")
         # The stream ran on the session pre-warmed before it (the server's numbers).
         yield poll_until(
             lambda: f"{HOST}:{echo.port}" in destinations(server), 5.0, "the stream's log line"
         )
         (line,) = server.process.matching_lines(rf"open to {name(echo.port)}")
         self.assertIn(f"stream {warm_id}/1 open to", line)
-        # Its replacement is pre-warmed too; the client dialled no session for the stream.
+        # With that session still busy, a replacement is pre-warmed (a moment later, so that
+        # its handshake does not delay the stream); the client dialled no session for it.
         yield poll_until(
             lambda: len(client.process.matching_lines(warmed)) == 2, 10.0, "the next warm one"
         )
         opened = client.process.matching_lines(r"session \d+ to the server open")
         self.assertEqual(len(opened), 2)
-        self.assertEqual(len(client.process.matching_lines(warmed)), 2)
         self.assertEqual(server.sessions_opened(), 2)
         self.h.assert_alive(client.process)
 

@@ -53,6 +53,8 @@ _log = get_logger("anytls_twisted.client.sessions")
 #: Seconds between liveness checks of busy sessions (and pre-warm top-ups); shorter when the
 #: heartbeat settings are (:attr:`SessionManager.tick_interval`).
 LIVENESS_TICK = 5.0
+#: Seconds between a stream taking a pre-warmed session and the dial that replaces it.
+REFILL_AFTER_TAKE = 1.0
 #: Seconds a probe or pre-warm session may take to be answered by the server.
 WARM_TIMEOUT = 10.0
 
@@ -254,7 +256,7 @@ class SessionManager(Service, SessionOwner):
                 self._check_then_open(session, stream, now)
                 return
             self._open_on(session, stream, reused=True)
-            self._refill()
+            self._refill_after_take()
             return
         self._dial(stream, 0)
 
@@ -509,6 +511,19 @@ class SessionManager(Service, SessionOwner):
                 self._refill()
 
             self._refill_timer = self.clock.callLater(held_until - now, again)
+
+    def _refill_after_take(self) -> None:
+        """Replace a taken idle session :data:`REFILL_AFTER_TAKE` seconds later, not now: the
+        new session's TLS handshake would share this one thread with the stream that just took
+        the warm session, and delay its first bytes by the handshake's CPU time."""
+        if not self.prewarm or self._refill_timer is not None:
+            return
+
+        def later() -> None:
+            self._refill_timer = None
+            self._refill()
+
+        self._refill_timer = self.clock.callLater(REFILL_AFTER_TAKE, later)
 
     def _hold_refill(self, health: Health) -> None:
         """The server closed an idle session by itself: wait before dialling it a warm one
