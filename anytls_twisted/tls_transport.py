@@ -20,9 +20,9 @@ and behave, so a Twisted release that changes them fails the tests rather than t
 
 from __future__ import annotations
 
-from typing import List
-
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -31,17 +31,28 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .writethrough import write_through
+from .writethrough import write_through_copy
 
 #: Plaintext bytes per ``SSL_write``: one TLS record (the module docstring says why not more).
 MAX_SSL_WRITE = 16 * 1024
 
-#: Bytes read from the BIO at a time: one record and its overhead fit.
-BIO_READ_SIZE = 32 * 1024
+#: The scratch buffer the records of a write are gathered in before they are sent: those of a
+#: 64 KiB frame fit. One for the process: the reactor's thread is the only one using it, and
+#: nothing is left in it between calls (what the socket does not take at once is copied).
+SCRATCH_SIZE = 128 * 1024
+_OUT = _ffi.new("char[]", SCRATCH_SIZE)
+
+#: Room for one record: 16 KiB of plaintext and the most a cipher suite adds.
+RECORD_ROOM = 16 * 1024 + 2048 + 5
+
+#: Plaintext bytes per ``SSL_read`` (a record holds at most 16 KiB), read into one scratch buffer.
+SCRATCH_IN_SIZE = 32 * 1024
+_IN = _ffi.new("char[]", SCRATCH_IN_SIZE)
 
 #: The private parts of ``twisted.protocols.tls.TLSMemoryBIOProtocol`` this module relies on.
 TWISTED_INTERNALS = (
@@ -69,41 +80,75 @@ class BulkTLSProtocol(BufferingTLSTransport):
         if self._lostTLSConnection:
             return
         connection = self._tlsConnection
-        view = memoryview(data)
-        records: List[bytes] = []
-        done = 0
-        while done < len(view):
+        ssl, total = connection._ssl, len(data)
+        done = filled = 0
+        with _ffi.from_buffer(data) as source:
+            while done < total:
+                written = _lib.SSL_write(ssl, source + done, min(MAX_SSL_WRITE, total - done))
+                if written <= 0:
+                    break
+                done += written
+                filled = self._gather(filled)
+        if filled:
+            self._send(filled)
+        if done < total:
             try:
-                done += connection.send(view[done : done + MAX_SSL_WRITE])
+                connection._raise_ssl_error(ssl, written)
             except SSL.WantReadError:
                 # OpenSSL needs the peer first (a renegotiation); Twisted retries the rest later.
-                self._bufferedWrite(bytes(view[done:]))
-                self._drain(records)
-                break
+                self._bufferedWrite(data[done:])
+                self._flushSendBIO()
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
-                return
-            self._drain(records)
-        if records:
-            write_through(self.transport, records)
 
-    def _drain(self, into: List[bytes]) -> None:
-        """Move every byte waiting in the send BIO to ``into``."""
-        connection = self._tlsConnection
+    def _gather(self, filled: int) -> int:
+        """Move the records waiting in the send BIO into the scratch buffer after its first
+        ``filled`` bytes (sending the buffer first when it has no room for a record);
+        returns how full it is."""
+        bio = self._tlsConnection._from_ssl
         while True:
-            try:
-                chunk = connection.bio_read(BIO_READ_SIZE)
-            except SSL.WantReadError:
-                return
-            into.append(chunk)
-            if len(chunk) < BIO_READ_SIZE:
-                return
+            if SCRATCH_SIZE - filled < RECORD_ROOM:
+                self._send(filled)
+                filled = 0
+            room = SCRATCH_SIZE - filled
+            got = _lib.BIO_read(bio, _OUT + filled, room)
+            if got <= 0:
+                return filled
+            filled += got
+            if got < room:
+                return filled
+
+    def _send(self, filled: int) -> None:
+        write_through_copy(self.transport, _ffi.buffer(_OUT, filled))
 
     def _flushSendBIO(self) -> None:
-        records: List[bytes] = []
-        self._drain(records)
-        if records:
-            write_through(self.transport, records)
+        filled = self._gather(0)
+        if filled:
+            self._send(filled)
+
+    def _flushReceiveBIO(self) -> None:
+        # Twisted's loop, with SSL_read into one scratch buffer instead of pyOpenSSL's recv
+        # (a fresh buffer and its error checks per record).
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        while not self._lostTLSConnection:
+            got = _lib.SSL_read(ssl, _IN, SCRATCH_IN_SIZE)
+            if got > 0:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, _ffi.buffer(_IN, got)[:])
+                continue
+            try:
+                connection._raise_ssl_error(ssl, got)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                break
+        self._flushSendBIO()
 
 
 class BulkTLSFactory(TLSMemoryBIOFactory):

@@ -23,17 +23,22 @@ from twisted.internet import tcp
 TWISTED_INTERNALS = ("_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "offset")
 
 
+def _sendable(transport: Any) -> bool:
+    """Twisted's TCP transport, open, with nothing queued: bytes may go to the socket now."""
+    return bool(
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+    )
+
+
 def write_through(transport: Any, chunks: Sequence[bytes]) -> None:
     """Write ``chunks`` to ``transport`` in order, sending now if nothing is queued before."""
-    if (
-        not isinstance(transport, tcp.Connection)
-        or not transport.connected
-        or transport.disconnecting
-        or transport._writeDisconnecting
-        or transport._writeDisconnected
-        or transport._tempDataBuffer
-        or transport.offset != len(transport.dataBuffer)
-    ):
+    if not _sendable(transport):
         if len(chunks) == 1:
             transport.write(chunks[0])  # some local ends (a UDP association) have only write
         else:
@@ -54,6 +59,23 @@ def write_through(transport: Any, chunks: Sequence[bytes]) -> None:
         return
     if sent != total:
         transport.writeSequence(_after(chunks, sent))
+
+
+def write_through_copy(transport: Any, scratch: Any) -> None:
+    """:func:`write_through` for bytes in a buffer the caller reuses (``scratch``, any object
+    with the buffer protocol): what the socket does not take now is copied for the transport."""
+    if not _sendable(transport):
+        transport.write(bytes(scratch))
+        return
+    try:
+        sent = transport.socket.send(scratch)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.write(bytes(scratch))
+        return
+    if sent != len(scratch):
+        transport.write(bytes(memoryview(scratch)[sent:]))
 
 
 def _after(chunks: Sequence[bytes], sent: int) -> List[bytes]:

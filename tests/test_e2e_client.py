@@ -311,7 +311,8 @@ class ClientEndToEndMixin:
     @e2e_test
     def test_prewarmed_session_carries_the_first_stream(self):
         """``--prewarm 1``: a session is dialled at start and announces itself without a stream
-        (Settings alone); the server answers it, and the first stream then uses it."""
+        (Settings alone); the server answers it, and the first stream then uses it; while that
+        stream is open another is pre-warmed."""
         server = yield self.start_server()
         client = yield start_our_client(
             self.h, ["--server", server_uri(server), "--prewarm", "1", "--log-level", "debug"]
@@ -321,9 +322,12 @@ class ClientEndToEndMixin:
         )
         warm = match.group(1)
         echo = self.h.tcp_echo()
-        yield self.h.echo_once(client, echo, b"no handshake for me")
+        held = yield self.h.socks_connect(client, "127.0.0.1", echo.port)
+        held.write(b"no handshake for me")
+        got = yield within(held.read(19), 10.0, "the echo on the warm session")
+        self.assertEqual(got, b"no handshake for me")
         self.assertTrue(client.process.matching_lines(rf"stream {warm}/1 open to "))
-        # Taking it made the client warm another one, also answered.
+        # Taking it (the stream still open) made the client warm another one, also answered.
         yield poll_until(
             lambda: len(client.process.matching_lines(r"ready, pre-warmed")) == 2,
             15.0,
