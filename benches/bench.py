@@ -756,21 +756,34 @@ QUIET_SINGBOX = {"idle_session_check_interval": "6s", "idle_session_timeout": "6
 
 
 def quiet_clients(procs: Procs, rundir: str, port: int, cert: str, build: Optional[Build]):
-    """Spawn the quiet phase's clients at once, without waiting for them: our client with
-    defaults and with ``--prewarm 1`` (unless ``build`` is None), and sing-box's. Returns
-    [(label, process, port)]."""
+    """Spawn the quiet phase's clients at once, without waiting for them: our client reaping
+    after 6 s, the same with ``--prewarm 1``, and with its default timeouts (unless ``build`` is
+    None); sing-box's reaping after 6 s and with its defaults. Returns [(label, process,
+    port)]."""
     out = []
     if build is not None:
-        for label, name, extra in (
-            ("ours", "quiet-ours", []),
-            ("ours --prewarm 1", "quiet-ours-prewarm", ["--prewarm", "1"]),
+        for label, name, argv in (
+            ("ours", "quiet-ours", QUIET_IDLE),
+            ("ours --prewarm 1", "quiet-ours-prewarm", ["--prewarm", "1", *QUIET_IDLE]),
+            (QUIET_KEPT_OURS, "quiet-ours-kept", []),
         ):
-            argv = [*extra, *QUIET_IDLE]
             out.append((label, *start_our_client(procs, port, cert, name, build, argv, False)))
-    singbox = start_client(
-        procs, rundir, port, cert, "quiet-singbox", "quiet-client", QUIET_SINGBOX, False
-    )
-    return out + [("sing-box", *singbox)]
+    for label, name, extra in (
+        ("sing-box", "quiet-singbox", QUIET_SINGBOX),
+        (QUIET_KEPT_SINGBOX, "quiet-singbox-kept", None),
+    ):
+        out.append((label, *start_client(procs, rundir, port, cert, name, name, extra, False)))
+    return out
+
+
+#: Clients of the quiet phase left with their default 30 s idle timeout, so that their session
+#: is still pooled after the quiet period: what a pooled session costs after a rest.
+QUIET_KEPT_OURS = "ours, session kept (30 s idle timeout)"
+QUIET_KEPT_SINGBOX = "sing-box, session kept (30 s idle timeout)"
+
+
+#: The quiet phase's control row: streams straight to the origin (loadgen's port 0).
+QUIET_CONTROL = "no proxy (the machine alone)"
 
 
 def quiet_phase(procs: Procs, origins: dict, cfg, base: str, build: Optional[Build]) -> dict:
@@ -784,7 +797,7 @@ def quiet_phase(procs: Procs, origins: dict, cfg, base: str, build: Optional[Bui
         started = quiet_clients(procs, rundir, port, cert, build)
         for _label, proc, socks in started:
             wait_for_port(socks, proc, 60.0)
-        ports = [socks for _label, _proc, socks in started]
+        ports = [socks for _label, _proc, socks in started] + [0]
         args = ["quiet", "--socks", ",".join(map(str, ports)), "--origin", str(origins["echo"])]
         args += ["--quiet", f"{cfg.quiet:g}", "--count", str(cfg.quiet_count)]
         # Each of count rounds waits at most --quiet, then times two streams per client.
@@ -794,6 +807,7 @@ def quiet_phase(procs: Procs, origins: dict, cfg, base: str, build: Optional[Bui
             if proc.poll() is not None:
                 raise BenchError(f"{proc.name} exited in the quiet phase:\n{tail(proc.log_path)}")
         out["clients"] = {label: out["ports"][str(socks)] for label, _proc, socks in started}
+        out["clients"][QUIET_CONTROL] = out["ports"]["0"]
         return out
     finally:
         for _label, proc, _socks in started:

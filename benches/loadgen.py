@@ -392,7 +392,12 @@ def drive_latency(socks: Optional[int], origin: int, count: int, warmup: int) ->
 def drive_quiet(ports: List[int], origin: int, quiet: float, count: int) -> dict:
     """Per port, ``count`` pairs: a stream after the port has been quiet for ``quiet`` seconds
     (an empty pool, unless the client pre-warms), then at once a second one (a pooled session).
-    Ports take turns, one pair at a time, so no two ports' samples overlap in time."""
+    Ports take turns, one pair at a time, so no two ports' samples overlap in time.
+
+    Port 0 is the control: straight to the origin, no proxy, which shows what waking from a
+    quiet period costs on this machine alone. Before a proxy's first stream the origin is woken
+    with an untimed connection of its own, so that the sample is the proxies' cost (their
+    pools, and their own wake-up), not the origin's."""
     last_used = {port: time.monotonic() for port in ports}
     samples: dict = {port: {"first_ms": [], "pooled_ms": []} for port in ports}
     for _ in range(count):
@@ -400,8 +405,11 @@ def drive_quiet(ports: List[int], origin: int, quiet: float, count: int) -> dict
             wait = last_used[port] + quiet - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            samples[port]["first_ms"].append(time_stream(port, origin))
-            samples[port]["pooled_ms"].append(time_stream(port, origin))
+            socks = port or None
+            if socks is not None:
+                time_stream(None, origin)  # wake the origin, untimed
+            samples[port]["first_ms"].append(time_stream(socks, origin))
+            samples[port]["pooled_ms"].append(time_stream(socks, origin))
             last_used[port] = time.monotonic()
     out = {}
     for port, s in samples.items():
