@@ -1,34 +1,24 @@
-"""Twisted's TLS transport, with one send to the socket per application write.
+"""Twisted's TLS transport, with one write to the TCP transport per application write.
 
 Twisted's ``TLSMemoryBIOProtocol._write`` cuts every write into 16 KiB slices (copying each),
 and for each slice calls pyOpenSSL's ``send`` (``SSL_write``), ``bio_read`` and the TCP
-transport's ``write``, which sends on the reactor's next turn. :class:`BulkTLSProtocol` keeps
-the one ``SSL_write`` per 16 KiB record, but:
+transport's ``write``. :class:`BulkTLSProtocol` keeps the one ``SSL_write`` per 16 KiB record,
+slices with a memoryview instead of copying, and hands the records of one application write to
+the TCP transport in a single ``writeSequence``. The bytes on the wire are the same records.
 
-* calls ``SSL_write``, ``BIO_read`` and ``SSL_read`` through pyOpenSSL's own cffi bindings,
-  without its per-call wrappers (a fresh buffer per call, a copy of it, error checks that only
-  matter on failure, which still goes through pyOpenSSL's ``_raise_ssl_error``);
-* gathers the records of one write in a scratch buffer and sends them at once
-  (:func:`.writethrough.write_through_copy`: no reactor turn, no ``epoll_ctl``);
-* cuts records straight from the pieces of a ``writeSequence`` (a frame's header and payload)
-  instead of joining them first, copying only what spans two pieces.
-
-The bytes on the wire are the same records. Each step's measured effect is in
-docs/performance.md ("Why the code is shaped this way").
+It takes less server CPU per GiB downloaded than Twisted's transport (figures in
+docs/performance.md, "Why the code is shaped this way").
 
 Tried and not kept: more than one record per ``SSL_write`` (clearing pyOpenSSL's
 ``SSL_MODE_ENABLE_PARTIAL_WRITE``). OpenSSL's memory BIO never gives memory back, so every
 session would keep a buffer as large as its largest write, for no CPU gain in the server.
 
-This overrides private methods of Twisted's ``TLSMemoryBIOProtocol`` and uses private
-attributes of it and of pyOpenSSL's ``Connection`` (:data:`TWISTED_INTERNALS`,
-:data:`PYOPENSSL_INTERNALS`); tests/test_tls_transport.py checks that they still exist and
-behave, so a release that changes them fails the tests rather than the server.
+This overrides two private methods of Twisted's ``TLSMemoryBIOProtocol`` and uses four private
+attributes (:data:`TWISTED_INTERNALS`); tests/test_tls_transport.py checks that they still exist
+and behave, so a Twisted release that changes them fails the tests rather than the server.
 """
 
 from __future__ import annotations
-
-from typing import Iterable, Iterator, List, Union
 
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
@@ -42,11 +32,7 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import (
-    BufferingTLSTransport,
-    TLSMemoryBIOFactory,
-    _AggregateSmallWrites,
-)
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -72,20 +58,11 @@ _IN = _ffi.new("char[]", SCRATCH_IN_SIZE)
 TWISTED_INTERNALS = (
     "_write",
     "_flushSendBIO",
-    "_flushReceiveBIO",
     "_bufferedWrite",
     "_tlsShutdownFinished",
-    "_shutdownTLS",
     "_tlsConnection",
     "_lostTLSConnection",
-    "_aborted",
-    "_aggregator",
-    "_producer",
 )
-
-#: The private parts of pyOpenSSL's ``SSL.Connection`` used here (with its cffi bindings,
-#: ``OpenSSL._util.ffi`` and ``lib``).
-PYOPENSSL_INTERNALS = ("_ssl", "_from_ssl", "_raise_ssl_error")
 
 
 class BulkTLSProtocol(BufferingTLSTransport):
@@ -123,45 +100,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
                 self._flushSendBIO()
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
-
-    def writeSequence(self, sequence: Iterable[bytes]) -> None:
-        # A frame is a header and a payload: Twisted joins them (a copy of the whole payload)
-        # before encrypting; records are cut from the pieces instead, copying only what spans
-        # two of them. Small writes are still aggregated as Twisted does.
-        pieces = list(sequence)
-        if sum(map(len, pieces)) < _AggregateSmallWrites.MAX_BUFFER_SIZE:
-            super().writeSequence(pieces)
-            return
-        self._aggregator.flush()  # what was aggregated before goes first
-        if self.disconnecting and self._producer is None:
-            return  # as TLSMemoryBIOProtocol.write: dropped after loseConnection
-        self._write_pieces(pieces)
-
-    def _write_pieces(self, pieces: List[bytes]) -> None:
-        if self._lostTLSConnection:
-            return
-        connection = self._tlsConnection
-        ssl = connection._ssl
-        filled = 0
-        records = _records(pieces)
-        for record in records:
-            with _ffi.from_buffer(record) as source:
-                written = _lib.SSL_write(ssl, source, len(record))
-            if written <= 0:
-                if filled:
-                    self._send(filled)
-                rest = b"".join([bytes(record), *map(bytes, records)])
-                try:
-                    connection._raise_ssl_error(ssl, written)
-                except SSL.WantReadError:
-                    self._bufferedWrite(rest)
-                    self._flushSendBIO()
-                except SSL.Error:
-                    self._tlsShutdownFinished(Failure())
-                return
-            filled = self._gather(filled)
-        if filled:
-            self._send(filled)
 
     def _gather(self, filled: int) -> int:
         """Move the records waiting in the send BIO into the scratch buffer after its first
@@ -246,30 +184,3 @@ def _wrapped_protocol(tls: IProtocol) -> IProtocol:
     """The application's protocol inside a connected TLS one."""
     wrapped: IProtocol = tls.wrappedProtocol  # type: ignore[attr-defined]
     return wrapped
-
-
-def _records(pieces: List[bytes]) -> Iterator[Union[bytes, bytearray, memoryview]]:
-    """The concatenation of ``pieces`` in slices of :data:`MAX_SSL_WRITE` bytes (the last one
-    shorter): views into the pieces, or a copy where a slice spans two pieces."""
-    carry = bytearray()
-    last = len(pieces) - 1
-    for index, piece in enumerate(pieces):
-        view = memoryview(piece)
-        start = 0
-        if carry:
-            start = min(len(view), MAX_SSL_WRITE - len(carry))
-            carry += view[:start]
-            if len(carry) < MAX_SSL_WRITE:
-                continue
-            yield carry
-            carry = bytearray()
-        while len(view) - start >= MAX_SSL_WRITE:
-            yield view[start : start + MAX_SSL_WRITE]
-            start += MAX_SSL_WRITE
-        if start < len(view):
-            if index == last:
-                yield view[start:]
-            else:
-                carry += view[start:]
-    if carry:
-        yield carry

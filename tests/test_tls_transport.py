@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import given
-from hypothesis import strategies as st
-from OpenSSL import SSL, _util
+from OpenSSL import SSL
 from twisted.internet import protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -80,20 +78,8 @@ class TwistedInternalsTests(SynchronousTestCase):
         self.assertIsInstance(pair.server_tls, tls_transport.BulkTLSProtocol)
         self.assertIsInstance(pair.server_tls._tlsConnection, SSL.Connection)
         self.assertIs(pair.server_tls._lostTLSConnection, False)
-        for name in (
-            "_write",
-            "_flushSendBIO",
-            "_flushReceiveBIO",
-            "_bufferedWrite",
-            "_tlsShutdownFinished",
-            "_shutdownTLS",
-        ):
+        for name in ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished"):
             self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name)), name)
-        for name in tls_transport.PYOPENSSL_INTERNALS:
-            self.assertTrue(hasattr(pair.server_tls._tlsConnection, name), name)
-        self.assertTrue(callable(_util.lib.SSL_write))
-        self.assertTrue(callable(_util.lib.SSL_read))
-        self.assertTrue(callable(_util.lib.BIO_read))
 
 
 class BulkWriteTests(SynchronousTestCase):
@@ -146,38 +132,3 @@ class BulkWriteTests(SynchronousTestCase):
         pair.server_tls._lostTLSConnection = True
         pair.server_tls._write(b"z" * 100000)
         self.assertEqual(pair.writes, [])
-
-
-class ScatterWriteTests(SynchronousTestCase):
-    """writeSequence cuts records from the pieces (a frame's header and payload) without joining
-    them: the same plaintext, in order, behind anything aggregated before."""
-
-    @given(st.lists(st.integers(min_value=0, max_value=40000), max_size=6))
-    def test_records_are_the_concatenation_in_16k_slices(self, sizes) -> None:
-        pieces = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
-        joined = b"".join(pieces)
-        records = [bytes(r) for r in tls_transport._records(pieces)]
-        self.assertEqual(b"".join(records), joined)
-        size = tls_transport.MAX_SSL_WRITE
-        self.assertEqual(
-            [len(r) for r in records],
-            [len(joined[i : i + size]) for i in range(0, len(joined), size)],
-        )
-
-    def test_a_frame_arrives_intact_after_small_writes(self) -> None:
-        pair = _Pair(self)
-        pair.server_tls.write(b"small-")  # aggregated until the next turn
-        frames = codec.data_frames(3, os.urandom(stream.ORIGIN_READ_SIZE))
-        pair.server_tls.writeSequence(frames)
-        self.assertEqual(len(pair.writes), 2)  # the small write, then the frame's records
-        pair.pump.flush()
-        self.assertEqual(pair.client.received, b"small-" + b"".join(frames))
-
-    def test_after_lose_connection_a_frame_is_dropped(self) -> None:
-        """As Twisted's write: after loseConnection (no producer) the bytes are not sent."""
-        pair = _Pair(self)
-        pair.server_tls.write(b"before")
-        pair.server_tls.loseConnection()
-        pair.server_tls.writeSequence([b"h" * 7, b"p" * 70000])
-        pair.pump.flush()
-        self.assertEqual(pair.client.received, b"before")
