@@ -1,23 +1,30 @@
-"""Twisted's TLS transport, with one write to the TCP transport per application write.
+"""Twisted's TLS transport, with one send to the socket per application write.
 
 Twisted's ``TLSMemoryBIOProtocol._write`` cuts every write into 16 KiB slices (copying each),
 and for each slice calls pyOpenSSL's ``send`` (``SSL_write``), ``bio_read`` and the TCP
-transport's ``write``. :class:`BulkTLSProtocol` keeps the one ``SSL_write`` per 16 KiB record,
-slices with a memoryview instead of copying, and hands the records of one application write to
-the TCP transport in a single ``writeSequence``. The bytes on the wire are the same records.
+transport's ``write``, which sends on the reactor's next turn. :class:`BulkTLSProtocol` keeps
+the one ``SSL_write`` per 16 KiB record, but:
 
-It takes less server CPU per GiB downloaded than Twisted's transport (figures in
-docs/performance.md, "Why the code is shaped this way").
+* calls ``SSL_write``, ``BIO_read`` and ``SSL_read`` through pyOpenSSL's own cffi bindings,
+  without its per-call wrappers (a fresh buffer per call, a copy of it, error checks that only
+  matter on failure, which still goes through pyOpenSSL's ``_raise_ssl_error``);
+* gathers the records of one write in a scratch buffer and sends them at once
+  (:func:`.writethrough.write_through_copy`: no reactor turn, no ``epoll_ctl``).
+
+The bytes on the wire are the same records. Each step's measured effect is in
+docs/performance.md ("Why the code is shaped this way").
 
 Tried and not kept: more than one record per ``SSL_write`` (clearing pyOpenSSL's
 ``SSL_MODE_ENABLE_PARTIAL_WRITE``). OpenSSL's memory BIO never gives memory back, so every
 session would keep a buffer as large as its largest write, for no CPU gain in the server.
+Cutting records straight from a frame's header and payload instead of joining them first: no
+gain measured (docs/performance.md).
 
-This overrides two private methods of Twisted's ``TLSMemoryBIOProtocol`` and uses four private
-attributes (:data:`TWISTED_INTERNALS`); tests/test_tls_transport.py checks that they still exist
-and behave, so a Twisted release that changes them fails the tests rather than the server.
+This overrides private methods of Twisted's ``TLSMemoryBIOProtocol`` and uses private
+attributes of it and of pyOpenSSL's ``Connection`` (:data:`TWISTED_INTERNALS`,
+:data:`PYOPENSSL_INTERNALS`); tests/test_tls_transport.py checks that they still exist and
+behave, so a release that changes them fails the tests rather than the server.
 """
-
 from __future__ import annotations
 
 from OpenSSL import SSL
@@ -58,11 +65,18 @@ _IN = _ffi.new("char[]", SCRATCH_IN_SIZE)
 TWISTED_INTERNALS = (
     "_write",
     "_flushSendBIO",
+    "_flushReceiveBIO",
     "_bufferedWrite",
     "_tlsShutdownFinished",
+    "_shutdownTLS",
     "_tlsConnection",
     "_lostTLSConnection",
+    "_aborted",
 )
+
+#: The private parts of pyOpenSSL's ``SSL.Connection`` used here (with its cffi bindings,
+#: ``OpenSSL._util.ffi`` and ``lib``).
+PYOPENSSL_INTERNALS = ("_ssl", "_from_ssl", "_raise_ssl_error")
 
 
 class BulkTLSProtocol(BufferingTLSTransport):

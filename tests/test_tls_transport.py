@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from OpenSSL import SSL
+from OpenSSL import SSL, _util
 from twisted.internet import protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -78,8 +78,19 @@ class TwistedInternalsTests(SynchronousTestCase):
         self.assertIsInstance(pair.server_tls, tls_transport.BulkTLSProtocol)
         self.assertIsInstance(pair.server_tls._tlsConnection, SSL.Connection)
         self.assertIs(pair.server_tls._lostTLSConnection, False)
-        for name in ("_write", "_flushSendBIO", "_bufferedWrite", "_tlsShutdownFinished"):
+        for name in (
+            "_write",
+            "_flushSendBIO",
+            "_flushReceiveBIO",
+            "_bufferedWrite",
+            "_tlsShutdownFinished",
+            "_shutdownTLS",
+        ):
             self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name)), name)
+        for name in tls_transport.PYOPENSSL_INTERNALS:
+            self.assertTrue(hasattr(pair.server_tls._tlsConnection, name), name)
+        for name in ("SSL_write", "SSL_read", "BIO_read"):
+            self.assertTrue(callable(getattr(_util.lib, name)), name)
 
 
 class BulkWriteTests(SynchronousTestCase):
