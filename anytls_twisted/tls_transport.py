@@ -25,6 +25,7 @@ attributes of it and of pyOpenSSL's ``Connection`` (:data:`TWISTED_INTERNALS`,
 :data:`PYOPENSSL_INTERNALS`); tests/test_tls_transport.py checks that they still exist and
 behave, so a release that changes them fails the tests rather than the server.
 """
+
 from __future__ import annotations
 
 from OpenSSL import SSL
