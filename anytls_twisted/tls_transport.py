@@ -73,6 +73,7 @@ TWISTED_INTERNALS = (
     "_tlsConnection",
     "_lostTLSConnection",
     "_aborted",
+    "_aggregator",
 )
 
 #: The private parts of pyOpenSSL's ``SSL.Connection`` used here (with its cffi bindings,
@@ -115,6 +116,10 @@ class BulkTLSProtocol(BufferingTLSTransport):
                 self._flushSendBIO()
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
+
+    def flush_aggregated(self) -> None:
+        """Encrypt and send the small writes held for the reactor's next turn now."""
+        self._aggregator.flush()
 
     def _gather(self, filled: int) -> int:
         """Move the records waiting in the send BIO into the scratch buffer after its first

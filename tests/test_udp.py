@@ -219,6 +219,19 @@ class ConnectModeTests(SynchronousTestCase):
         self.assertEqual(session.data, [])
         self.assertEqual(stream.datagrams_out, 0)
 
+    def test_replies_are_flushed_at_once(self):
+        """A reply is pushed through the TLS layer as it is relayed (a context that can flush
+        is asked to, once per reply), not held for the reactor's next turn."""
+        session = FakeSession()
+        flushed = []
+        session.flush = lambda: flushed.append(len(session.data))
+        stream = UoTStream(session, SID, Destination(MAGIC_V2, 0), 0.0, 2)
+        stream.start(V16_HEADER + CONNECT_PING)
+        port = session.port("0.0.0.0")
+        port.reply(b"pong", ("8.8.8.8", 53))
+        port.reply(b"pong", ("8.8.8.8", 53))
+        self.assertEqual(flushed, [1, 2])
+
     def test_domain_destination(self):
         header = unhex("01 03 0a") + b"dns.google" + unhex("00 35")
         session, stream = open_stream(
@@ -649,3 +662,25 @@ class QuietPortTests(SynchronousTestCase):
         from twisted.python import log
 
         self.assertIs(udp.log, log)
+
+
+class QuietPortWriteTests(SynchronousTestCase):
+    """QuietUDPPort.write sends straight to the socket (the stream checked the address)."""
+
+    def test_sends_and_reports_a_datagram_too_long(self):
+        import socket
+
+        from twisted.internet import error, reactor
+
+        from anytls_twisted.server.udp import listen_udp
+
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(receiver.close)
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(5)
+        port = listen_udp(reactor)(0, DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(port.connectionLost)
+        port.write(b"ping", receiver.getsockname())
+        self.assertEqual(receiver.recvfrom(16)[0], b"ping")
+        with self.assertRaises(error.MessageLengthError):
+            port.write(b"x" * 70000, receiver.getsockname())

@@ -83,6 +83,12 @@ class SessionContext(ContextShell):
         if frames:
             self._session.transport.writeSequence(frames)
 
+    def flush(self) -> None:
+        """Send what the TLS layer holds back for the reactor's next turn now (UDP replies)."""
+        flush = getattr(self._session.transport, "flush_aggregated", None)
+        if flush is not None:
+            flush()
+
     def end(self, stream: IStream, reason: str, error: Optional[str] = None) -> None:
         session = self._session
         if not session.machine.detach(stream.sid, stream):

@@ -10,6 +10,8 @@ are dropped and counted.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import ipaddress
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -21,6 +23,7 @@ from twisted.python.failure import Failure
 from .. import logs
 from ..logs import get_logger
 from ..protocol.address import (
+    CACHE_SIZE,
     AddressError,
     Destination,
     IPAddress,
@@ -40,10 +43,17 @@ MAX_QUEUED_PER_NAME = 16
 MAX_DATAGRAM = 65535
 
 
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def _unmap(ip: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 as IPv4 (memoised, bounded: it runs for every datagram)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+#: The text of an address, memoised and bounded (``str`` of an ``ipaddress`` object builds it
+#: anew each time, and every datagram needs it).
+_text = functools.lru_cache(maxsize=CACHE_SIZE)(str)
 
 
 class _QuietLog:
@@ -84,6 +94,17 @@ class QuietUDPPort(udp.Port):
     def connectionLost(self, reason: Any = None) -> None:
         with _quiet():
             super().connectionLost(reason)
+
+    def write(self, datagram: bytes, addr: Any = None) -> None:
+        """Send to an address the stream has already parsed and checked: Twisted's ``write``
+        parses the address text again, twice, for every datagram."""
+        try:
+            self.socket.sendto(datagram, addr)
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                raise error.MessageLengthError("message too long") from None
+            if e.errno != errno.ECONNREFUSED:  # an earlier datagram's ICMP; nothing to do
+                raise
 
 
 def listen_udp(reactor: Any) -> Callable[..., QuietUDPPort]:
@@ -154,6 +175,13 @@ class UoTStream(BaseStream):
         self._resolving: Dict[str, List[Tuple[int, bytes]]] = {}
         self._paused = False
         self._timer = None
+        # Replies leave at once, not on the reactor's next turn: a round trip waits on them.
+        self._flush: Optional[Callable[[], None]] = getattr(context, "flush", None)
+
+    def relay(self, data: bytes) -> None:
+        super().relay(data)
+        if self._flush is not None:
+            self._flush()
 
     # IStream.
     def start(self, data: bytes = b"") -> None:
@@ -261,7 +289,7 @@ class UoTStream(BaseStream):
         if port is None:
             return
         try:
-            port.write(payload, (str(ip), dest.port))
+            port.write(payload, (_text(ip), dest.port))
         except (OSError, error.MessageLengthError, error.InvalidAddressError) as e:
             self._drop(dest, str(e) or e.__class__.__name__)
 
@@ -403,7 +431,7 @@ class UoTStream(BaseStream):
         ip = parse_ip(addr[0])
         if ip is None or len(data) > 0xFFFF:
             return
-        source = Destination(str(_unmap(ip)), addr[1])
+        source = Destination(_text(_unmap(ip)), addr[1])
         if self.connect and (
             self._connect_target() != source.ip or source.port != self._request.port
         ):
