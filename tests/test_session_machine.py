@@ -260,8 +260,12 @@ class ServerRulesTests(SynchronousTestCase):
         frame = machine.synack(1, V10_ERR_TEXT.decode())
         self.assertEqual(FrameDecoder().feed(frame), [Frame(Command.SYNACK, 1, V10_ERR_TEXT)])
         pieces = machine.data(1, b"x" * 70000)
-        self.assertEqual(len(pieces), 4)  # two frames: 65535 + 4465 bytes
+        decoded = FrameDecoder().feed(b"".join(pieces))  # two frames: 65535 + 4465 bytes
+        self.assertEqual([len(f.data) for f in decoded], [65535, 4465])
         self.assertEqual(machine.bytes_out - before, len(frame) + 70000 + 14)
+        before = machine.bytes_out
+        machine.data(1, b"y" * 100)
+        self.assertEqual(machine.bytes_out - before, 100 + 7)
         self.assertEqual(machine.fin(1), V11[0])
 
     def test_reload_check(self):

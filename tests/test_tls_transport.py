@@ -124,18 +124,20 @@ class BulkWriteTests(SynchronousTestCase):
         pair.pump.flush()
         self.assertEqual(pair.client.received, b"x" * 65542)
 
-    def test_full_origin_read_does_not_pause(self) -> None:
-        """One full origin read, framed and encrypted, stays under Twisted's 64 KiB pause
-        threshold, so a single read does not pause the session's origins."""
+    def test_full_origin_read_is_one_tls_write(self) -> None:
+        """One full origin read (four frames) reaches the TLS layer as one piece, and its
+        records leave in as few writes as the scratch buffer allows, intact."""
         pair = _Pair(self)
-        frame = b"".join(codec.data_frames(1, b"y" * stream.ORIGIN_READ_SIZE))
-        pair.server_tls.writeSequence([frame])
-        self.assertEqual(len(pair.writes), 1)
-        self.assertLessEqual(sum(pair.writes[0]), 65536)
-        self.assertLessEqual(stream.ORIGIN_READ_SIZE, codec.MAX_DATA)
-        # The worst case over TLS versions: 29 bytes per record (TLS 1.2 AES-GCM).
-        records = -(-(stream.ORIGIN_READ_SIZE + codec.HEADER_SIZE) // 16384)
-        self.assertLessEqual(stream.ORIGIN_READ_SIZE + codec.HEADER_SIZE + 29 * records, 65536)
+        payload = os.urandom(stream.ORIGIN_READ_SIZE)
+        frames = codec.data_frames(1, payload)
+        self.assertEqual(len(frames), 1)
+        pair.server_tls.writeSequence(frames)
+        records = -(-len(frames[0]) // tls_transport.MAX_SSL_WRITE)
+        per_send = tls_transport.SCRATCH_SIZE // tls_transport.RECORD_ROOM
+        self.assertEqual(len(pair.writes), -(-records // per_send))
+        pair.pump.flush()
+        decoded = codec.FrameDecoder().feed(pair.client.received)
+        self.assertEqual(b"".join(f.data for f in decoded), payload)
 
     def test_connection_lost_mid_stream(self) -> None:
         """After the TLS connection is lost, writes are dropped instead of raising."""
@@ -143,3 +145,25 @@ class BulkWriteTests(SynchronousTestCase):
         pair.server_tls._lostTLSConnection = True
         pair.server_tls._write(b"z" * 100000)
         self.assertEqual(pair.writes, [])
+
+
+class OriginBufferTests(SynchronousTestCase):
+    """Origins are read four frames at a time, but what waits to be written to one still
+    pauses the client's session at Twisted's usual 64 KiB."""
+
+    def test_read_size_and_write_high_water(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.abstract import FileDescriptor
+
+        class Transport(FileDescriptor):
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                pass
+
+        transport = Transport(reactor)
+        origin = stream._OriginProtocol(None)  # type: ignore[arg-type]
+        origin.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, 4 * codec.MAX_DATA)
+        transport._tempDataLen = stream.ORIGIN_WRITE_HIGH_WATER
+        self.assertFalse(transport._isSendBufferFull())
+        transport._tempDataLen += 1
+        self.assertTrue(transport._isSendBufferFull())

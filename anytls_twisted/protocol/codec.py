@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 HEADER = struct.Struct(">BIH")
 HEADER_SIZE = HEADER.size  # 7
@@ -54,17 +54,19 @@ def encode_frame(cmd: int, sid: int, data: bytes = b"") -> bytes:
 
 
 def data_frames(sid: int, data: bytes) -> List[bytes]:
-    """PSH frames for ``data`` as a list for ``writeSequence``: header, chunk, header, chunk...
-
-    Chunks are at most 65535 bytes; a Twisted read can be 65536 bytes, one too many.
-    """
-    out: List[bytes] = []
+    """PSH frames for ``data`` as a list for ``writeSequence``: the header and ``data`` itself
+    when one frame holds it (no copy); else every frame joined in one piece (chunks of at most
+    65535 bytes; the server reads origins four frames at a time), the one copy the TLS layer
+    would otherwise make joining them."""
+    if len(data) <= MAX_DATA:
+        return [HEADER.pack(Command.PSH, sid, len(data)), data]
+    parts: List[Any] = []
     view = memoryview(data)
     for offset in range(0, len(data), MAX_DATA):
         chunk = view[offset : offset + MAX_DATA]
-        out.append(HEADER.pack(Command.PSH, sid, len(chunk)))
-        out.append(bytes(chunk) if len(data) > MAX_DATA else data)
-    return out
+        parts.append(HEADER.pack(Command.PSH, sid, len(chunk)))
+        parts.append(chunk)
+    return [b"".join(parts)]  # one copy of the payload, as the TLS layer would make anyway
 
 
 class FrameDecoder:

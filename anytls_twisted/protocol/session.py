@@ -321,7 +321,7 @@ class SessionMachine(Generic[S]):
         if self.state is State.CLOSED:
             return []
         frames = data_frames(sid, data)
-        self.bytes_out += len(data) + HEADER_SIZE * (len(frames) // 2)
+        self.bytes_out += len(data) + HEADER_SIZE * -(-len(data) // MAX_DATA)
         return frames
 
     def fin(self, sid: int) -> bytes:
