@@ -213,12 +213,13 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(self.client.transport.no_delay)
         self.assertTrue(transport.no_delay)
 
-    def test_origin_reads_one_frame_at_a_time(self):
-        """Origins are read at most one frame at a time (see stream.ORIGIN_READ_SIZE)."""
+    def test_origin_reads_four_frames_at_a_time(self):
+        """Origins are read four whole frames at a time (see stream.ORIGIN_READ_SIZE), and a
+        full read reaches the client as four frames in one write."""
         open_stream(self.client)
         _, transport = self.server.origin_connect()
         self.assertEqual(transport.bufferSize, stream.ORIGIN_READ_SIZE)
-        self.assertLessEqual(stream.ORIGIN_READ_SIZE, codec.MAX_DATA)
+        self.assertEqual(stream.ORIGIN_READ_SIZE, 4 * codec.MAX_DATA)
 
     def test_connect_failure(self):
         """A refused connect gets SYNACK with Go's error text (V10), then FIN."""
