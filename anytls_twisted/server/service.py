@@ -23,7 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from .. import memory, tls
 from ..endpoints import HAPROXY, EndpointString
 from ..logs import get_logger
-from ..metrics import NULL_METRICS
+from ..nullmetrics import NULL_METRICS
 from ..protocol.liveness import Liveness
 from ..protocol.session import State
 from .admission import Admission, AdmissionFactory, AdmittingProxyFactory
