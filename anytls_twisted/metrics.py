@@ -26,6 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
 
+from .nullmetrics import NULL_METRICS, NullMetrics, check_endpoint
+
 #: Label values known in advance, exported as 0 from the start.
 AUTH_FAILURE_REASONS = ("wrong_password", "timeout")
 #: Why a connection went to the fallback (protocol/fallback.py REASONS).
@@ -41,50 +43,6 @@ LIMITS = ("connection_rate", "sessions", "sessions_per_user", "streams", "stream
 #: SYNACK latency buckets (seconds): loopback connects up to the guard (2 s) and the connect
 #: timeout (5 s).
 SYNACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0)
-
-
-class NullMetrics:
-    """The metrics interface, doing nothing: the default when ``--metrics`` is not given."""
-
-    def session_opened(self, session) -> None:
-        """A session authenticated."""
-
-    def session_closed(self, session) -> None:
-        """A session ended (ignored for sessions that never authenticated)."""
-
-    def auth_failed(self, reason: str) -> None:
-        """A connection failed authentication: ``wrong_password`` or ``timeout``."""
-
-    def fallback(self, reason: str) -> None:
-        """A connection that failed authentication was handed to the fallback."""
-
-    def stream_opened(self, stream) -> None:
-        """A TCP or UoT stream was created (its destination address has arrived)."""
-
-    def stream_closed(self, stream) -> None:
-        """A stream ended (ignored for streams never opened, e.g. a refused bad address)."""
-
-    def synack_sent(self, stream, error: str = "") -> None:
-        """A stream's one SYNACK: success (empty, guard SYNACKs included) or ``error``."""
-
-    def connect_failed(self, reason: str) -> None:
-        """An origin connect failed; ``policy`` also counts a refused TCP destination."""
-
-    def destination_refused(self, kind: str) -> None:
-        """The destination policy refused a destination (``udp``: one datagram)."""
-
-    def session_reaped(self, reason: str = "idle") -> None:
-        """The reaper closed a session: ``idle`` or ``heartbeat`` (no answer)."""
-
-    def heartbeat_sent(self) -> None:
-        """The reaper asked a silent idle session with a heartbeat."""
-
-    def limit_refused(self, limit: str) -> None:
-        """An abuse limit refused a connection, session or stream (``LIMITS``)."""
-
-
-#: The shared do-nothing instance.
-NULL_METRICS = NullMetrics()
 
 
 class Metrics(NullMetrics):
@@ -399,11 +357,14 @@ def metrics_service(description: str, metrics: HasRegistry, running: Callable[[]
     return strports.service(description, metrics_site(metrics, running), reactor=reactor)
 
 
-def check_endpoint(description: str) -> None:
-    """Raise ``ValueError`` if ``description`` is not a server endpoint string we can build."""
-    from twisted.internet import endpoints, reactor
-
-    try:
-        endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise ValueError(str(e) or e.__class__.__name__) from None
+__all__ = [
+    "NULL_METRICS",
+    "HealthPage",
+    "Metrics",
+    "MetricsPage",
+    "NullMetrics",
+    "check_endpoint",
+    "metrics_resource",
+    "metrics_service",
+    "metrics_site",
+]

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 
 from twisted.python import usage
 
-from .. import endpoints, logs, metrics
+from .. import endpoints, logs, nullmetrics
 from .._version import __version__
 from ..cli import number_option
 from ..singbox import ConfigFileError
@@ -132,7 +132,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen {description!r}: {e}") from None
         if self["metrics"] is not None:
             try:
-                metrics.check_endpoint(self["metrics"])
+                nullmetrics.check_endpoint(self["metrics"])
             except ValueError as e:
                 raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
         if not self["server"] and not self["config"]:

@@ -31,7 +31,7 @@ from zope.interface import implementer
 from .. import logs
 from ..interfaces import IStream, IStreamContext
 from ..logs import get_logger
-from ..metrics import NullMetrics
+from ..nullmetrics import NullMetrics
 from ..protocol import session as machine
 from ..protocol.address import encode_socks_address
 from ..protocol.padding import CHECK_MARK, PaddingScheme, PaddingWriter

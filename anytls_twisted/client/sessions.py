@@ -42,7 +42,7 @@ from ..interfaces import IStream
 from ..logs import get_logger
 from ..protocol.liveness import Liveness
 from ..protocol.padding import DEFAULT_SCHEME, PaddingScheme
-from .metrics import CLIENT_NULL_METRICS, ClientNullMetrics, dial_failure_reason, session_end
+from .nullmetrics import CLIENT_NULL_METRICS, ClientNullMetrics, dial_failure_reason, session_end
 from .pool import CloseSession, Pool, ResetStream, Watchdog
 from .servers import RETRY_DELAYS, ServerHealth, Servers
 from .session import ClientSessionProtocol, SessionOwner

@@ -18,7 +18,6 @@ from twisted.application import service, strports
 from twisted.python import usage
 
 from .. import endpoints, logs, sighup
-from ..metrics import metrics_service
 from ..protocol.address import parse_ip
 from ..protocol.liveness import Liveness
 from ..singbox import ConfigFileError
@@ -27,7 +26,7 @@ from .configfile import load_file
 from .connect import route, server_label, tls_creator
 from .local import LocalProxyFactory
 from .localauth import ProxyUsers, ProxyUsersError
-from .metrics import CLIENT_NULL_METRICS, ClientMetrics, ClientNullMetrics
+from .nullmetrics import CLIENT_NULL_METRICS, ClientNullMetrics
 from .options import Options
 from .pool import Pool
 from .sessions import SessionManager
@@ -148,6 +147,11 @@ class ClientService(service.MultiService):
         self.metrics: ClientNullMetrics = CLIENT_NULL_METRICS
         self.metrics_listener: Optional[service.Service] = None
         if metrics_endpoint is not None:
+            # Imported only with --metrics: prometheus_client and twisted.web cost RSS
+            # (docs/performance.md, "Idle memory"); a reload cannot turn metrics on.
+            from ..metrics import metrics_service
+            from .metrics import ClientMetrics
+
             self.metrics = live = ClientMetrics()
             # The first child, so stopped last: /healthz answers 503 while the rest stops,
             # and while no server is up.

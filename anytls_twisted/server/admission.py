@@ -29,7 +29,7 @@ from twisted.protocols import policies
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 
 from ..logs import get_logger, plural
-from ..metrics import NULL_METRICS
+from ..nullmetrics import NULL_METRICS
 from . import limits
 from .settings import RATE_LIMIT_SOURCES, Limits, LiveConfig
 

@@ -10,17 +10,19 @@ certificate, the client configuration), so a port in use ends twistd with its on
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from twisted.application import service
 from twisted.internet.protocol import Factory
 
 from .. import clientconfig, logs, tls
-from ..metrics import Metrics, metrics_service
 from . import workers
 from .reload import Reloader
 from .service import AnyTLSService, Listener
 from .settings import LiveConfig, PortTLS, Settings
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 # Start-up events keep the namespace of ``twistd anytls`` (docs/logging.md).
 _log = logs.get_logger("anytls_twisted.tap")
@@ -57,7 +59,13 @@ class AnyTLSServer(AnyTLSService):
     def __init__(self, settings: Settings, reactor: Any, reload: Callable[[], Settings]) -> None:
         """``reload`` loads the settings again (from the saved options) for the reloader."""
         live = LiveConfig(settings.config, settings.ports)
-        metrics = Metrics() if settings.metrics is not None else None
+        metrics: Optional[Metrics] = None
+        if settings.metrics is not None:
+            # Imported only with --metrics: prometheus_client and twisted.web cost about 5 MiB
+            # of RSS (docs/performance.md, "Idle memory"). A reload cannot turn metrics on.
+            from ..metrics import Metrics, metrics_service
+
+            metrics = Metrics()
         super().__init__(live, _listeners(settings, live, reactor), reactor, metrics=metrics)
         self.settings = settings
         self._reactor = reactor

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import attr
 from twisted.python import usage
 
-from .. import certs, clientconfig, metrics, tls
+from .. import certs, clientconfig, nullmetrics, tls
 from ..protocol.address import DestinationPolicy
 from ..protocol.auth import UserTable
 from ..protocol.fallback import FallbackRoutes
@@ -180,7 +180,7 @@ def _public_address(text: Optional[str]) -> Optional[Tuple[str, Optional[int]]]:
 def _metrics(endpoint: Optional[str], index: int) -> Optional[str]:
     if endpoint is not None:
         with _reported(f"--metrics {endpoint}: "):
-            metrics.check_endpoint(endpoint)
+            nullmetrics.check_endpoint(endpoint)
     with _reported():
         return workers.metrics_for(endpoint, index)  # this process's: worker i, port plus i
 
