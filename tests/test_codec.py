@@ -129,6 +129,10 @@ class DataFrameTests(SynchronousTestCase):
         self.assertTrue(all(f.cmd == Command.PSH and f.sid == 9 for f in frames))
         self.assertEqual(b"".join(f.data for f in frames), data)
 
+    def test_no_data_no_frame(self):
+        """Nothing to send is no frame at all (an empty PSH is not sent)."""
+        self.assertEqual(codec.data_frames(1, b""), [])
+
     def test_65536_byte_read(self):
         """A full 65536-byte reactor read becomes two frames, never a wrapped length."""
         frames = FrameDecoder().feed(b"".join(codec.data_frames(1, b"a" * 65536)))

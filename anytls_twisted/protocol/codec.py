@@ -58,6 +58,8 @@ def data_frames(sid: int, data: bytes) -> List[bytes]:
     when one frame holds it (no copy); else every frame joined in one piece (chunks of at most
     65535 bytes; the server reads origins four frames at a time), the one copy the TLS layer
     would otherwise make joining them."""
+    if not data:
+        return []
     if len(data) <= MAX_DATA:
         return [HEADER.pack(Command.PSH, sid, len(data)), data]
     parts: List[Any] = []
