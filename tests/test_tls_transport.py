@@ -14,7 +14,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from anytls_twisted import certs, tls, tls_transport
+from anytls_twisted import certs, readsize, tls, tls_transport
 from anytls_twisted.protocol import codec
 from anytls_twisted.server import stream
 
@@ -163,6 +163,8 @@ class OriginBufferTests(SynchronousTestCase):
         origin = stream._OriginProtocol(None)  # type: ignore[arg-type]
         origin.makeConnection(transport)
         self.assertEqual(transport.bufferSize, 4 * codec.MAX_DATA)
+        for name in readsize.TWISTED_INTERNALS:
+            self.assertTrue(hasattr(transport, name), name)
         transport._tempDataLen = stream.ORIGIN_WRITE_HIGH_WATER
         self.assertFalse(transport._isSendBufferFull())
         transport._tempDataLen += 1

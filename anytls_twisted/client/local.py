@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from ..logs import get_logger
 from ..protocol.address import Destination
+from ..readsize import read_frames_at_once
 from . import httpproxy, socks
 from .sessions import SessionManager
 from .stream import ClientStream, LocalSide
@@ -51,6 +52,9 @@ class LocalProxyProtocol(Protocol, LocalSide):
         self._socks: Optional[socks.SocksServer] = None
         self._http: Optional[httpproxy.RequestParser] = None
         self._http_connect = False
+
+    def connectionMade(self) -> None:
+        read_frames_at_once(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.stream is not None and self._socks is None and self._http is None:

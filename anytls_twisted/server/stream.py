@@ -10,7 +10,6 @@ context to pause the peer, and the session stops reading TLS until no stream nee
 
 from __future__ import annotations
 
-import functools
 from typing import Any, List, Optional
 
 from twisted.internet import defer
@@ -22,7 +21,7 @@ from .. import logs
 from ..interfaces import IStream
 from ..logs import get_logger
 from ..protocol.address import Destination
-from ..protocol.codec import MAX_DATA
+from ..readsize import READ_SIZE, WRITE_HIGH_WATER, read_frames_at_once
 from ..session_shell import PeerProducer
 from ..writethrough import write_through
 from .dialer import DialError
@@ -96,18 +95,11 @@ def no_delay(transport: Any) -> None:
             pass
 
 
-#: Bytes per origin read: four frames' worth, so one reactor event and one pass through the
-#: relay and the TLS layer carry up to four frames (docs/performance.md, "Why the code is
-#: shaped this way").
-ORIGIN_READ_SIZE = 4 * MAX_DATA
+#: Bytes per origin read (:mod:`anytls_twisted.readsize`).
+ORIGIN_READ_SIZE = READ_SIZE
 
-#: Bytes queued for an origin before the client's session is paused: Twisted's default, which
-#: the larger read size above would otherwise raise (Twisted uses one figure for both).
-ORIGIN_WRITE_HIGH_WATER = 64 * 1024
-
-
-def _origin_send_buffer_full(transport: Any) -> bool:
-    return bool(len(transport.dataBuffer) + transport._tempDataLen > ORIGIN_WRITE_HIGH_WATER)
+#: Bytes queued for an origin before the client's session is paused.
+ORIGIN_WRITE_HIGH_WATER = WRITE_HIGH_WATER
 
 
 class _OriginProtocol(Protocol):
@@ -120,12 +112,7 @@ class _OriginProtocol(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = ORIGIN_READ_SIZE
-            if hasattr(self.transport, "_isSendBufferFull"):
-                self.transport._isSendBufferFull = functools.partial(
-                    _origin_send_buffer_full, self.transport
-                )
+        read_frames_at_once(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.stream.relay(data)
