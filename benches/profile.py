@@ -31,6 +31,7 @@ OURS = {
 }
 SYSCALLS = (
     "send",
+    "sendmsg",
     "recv",
     "sendto",
     "recvfrom",
