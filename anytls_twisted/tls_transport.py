@@ -40,7 +40,7 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -121,12 +121,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
         """Encrypt and send the small writes held for the reactor's next turn now."""
         self._aggregator.flush()
 
-    def write_now(self, data: bytes) -> None:
-        """Encrypt and send ``data`` now, after anything held for the reactor's next turn
-        (a datagram: a round trip waits on it), without scheduling a turn of its own."""
-        self._aggregator.flush()
-        TLSMemoryBIOProtocol.write(self, data)
-
     def _gather(self, filled: int) -> int:
         """Move the records waiting in the send BIO into the scratch buffer after its first
         ``filled`` bytes (sending the buffer first when it has no room for a record);
@@ -163,8 +157,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, _ffi.buffer(_IN, got)[:])
                 continue
-            if _lib.SSL_get_error(ssl, got) == _lib.SSL_ERROR_WANT_READ:
-                break  # the usual end: every record read (pyOpenSSL would raise and catch)
             try:
                 connection._raise_ssl_error(ssl, got)
             except SSL.WantReadError:

@@ -169,18 +169,3 @@ class OriginBufferTests(SynchronousTestCase):
         self.assertFalse(transport._isSendBufferFull())
         transport._tempDataLen += 1
         self.assertTrue(transport._isSendBufferFull())
-
-
-class WriteNowTests(SynchronousTestCase):
-    def test_sent_at_once_after_what_was_held(self) -> None:
-        """write_now (datagrams) sends without waiting for the reactor's next turn, after the
-        small writes held before it, and schedules nothing of its own."""
-        pair = _Pair(self)
-        pair.server_tls.write(b"held-")
-        pending = len(pair.clock.getDelayedCalls())
-        self.assertEqual(pair.writes, [])
-        pair.server_tls.write_now(b"now")
-        self.assertEqual(len(pair.writes), 2)  # the held bytes' record, then this one's
-        self.assertLessEqual(len(pair.clock.getDelayedCalls()), pending)
-        pair.pump.flush()
-        self.assertEqual(pair.client.received, b"held-now")

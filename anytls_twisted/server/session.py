@@ -83,18 +83,11 @@ class SessionContext(ContextShell):
         if frames:
             self._session.transport.writeSequence(frames)
 
-    def write_now(self, stream: IStream, data: bytes) -> None:
-        """:meth:`write`, sent through TLS at once rather than on the reactor's next turn
-        (UDP replies: a round trip waits on them)."""
-        frames = self._session.machine.data(stream.sid, data)
-        if not frames:
-            return
-        transport = self._session.transport
-        write_now = getattr(transport, "write_now", None)
-        if write_now is not None:
-            write_now(b"".join(frames))
-        else:
-            transport.writeSequence(frames)
+    def flush(self) -> None:
+        """Send what the TLS layer holds back for the reactor's next turn now (UDP replies)."""
+        flush = getattr(self._session.transport, "flush_aggregated", None)
+        if flush is not None:
+            flush()
 
     def end(self, stream: IStream, reason: str, error: Optional[str] = None) -> None:
         session = self._session

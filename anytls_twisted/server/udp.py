@@ -176,16 +176,12 @@ class UoTStream(BaseStream):
         self._paused = False
         self._timer = None
         # Replies leave at once, not on the reactor's next turn: a round trip waits on them.
-        self._write_now: Optional[Callable[[Any, bytes], None]] = getattr(
-            context, "write_now", None
-        )
+        self._flush: Optional[Callable[[], None]] = getattr(context, "flush", None)
 
     def relay(self, data: bytes) -> None:
-        if self._write_now is None:
-            super().relay(data)
-        elif not self.closed and data:
-            self.bytes_out += len(data)
-            self._write_now(self, data)
+        super().relay(data)
+        if self._flush is not None:
+            self._flush()
 
     # IStream.
     def start(self, data: bytes = b"") -> None:
