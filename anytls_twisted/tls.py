@@ -40,6 +40,27 @@ from .tls_transport import BulkTLSFactory
 ALPN_NONE: Tuple[str, ...] = ()
 
 
+#: TLS 1.3 suites in the order Go's servers (sing-box's among them) choose on hardware with
+#: AES instructions: AES-128-GCM first. OpenSSL's default puts AES-256-GCM first, and with the
+#: server's preference (Twisted sets it) every session paid for the longer key on both ends
+#: (docs/performance.md, "Why the code is shaped this way"); the suite also shows in the
+#: ServerHello, so this answers as sing-box's server does.
+TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+#: TLS 1.2: the same order for Go's suites, then Twisted's default list.
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    b"ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:ECDH+AES256:DH+AES256:"
+    b"ECDH+AES128:DH+AES:RSA+AESGCM:RSA+AES:!aNULL:!MD5:!DSS"
+)
+
+#: OpenSSL's ``SSL_OP_PRIORITIZE_CHACHA`` (pyOpenSSL has no name for it): a client that lists
+#: ChaCha20-Poly1305 first (no AES instructions) gets it, as Go's servers do.
+OP_PRIORITIZE_CHACHA = 0x00200000
+
+
 class _ServerOptions(CertificateOptions):
     """``CertificateOptions`` that installs the certificate itself and whose ALPN select
     callback selects from ``alpn`` and otherwise selects nothing, instead of failing.
@@ -63,6 +84,9 @@ class _ServerOptions(CertificateOptions):
             context.add_extra_chain_cert(extra)
         context.check_privatekey()
         context.set_alpn_select_callback(self._select)  # replaces Twisted's setupForALPN one
+        context.set_tls13_ciphersuites(TLS13_SUITES)
+        context.set_cipher_list(TLS12_CIPHERS)
+        context.set_options(OP_PRIORITIZE_CHACHA)
         return context
 
     def _select(self, connection: SSL.Connection, offered: List[bytes]):
@@ -76,7 +100,7 @@ def server_tls_options(
     material: TLSMaterial, alpn: Sequence[str] = ALPN_NONE
 ) -> CertificateOptions:
     """Server-side TLS options (an ``IOpenSSLServerConnectionCreator``): TLS 1.2 minimum,
-    Twisted's default ciphers, ``material``'s certificate and chain, ALPN as described above."""
+    the cipher order above, ``material``'s certificate and chain, ALPN as described above."""
     return _ServerOptions(
         material, [p.encode("ascii") for p in alpn], raiseMinimumTo=TLSVersion.TLSv1_2
     )

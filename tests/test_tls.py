@@ -585,3 +585,57 @@ class ProxyHeaderTests(SynchronousTestCase):
         self.assertEqual(session.peer, "203.0.113.9:4242")
         self.assertEqual(server_proto.getPeer(), IPv4Address("TCP", "203.0.113.9", 4242))
         self.assertEqual(server_transport.getPeer(), self.HAPROXY_SIDE)  # the socket's own peer
+
+
+def _negotiated_cipher(server_options, tls13: bytes = b"", tls12: bytes = b"") -> str:
+    """The cipher a pyOpenSSL client offering ``tls13`` (or, TLS 1.2 only, ``tls12``) in that
+    order ends up with, handshaking in memory with ``server_options``."""
+    client_context = SSL.Context(SSL.TLS_METHOD)
+    client_context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+    if tls13:
+        client_context.set_tls13_ciphersuites(tls13)
+    if tls12:
+        client_context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        client_context.set_cipher_list(tls12)
+    server = SSL.Connection(server_options.getContext(), None)
+    server.set_accept_state()
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    for _ in range(10):
+        for side, other in ((client, server), (server, client)):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                other.bio_write(side.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    name = client.get_cipher_name()
+    assert name is not None, "no handshake"
+    return name
+
+
+class CipherOrderTests(SynchronousTestCase):
+    """The server chooses as Go's servers (sing-box's) do: AES-128-GCM over AES-256-GCM
+    whatever the client's order, ChaCha20 for a client that lists it first."""
+
+    def setUp(self) -> None:
+        cert_path, key_path = certs.ensure_self_signed(self.mktemp(), "localhost")
+        self.options = tls.server_tls_options(certs.load_certificate_files(cert_path, key_path))
+
+    def test_tls13(self) -> None:
+        aes256_first = b"TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
+        chacha_first = b"TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+        self.assertEqual(_negotiated_cipher(self.options, aes256_first), "TLS_AES_128_GCM_SHA256")
+        self.assertEqual(
+            _negotiated_cipher(self.options, chacha_first), "TLS_CHACHA20_POLY1305_SHA256"
+        )
+        only_256 = b"TLS_AES_256_GCM_SHA384"
+        self.assertEqual(_negotiated_cipher(self.options, only_256), "TLS_AES_256_GCM_SHA384")
+
+    def test_tls12(self) -> None:
+        offered = b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256"
+        self.assertEqual(
+            _negotiated_cipher(self.options, tls12=offered), "ECDHE-ECDSA-AES128-GCM-SHA256"
+        )
