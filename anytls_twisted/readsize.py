@@ -12,6 +12,7 @@ docs/performance.md ("Why the code is shaped this way"). Twisted uses one figure
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 from .protocol.codec import MAX_DATA
@@ -26,7 +27,10 @@ WRITE_HIGH_WATER = 64 * 1024
 TWISTED_INTERNALS = ("bufferSize", "dataBuffer", "_tempDataLen", "_isSendBufferFull")
 
 
-def _send_buffer_full(transport: Any) -> bool:
+def _send_buffer_full(ref: weakref.ref[Any]) -> bool:
+    transport = ref()  # weak: the transport holding this must not be kept alive by it
+    if transport is None:
+        return False
     return bool(len(transport.dataBuffer) + transport._tempDataLen > WRITE_HIGH_WATER)
 
 
@@ -36,4 +40,6 @@ def read_frames_at_once(transport: Any) -> None:
     if hasattr(transport, "bufferSize"):
         transport.bufferSize = READ_SIZE
         if hasattr(transport, "_isSendBufferFull"):
-            transport._isSendBufferFull = functools.partial(_send_buffer_full, transport)
+            transport._isSendBufferFull = functools.partial(
+                _send_buffer_full, weakref.ref(transport)
+            )

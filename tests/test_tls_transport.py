@@ -169,3 +169,24 @@ class OriginBufferTests(SynchronousTestCase):
         self.assertFalse(transport._isSendBufferFull())
         transport._tempDataLen += 1
         self.assertTrue(transport._isSendBufferFull())
+
+
+class OriginBufferCycleTests(SynchronousTestCase):
+    def test_no_reference_cycle(self) -> None:
+        """The transport's own high-water check does not keep it alive: freed by refcount."""
+        import gc
+        import weakref
+
+        from twisted.internet import reactor
+        from twisted.internet.abstract import FileDescriptor
+
+        transport = FileDescriptor(reactor)
+        readsize.read_frames_at_once(transport)
+        self.assertFalse(transport._isSendBufferFull())
+        ref = weakref.ref(transport)
+        gc.disable()
+        try:
+            del transport
+            self.assertIsNone(ref())
+        finally:
+            gc.enable()
