@@ -15,7 +15,7 @@ its ordinary ``write`` or ``writeSequence``. This reads five attributes of Twist
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 from twisted.internet import tcp
 
@@ -36,6 +36,15 @@ def _sendable(transport: Any) -> bool:
     )
 
 
+def _send_now(send: Callable[[Any], int], data: Any) -> int:
+    """What the socket takes at once: 0 when it would block, or when the connection is dead (the
+    transport's own write attempt then finds the error and closes as usual)."""
+    try:
+        return send(data)
+    except OSError:
+        return 0
+
+
 def write_through(transport: Any, chunks: Sequence[bytes]) -> None:
     """Write ``chunks`` to ``transport`` in order, sending now if nothing is queued before."""
     if not _sendable(transport):
@@ -44,36 +53,15 @@ def write_through(transport: Any, chunks: Sequence[bytes]) -> None:
         else:
             transport.writeSequence(chunks)
         return
-    total = 0
-    for chunk in chunks:
-        total += len(chunk)
-    if not total:
-        return
-    try:
-        sent = transport.socket.sendmsg(chunks)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        # A dead connection: let the transport's next write attempt find it and close as usual.
-        transport.writeSequence(chunks)
-        return
-    if sent != total:
+    sent = _send_now(transport.socket.sendmsg, chunks)
+    if sent != sum(map(len, chunks)):
         transport.writeSequence(_after(chunks, sent))
 
 
 def write_through_copy(transport: Any, scratch: Any) -> None:
     """:func:`write_through` for bytes in a buffer the caller reuses (``scratch``, any object
     with the buffer protocol): what the socket does not take now is copied for the transport."""
-    if not _sendable(transport):
-        transport.write(bytes(scratch))
-        return
-    try:
-        sent = transport.socket.send(scratch)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        transport.write(bytes(scratch))
-        return
+    sent = _send_now(transport.socket.send, scratch) if _sendable(transport) else 0
     if sent != len(scratch):
         transport.write(bytes(memoryview(scratch)[sent:]))
 
