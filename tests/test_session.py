@@ -6,11 +6,11 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from anytls_twisted import readsize
 from anytls_twisted.protocol import codec
 from anytls_twisted.protocol.auth import encode_preamble
 from anytls_twisted.protocol.codec import Command, Frame
 from anytls_twisted.protocol.padding import PaddingScheme
-from anytls_twisted.server import stream
 
 from .helpers import PASSWORD, SETTINGS_V2, Server, unhex
 from .test_codec import V5, V10_ERR, V10_OK, V12
@@ -214,12 +214,12 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(transport.no_delay)
 
     def test_origin_reads_four_frames_at_a_time(self):
-        """Origins are read four whole frames at a time (see stream.ORIGIN_READ_SIZE), and a
+        """Origins are read four whole frames at a time (see readsize.READ_SIZE), and a
         full read reaches the client as four frames in one write."""
         open_stream(self.client)
         _, transport = self.server.origin_connect()
-        self.assertEqual(transport.bufferSize, stream.ORIGIN_READ_SIZE)
-        self.assertEqual(stream.ORIGIN_READ_SIZE, 4 * codec.MAX_DATA)
+        self.assertEqual(transport.bufferSize, readsize.READ_SIZE)
+        self.assertEqual(readsize.READ_SIZE, 4 * codec.MAX_DATA)
 
     def test_connect_failure(self):
         """A refused connect gets SYNACK with Go's error text (V10), then FIN."""

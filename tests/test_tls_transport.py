@@ -128,7 +128,7 @@ class BulkWriteTests(SynchronousTestCase):
         """One full origin read (four frames) reaches the TLS layer as one piece, and its
         records leave in as few writes as the scratch buffer allows, intact."""
         pair = _Pair(self)
-        payload = os.urandom(stream.ORIGIN_READ_SIZE)
+        payload = os.urandom(readsize.READ_SIZE)
         frames = codec.data_frames(1, payload)
         self.assertEqual(len(frames), 1)
         pair.server_tls.writeSequence(frames)
@@ -165,7 +165,7 @@ class OriginBufferTests(SynchronousTestCase):
         self.assertEqual(transport.bufferSize, 4 * codec.MAX_DATA)
         for name in readsize.TWISTED_INTERNALS:
             self.assertTrue(hasattr(transport, name), name)
-        transport._tempDataLen = stream.ORIGIN_WRITE_HIGH_WATER
+        transport._tempDataLen = readsize.WRITE_HIGH_WATER
         self.assertFalse(transport._isSendBufferFull())
         transport._tempDataLen += 1
         self.assertTrue(transport._isSendBufferFull())

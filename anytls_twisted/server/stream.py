@@ -21,7 +21,7 @@ from .. import logs
 from ..interfaces import IStream
 from ..logs import get_logger
 from ..protocol.address import Destination
-from ..readsize import READ_SIZE, WRITE_HIGH_WATER, read_frames_at_once
+from ..readsize import read_frames_at_once
 from ..session_shell import PeerProducer
 from ..writethrough import write_through
 from .dialer import DialError
@@ -93,13 +93,6 @@ def no_delay(transport: Any) -> None:
             set_no_delay(True)
         except OSError:
             pass
-
-
-#: Bytes per origin read (:mod:`anytls_twisted.readsize`).
-ORIGIN_READ_SIZE = READ_SIZE
-
-#: Bytes queued for an origin before the client's session is paused.
-ORIGIN_WRITE_HIGH_WATER = WRITE_HIGH_WATER
 
 
 class _OriginProtocol(Protocol):
