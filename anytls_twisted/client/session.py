@@ -113,12 +113,6 @@ class ClientSessionContext(ContextShell):
         if frames:
             self._session.write_frames(b"".join(frames))
 
-    def flush(self) -> None:
-        """Send what the TLS layer holds back for the reactor's next turn now (datagrams)."""
-        flush = getattr(self._session.transport, "flush_aggregated", None)
-        if flush is not None:
-            flush()
-
     def end(self, stream: IStream, reason: str, error: Optional[str] = None) -> None:
         session = self._session
         if not session.machine.detach(stream.sid, stream):

@@ -111,10 +111,6 @@ class UdpAssociation(LocalSide):
             return
         self.datagrams_out += 1
         self.stream.send(packet)
-        # Out at once, not on the reactor's next turn: a round trip waits on it.
-        flush = getattr(self.stream.context, "flush", None)
-        if flush is not None:
-            flush()
 
     # The stream's "transport".
     def write(self, data: bytes) -> None:
