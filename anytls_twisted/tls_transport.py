@@ -83,7 +83,7 @@ PYOPENSSL_INTERNALS = ("_ssl", "_from_ssl", "_raise_ssl_error")
 
 class BulkTLSProtocol(BufferingTLSTransport):
     """``BufferingTLSTransport`` (small writes still aggregated per reactor turn) whose records
-    leave for the TCP transport in one ``writeSequence`` per write.
+    are gathered in a scratch buffer and sent at once (the module docstring says how).
 
     Attributes are Twisted's (:data:`TWISTED_INTERNALS` lists the private ones used here).
 
