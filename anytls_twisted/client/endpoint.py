@@ -6,19 +6,18 @@ AnyTLS server, e.g. ``clientFromString(reactor, "anytls:example.com:443:config=c
 :class:`AnyTLSTransport` once the server's SYNACK accepted the stream, so a refused destination
 fails the ``connect`` Deferred with the server's reason instead of "connected, then closed".
 
-The manager is not the endpoint's: :func:`shared_sessions` keeps one per configuration file and
-reactor, started when first asked for and stopped at reactor shutdown, so every endpoint made
+The manager is not the endpoint's: :func:`.shared.shared_sessions` keeps one per configuration
+file and reactor, started when first asked for and stopped at reactor shutdown, so every endpoint made
 from the same file shares its pooled sessions (one TLS connection for many sequential streams).
 A file naming several servers uses them all, with failover, as ``twistd anytls-client`` does.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional
 
 import attr
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -41,11 +40,8 @@ from zope.interface import implementer
 
 from ..logs import get_logger
 from ..protocol.address import Destination, parse_ip
-from .config import ClientConfig
-from .configfile import load_file
-from .connect import route, tls_creator
-from .pool import Pool
 from .sessions import SessionManager
+from .shared import SharedSessions, load_servers, shared_sessions
 from .stream import ClientStream, LocalSide
 
 __all__ = [
@@ -63,9 +59,6 @@ __all__ = [
 ]
 
 _log = get_logger("anytls_twisted.client.endpoint")
-
-#: Seconds :meth:`SharedSessions.close` waits for the aborted session connections to go.
-CLOSE_WAIT = 10.0
 
 #: Stream end reasons that are a clean close (the server's FIN, or ours).
 _CLEAN_ENDS = ("the server closed the stream", "the local connection closed")
@@ -440,109 +433,6 @@ def parse_destination(host: str, port: Any) -> Destination:
     if not 0 < len(name) <= 255 or any(c in name for c in ":/[] "):
         raise ValueError(f"anytls endpoint: {host!r} is not a valid host name")
     return Destination(name, number)
-
-
-# The shared sessions.
-
-
-def load_servers(path: str) -> List[ClientConfig]:
-    """The servers an endpoint made from ``path`` uses, checked as ``twistd anytls-client``
-    checks them; ``ValueError`` with one line naming the file when they cannot be used."""
-    try:
-        configs = load_file(path)  # ConfigFileError names the file
-    except ValueError as e:
-        raise ValueError(f"anytls endpoint: {e}") from None
-    for config in configs:
-        if not config.tls:
-            continue
-        try:
-            tls_creator(config)
-        except ValueError as e:
-            raise ValueError(f"anytls endpoint: {path}: {e}") from None
-        except OSError as e:
-            raise ValueError(
-                f"anytls endpoint: {path}: cannot read certificate file "
-                f"{config.certificate_path}: {e.strerror or e}"
-            ) from None
-    return configs
-
-
-def make_manager(reactor: Any, configs: Sequence[ClientConfig]) -> SessionManager:
-    """A session manager for ``configs`` (every server, round robin with failover), with the
-    first one's pool settings, as the client's service does."""
-    first = configs[0]
-    pool: Pool[Any] = Pool(
-        first.idle_session_check_interval, first.idle_session_timeout, first.min_idle_session
-    )
-    return SessionManager(None, "", reactor, pool, routes=[route(reactor, c) for c in configs])
-
-
-class SharedSessions:
-    """One :class:`~.sessions.SessionManager` per configuration file, for one reactor.
-
-    The file is read once, the first time it is named; its manager starts then and is stopped
-    by :meth:`close`, which runs at reactor shutdown ("before", "shutdown") or when called.
-
-    @ivar managers: the managers by the file's absolute path.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.managers: Dict[str, SessionManager] = {}
-        self._trigger: Any = reactor.addSystemEventTrigger("before", "shutdown", self.close)
-        self._closed = False
-
-    def manager(self, config_path: str) -> SessionManager:
-        """The running manager for ``config_path``; ``ValueError`` (one line) for a file that
-        cannot be used."""
-        if self._closed:
-            raise ValueError("anytls endpoint: the shared sessions are closed")
-        key = os.path.abspath(config_path)
-        manager = self.managers.get(key)
-        if manager is None:
-            configs = load_servers(config_path)
-            manager = make_manager(self.reactor, configs)
-            manager.startService()
-            self.managers[key] = manager
-            for config in configs:
-                for warning in config.warnings:
-                    _log.warn("{path}: {warning}", path=config_path, warning=warning)
-        return manager
-
-    def close(self) -> Deferred[None]:
-        """Stop every manager (their sessions are aborted); fires once the connections are
-        gone, or after :data:`CLOSE_WAIT` seconds."""
-        if _registries.get(self.reactor) is self:
-            del _registries[self.reactor]
-        if self._closed:
-            return succeed(None)
-        self._closed = True
-        trigger, self._trigger = self._trigger, None
-        if trigger is not None:  # called by hand, not by the shutdown it was waiting for
-            try:
-                self.reactor.removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass
-        waits = []
-        for manager in self.managers.values():
-            manager.stopService()
-            wait = manager.wait_closed()
-            wait.addTimeout(CLOSE_WAIT, self.reactor)
-            waits.append(wait)
-        done: Deferred[Any] = DeferredList(waits, consumeErrors=True)
-        return done.addCallback(lambda _: None)
-
-
-_registries: Dict[Any, SharedSessions] = {}
-
-
-def shared_sessions(reactor: Any) -> SharedSessions:
-    """The :class:`SharedSessions` of ``reactor`` (made on first use): every endpoint made
-    from the same file with this reactor shares one session manager, so one pool."""
-    registry = _registries.get(reactor)
-    if registry is None:
-        registry = _registries[reactor] = SharedSessions(reactor)
-    return registry
 
 
 def parse_endpoint(reactor: Any, *args: str, **kwargs: str) -> AnyTLSClientEndpoint:
