@@ -3,6 +3,7 @@
     .venv/bin/python benches/idle_rss.py inprocess anytls --port ssl:18445:interface=127.0.0.1 \\
         --password x --state-dir /tmp/x --allow-private --log-level warn [--importers PKG,...]
     .venv/bin/python benches/idle_rss.py pair [--sessions 100] [--rounds 3] [--env K=V ...]
+    .venv/bin/python benches/idle_rss.py floor
 
 ``inprocess`` builds and starts the service of a twistd plugin (``anytls`` or
 ``anytls-client``) in this interpreter as twistd would, waits 3 s, and prints VmRSS, RssAnon and
@@ -18,6 +19,11 @@ Repeat with ``--rounds``; sing-box's idle figure moves from run to run with how 
 binary is resident. ``--env PYTHONMALLOC=malloc`` runs ours as the systemd units do;
 ``--checkout DIR`` runs another tree's server (e.g. ``git archive REV | tar -x -C DIR``, for a
 before/after).
+
+``floor`` prints what Twisted and twistd hold before any of our code, in two fresh interpreters:
+as installed, and with pyOpenSSL hidden (Twisted then loads no TLS, as if it were not
+installed); the standard library's ``ssl`` is loaded in both. The difference is what a TLS
+layer on ``ssl`` instead of pyOpenSSL would leave out.
 
 Light on CPU (a few seconds per round): RSS readings are not disturbed by other load.
 Results and what they show: docs/performance.md, "Idle memory".
@@ -211,6 +217,38 @@ def pair(sessions: int, rounds: int, env_extra: Dict[str, str], checkout: str) -
             )
 
 
+# -- floor ---------------------------------------------------------------------------------
+
+#: What twistd imports before it loads a plugin, and the standard library's TLS.
+_FLOOR = """
+import sys
+if sys.argv[1] == "hidden":
+    sys.modules["OpenSSL"] = None  # an import of it fails, as if it were not installed
+from twisted.internet import reactor
+import twisted.application.app, twisted.internet.endpoints, twisted.scripts.twistd
+import gc, ssl
+gc.collect()
+print(sys.argv[1], "cryptography" in sys.modules, open("/proc/self/status").read())
+"""
+
+
+def floor() -> None:
+    import subprocess
+
+    figures = {}
+    for mode in ("installed", "hidden"):
+        out = subprocess.run(
+            [sys.executable, "-c", _FLOOR, mode], check=True, capture_output=True, text=True
+        ).stdout
+        first, _, rest = out.partition("\n")
+        lines = dict(line.partition(":")[::2] for line in rest.splitlines())
+        figures[mode] = int(lines["VmRSS"].split()[0]) / 1024
+        print(
+            f"pyOpenSSL {mode}: {figures[mode]:.1f} MiB (cryptography loaded: {first.split()[1]})"
+        )
+    print(f"pyOpenSSL and cryptography: {figures['installed'] - figures['hidden']:.1f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -223,11 +261,14 @@ def main() -> None:
     pr.add_argument("--rounds", type=int, default=3)
     pr.add_argument("--env", action="append", default=[], help="K=V for our server")
     pr.add_argument("--checkout", default=ROOT, help="run our server from this tree")
+    sub.add_parser("floor", help="Twisted and twistd alone, with and without pyOpenSSL")
     args = parser.parse_args()
     if args.mode == "inprocess":
         sys.path.insert(0, ROOT)
         names = [n for n in args.importers.split(",") if n]
         inprocess(args.tapname, args.args, names)
+    elif args.mode == "floor":
+        floor()
     else:
         env = dict(item.split("=", 1) for item in args.env)
         pair(args.sessions, args.rounds, env, os.path.abspath(args.checkout))
